@@ -1,0 +1,49 @@
+# digitune: `make tune` runs a study, `make test` runs the tests. Each sets itself up.
+# Every target is a thin call of the `digitune` command, so everything works without make.
+
+.DEFAULT_GOAL := help
+.PHONY: help install data tune ui test lint clean
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STUDY ?= studies/mnist-cnn.toml
+TRIALS ?=
+TIMEOUT ?=
+STORAGE ?=
+
+TUNE_ARGS := --study $(STUDY) $(if $(TRIALS),--trials $(TRIALS)) \
+	$(if $(TIMEOUT),--timeout-minutes $(TIMEOUT)) $(if $(STORAGE),--storage $(STORAGE))
+
+help: ## Show this help
+	@echo "Usage: make <target> [STUDY=studies/quick.toml] [TRIALS=N] [TIMEOUT=minutes] [STORAGE=url]"
+	@echo
+	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | \
+		awk 'BEGIN {FS = ":.*?## "}; {printf "  %-10s %s\n", $$1, $$2}'
+
+$(BIN)/digitune: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	@touch $@
+
+install: $(BIN)/digitune ## Create .venv and install digitune with its dev tools
+
+data: install ## Fetch and verify MNIST into data/mnist (or check MNIST_DIR)
+	$(BIN)/digitune data
+
+tune: install ## Run or resume a study (STUDY, TRIALS, TIMEOUT, STORAGE)
+	$(BIN)/digitune tune $(TUNE_ARGS)
+
+ui: install ## Start the MLflow UI on 127.0.0.1:5000 to compare trials
+	$(BIN)/digitune ui
+
+test: install ## Run the test suite (no network needed)
+	$(BIN)/pytest
+
+lint: install ## Check style with ruff
+	$(BIN)/ruff check src tests
+	$(BIN)/ruff format --check src tests
+
+clean: ## Remove studies' databases and the MLflow store (keeps data and .venv)
+	rm -rf mlruns/mlflow.db mlruns/artifacts studies/*.db

@@ -1,0 +1,118 @@
+"""The `digitune` command; every make target is a thin call of one of its subcommands.
+
+    digitune data                              fetch and verify MNIST
+    digitune tune --study studies/quick.toml   run (or resume) a study
+    digitune ui                                the MLflow UI on the project's store
+
+`digitune <command> --help` lists each command's options.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+
+from digitune import config
+
+
+def main(argv: list[str] | None = None) -> int:
+    # Quieten TensorFlow's start-up chatter (CUDA probing on CPU machines) before it loads.
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    parser = _parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.handler(args)
+    except KeyboardInterrupt:
+        print(
+            "\ninterrupted: every finished trial is saved; run the same command again to resume",
+            file=sys.stderr,
+        )
+        return 130
+    except (ValueError, RuntimeError, OSError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="digitune", description=__doc__.split("\n")[0])
+    commands = parser.add_subparsers(required=True, metavar="command")
+
+    data_parser = commands.add_parser("data", help="fetch and verify MNIST")
+    data_parser.set_defaults(handler=_data)
+
+    tune_parser = commands.add_parser("tune", help="run or resume a study")
+    tune_parser.add_argument(
+        "--study",
+        default=str(config.default_study_file()),
+        help="study file (default: %(default)s)",
+    )
+    tune_parser.add_argument(
+        "--storage", default=None, help="Optuna storage URL (default: studies/<name>.db)"
+    )
+    tune_parser.add_argument(
+        "--trials", type=int, default=None, help="the study's total trials (overrides the file)"
+    )
+    tune_parser.add_argument(
+        "--timeout-minutes", type=float, default=None, help="time limit of this run"
+    )
+    tune_parser.set_defaults(handler=_tune)
+
+    ui_parser = commands.add_parser("ui", help="start the MLflow UI on the project's store")
+    ui_parser.add_argument("--host", default="127.0.0.1")
+    ui_parser.add_argument("--port", type=int, default=5000)
+    ui_parser.set_defaults(handler=_ui)
+    return parser
+
+
+def _data(args: argparse.Namespace) -> int:
+    from digitune import data
+
+    mnist = data.load()
+    state = "the published MNIST" if mnist.canonical else "NOT the published MNIST (a subset?)"
+    print(
+        f"{mnist.source}: {len(mnist.train_labels):,} training and {len(mnist.test_labels):,} "
+        f"test images, SHA-256 verified, {state}; data hash {mnist.digest[:16]}"
+    )
+    return 0
+
+
+def _tune(args: argparse.Namespace) -> int:
+    from digitune import tune
+
+    outcome = tune.run(args.study, args.storage, args.trials, args.timeout_minutes)
+    states = {}
+    for trial in outcome.study.trials:
+        states[trial.state.name] = states.get(trial.state.name, 0) + 1
+    print(
+        f"\nstudy '{outcome.study.study_name}' in {outcome.seconds / 60:.1f} min: "
+        + ", ".join(f"{count} {state.lower()}" for state, count in sorted(states.items()))
+        + f"\nbest trial {outcome.best_trial.number}: validation accuracy "
+        f"{outcome.best_trial.value:.4f}, test accuracy {outcome.test_accuracy:.4f}"
+        f"\nregistered {config.REGISTERED_MODEL_NAME} version {outcome.model_version} "
+        f"(alias @{config.CHALLENGER_ALIAS}); compare trials with `make ui`"
+    )
+    return 0
+
+
+def _ui(args: argparse.Namespace) -> int:
+    command = [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "ui",
+        "--backend-store-uri",
+        config.tracking_uri(),
+        "--host",
+        args.host,
+        "--port",
+        str(args.port),
+    ]
+    print(f"MLflow UI on http://{args.host}:{args.port} (Ctrl-C stops it)")
+    return subprocess.call(command)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,97 @@
+"""Evaluate a model on a labelled set: predictions, accuracy and the confusion matrix.
+
+The same code evaluates a trial on the validation set and the final model on the test set.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import matplotlib
+
+matplotlib.use("Agg")  # Figures are written to files; no display is needed or wanted.
+
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+NUM_CLASSES = 10
+
+
+@dataclasses.dataclass(frozen=True)
+class Evaluation:
+    """What a user looks at: accuracy, the confusion matrix and per-class accuracy."""
+
+    accuracy: float
+    confusion_matrix: np.ndarray  # rows: true digit, columns: predicted digit
+    probabilities: np.ndarray
+
+    @property
+    def per_class_accuracy(self) -> np.ndarray:
+        totals = self.confusion_matrix.sum(axis=1)
+        return np.divide(
+            np.diag(self.confusion_matrix), totals, out=np.zeros(NUM_CLASSES), where=totals > 0
+        )
+
+    def as_dict(self) -> dict:
+        """A JSON-ready summary, as logged next to the confusion matrix image."""
+        return {
+            "accuracy": self.accuracy,
+            "labels": list(range(NUM_CLASSES)),
+            "rows": "true digit",
+            "columns": "predicted digit",
+            "confusion_matrix": self.confusion_matrix.tolist(),
+            "per_class_accuracy": [round(float(v), 6) for v in self.per_class_accuracy],
+        }
+
+
+def confusion_matrix(y_true: np.ndarray, y_pred: np.ndarray) -> np.ndarray:
+    """Counts of (true, predicted) pairs, a 10x10 integer matrix."""
+    y_true, y_pred = np.asarray(y_true, dtype=int), np.asarray(y_pred, dtype=int)
+    if y_true.shape != y_pred.shape:
+        raise ValueError(f"{y_true.shape[0]} labels but {y_pred.shape[0]} predictions")
+    return np.bincount(y_true * NUM_CLASSES + y_pred, minlength=NUM_CLASSES * NUM_CLASSES).reshape(
+        NUM_CLASSES, NUM_CLASSES
+    )
+
+
+def evaluate(model, images: np.ndarray, labels: np.ndarray, batch_size: int = 1000) -> Evaluation:
+    """Predict `images` (already preprocessed) with a Keras model and compare with `labels`."""
+    probabilities = np.asarray(model.predict(images, batch_size=batch_size, verbose=0))
+    predictions = probabilities.argmax(axis=1)
+    return Evaluation(
+        accuracy=float(np.mean(predictions == labels)),
+        confusion_matrix=confusion_matrix(labels, predictions),
+        probabilities=probabilities,
+    )
+
+
+def plot_confusion_matrix(matrix: np.ndarray, title: str) -> plt.Figure:
+    """A confusion-matrix heat map with counts in the cells, readable at a glance."""
+    figure, axes = plt.subplots(figsize=(6.4, 5.6), layout="constrained")
+    # Colour the errors, not the diagonal: on a good model the diagonal would wash them out.
+    errors = matrix.astype(float).copy()
+    np.fill_diagonal(errors, np.nan)
+    image = axes.imshow(errors, cmap="Reds")
+    figure.colorbar(image, ax=axes, label="misclassified images")
+    for true in range(NUM_CLASSES):
+        for predicted in range(NUM_CLASSES):
+            count = int(matrix[true, predicted])
+            if count:
+                diagonal = true == predicted
+                axes.text(
+                    predicted,
+                    true,
+                    str(count),
+                    ha="center",
+                    va="center",
+                    fontsize=8,
+                    fontweight="bold" if diagonal else "normal",
+                    color="black" if diagonal or count < np.nanmax(errors) / 2 else "white",
+                )
+    axes.set_xticks(range(NUM_CLASSES))
+    axes.set_yticks(range(NUM_CLASSES))
+    axes.set_xlabel("predicted digit")
+    axes.set_ylabel("true digit")
+    accuracy = np.trace(matrix) / max(matrix.sum(), 1)
+    axes.set_title(f"{title}\naccuracy {accuracy:.2%} of {matrix.sum():,} images")
+    return figure

@@ -1,0 +1,168 @@
+"""Study files: the search space, budget and training settings of a study, declared as data.
+
+A study file (`studies/*.toml`) has three tables: [study] and [training] override the typed
+defaults in `digitune.config`, and [space] names hyperparameters of `digitune.model`. A
+[space] entry is either a plain value (fixed for every trial) or a distribution:
+
+    learning_rate = { type = "float", low = 1e-4, high = 1e-2, log = true }
+    num_filters   = { type = "int", low = 16, high = 64, step = 16 }
+    kernel_size   = { type = "categorical", choices = [3, 5] }
+
+`suggest(trial, definition)` is the one place an Optuna trial becomes a plain dict.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import tomllib
+from pathlib import Path
+
+import optuna
+
+from digitune import config, model
+
+FIXED_PARAMS_ATTR = "fixed_params"
+_DISTRIBUTION_KEYS = {
+    "float": {"type", "low", "high", "log", "step"},
+    "int": {"type", "low", "high", "log", "step"},
+    "categorical": {"type", "choices"},
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class StudyDefinition:
+    """Everything a study file says, validated."""
+
+    path: Path
+    study: config.StudySettings
+    training: config.TrainingSettings
+    # Sampled hyperparameters as Optuna distributions, in the file's order.
+    distributions: dict[str, optuna.distributions.BaseDistribution]
+    # Hyperparameters fixed for every trial.
+    fixed: dict[str, object]
+
+    def resolved(self) -> dict:
+        """The whole resolved configuration, as one flat dict for logging."""
+        flat = {f"study.{k}": v for k, v in dataclasses.asdict(self.study).items()}
+        flat.update({f"training.{k}": v for k, v in dataclasses.asdict(self.training).items()})
+        flat.update({f"fixed.{k}": v for k, v in self.fixed.items()})
+        flat.update({f"space.{k}": repr(v) for k, v in self.distributions.items()})
+        flat["study_file"] = str(self.path)
+        return flat
+
+
+def load(path: str | Path) -> StudyDefinition:
+    """Read and validate a study file; every error names the file and the key."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"{path}: study file not found")
+    try:
+        document = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{path}: not a valid TOML file: {error}") from None
+
+    unknown = sorted(set(document) - {"study", "training", "space"})
+    if unknown:
+        raise ValueError(
+            f"{path}: unknown table(s) {', '.join(unknown)}; expected [study], [training], [space]"
+        )
+    study = config.settings_from_table(
+        config.StudySettings, document.get("study", {}), f"{path} [study]"
+    )
+    training = config.settings_from_table(
+        config.TrainingSettings, document.get("training", {}), f"{path} [training]"
+    )
+    if training.max_epochs < 1:
+        raise ValueError(f"{path} [training]: 'max_epochs' must be at least 1")
+
+    space_table = document.get("space", {})
+    if not isinstance(space_table, dict):
+        raise ValueError(f"{path} [space]: expected a table")
+    distributions: dict[str, optuna.distributions.BaseDistribution] = {}
+    fixed: dict[str, object] = {}
+    for name, spec in space_table.items():
+        source = f"{path} [space] '{name}'"
+        if name not in model.HYPERPARAMETER_DEFAULTS:
+            raise ValueError(
+                f"{source}: unknown hyperparameter; known ones are "
+                f"{', '.join(model.HYPERPARAMETER_DEFAULTS)}"
+            )
+        if isinstance(spec, dict):
+            distributions[name] = _distribution(spec, source)
+        else:
+            fixed[name] = spec
+    if not distributions:
+        raise ValueError(f"{path} [space]: nothing to search; give at least one distribution")
+    return StudyDefinition(path, study, training, distributions, fixed)
+
+
+def _distribution(spec: dict, source: str) -> optuna.distributions.BaseDistribution:
+    kind = spec.get("type")
+    if kind not in _DISTRIBUTION_KEYS:
+        raise ValueError(f"{source}: 'type' must be float, int or categorical, got {kind!r}")
+    unknown = sorted(set(spec) - _DISTRIBUTION_KEYS[kind])
+    if unknown:
+        raise ValueError(f"{source}: unknown key(s) {', '.join(unknown)} for a {kind} range")
+
+    if kind == "categorical":
+        choices = spec.get("choices")
+        if not isinstance(choices, list) or not choices:
+            raise ValueError(f"{source}: 'choices' must be a non-empty list")
+        return optuna.distributions.CategoricalDistribution(choices)
+
+    number = float if kind == "float" else int
+    for key in ("low", "high"):
+        value = spec.get(key)
+        if value is None:
+            raise ValueError(f"{source}: '{key}' is missing")
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"{source}: '{key}' must be a number, got {value!r}")
+        if number is int and not float(value).is_integer():
+            raise ValueError(f"{source}: '{key}' must be an integer, got {value!r}")
+    low, high = number(spec["low"]), number(spec["high"])
+    log = spec.get("log", False)
+    if not isinstance(log, bool):
+        raise ValueError(f"{source}: 'log' must be true or false, got {log!r}")
+    step = spec.get("step")
+    if low > high:
+        raise ValueError(f"{source}: 'low' ({low}) is greater than 'high' ({high})")
+    if log and low <= 0:
+        raise ValueError(f"{source}: a log range needs 'low' > 0, got {low}")
+    if log and step is not None:
+        raise ValueError(f"{source}: 'step' cannot be combined with 'log'")
+    if step is not None and (not isinstance(step, (int, float)) or step <= 0):
+        raise ValueError(f"{source}: 'step' must be a positive number, got {step!r}")
+    if not all(math.isfinite(v) for v in (low, high)):
+        raise ValueError(f"{source}: 'low' and 'high' must be finite")
+    if kind == "float":
+        return optuna.distributions.FloatDistribution(low, high, log=log, step=step)
+    return optuna.distributions.IntDistribution(low, high, log=log, step=int(step or 1))
+
+
+def suggest(trial: optuna.Trial, definition: StudyDefinition) -> dict:
+    """The trial's hyperparameters as a plain dict: sampled values plus the fixed ones."""
+    sampled = {
+        name: _sample(trial, name, distribution)
+        for name, distribution in definition.distributions.items()
+    }
+    # Kept on the trial so that `params_of` rebuilds the whole dict even if the file changes.
+    trial.set_user_attr(FIXED_PARAMS_ATTR, definition.fixed)
+    return {**definition.fixed, **sampled}
+
+
+def params_of(trial: optuna.trial.FrozenTrial) -> dict:
+    """The whole hyperparameter dict of a finished trial, as `suggest` gave it."""
+    return {**trial.user_attrs.get(FIXED_PARAMS_ATTR, {}), **trial.params}
+
+
+def _sample(trial: optuna.Trial, name: str, distribution) -> object:
+    if isinstance(distribution, optuna.distributions.CategoricalDistribution):
+        return trial.suggest_categorical(name, distribution.choices)
+    if isinstance(distribution, optuna.distributions.FloatDistribution):
+        return trial.suggest_float(
+            name, distribution.low, distribution.high, log=distribution.log, step=distribution.step
+        )
+    return trial.suggest_int(
+        name, distribution.low, distribution.high, log=distribution.log, step=distribution.step
+    )

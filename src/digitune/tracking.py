@@ -1,0 +1,200 @@
+"""Track a study in MLflow: one experiment and one parent run per study, a child run per trial.
+
+Layout, as a user sees it in the MLflow UI:
+- experiment `<study name>`;
+- parent run `<study name>` (tag `digitune.role=study`), reused when the study resumes; it
+  holds the resolved configuration, the datasets, and the final test evaluation;
+- child runs `trial-<number>` with the sampled params, per-epoch `loss`, `accuracy`,
+  `val_loss`, `val_accuracy` and `epoch_seconds` (step = epoch), tags `trial_number` and
+  `state` (COMPLETE, PRUNED, FAIL); completed trials also log the validation confusion matrix
+  (PNG and JSON) and their weights, so the best model can be rebuilt without retraining.
+
+Optuna's own MLflowCallback is deprecated in Optuna 5 and logs only after a trial ends, so
+the tracking is done here, with MLflow's Keras callback doing the per-epoch logging.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import mlflow
+import mlflow.keras
+import numpy as np
+import optuna
+from mlflow.entities import RunStatus
+
+from digitune import config, evaluate
+
+PARENT_RUN_ATTR = "mlflow_parent_run_id"
+TRIAL_RUN_ATTR = "mlflow_run_id"
+WEIGHTS_ARTIFACT = "weights/model.weights.h5"
+
+
+class TrackingError(RuntimeError):
+    """The MLflow tracking store cannot be reached or used."""
+
+
+def configure() -> mlflow.MlflowClient:
+    """Point MLflow at the configured store and check that it answers."""
+    uri = config.tracking_uri()
+    if uri.startswith("sqlite:///"):
+        Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    mlflow.set_tracking_uri(uri)
+    client = mlflow.MlflowClient()
+    try:
+        client.search_experiments(max_results=1)
+    except Exception as error:  # noqa: BLE001 -- any failure here means the store is unusable.
+        raise TrackingError(
+            f"cannot reach the MLflow tracking store {uri}: {error}\n"
+            "Check MLFLOW_TRACKING_URI (or start the server); nothing was trained or changed."
+        ) from None
+    return client
+
+
+def experiment_id(client: mlflow.MlflowClient, name: str) -> str:
+    """The id of experiment `name`, created with its artifacts under mlruns/ if missing."""
+    experiment = client.get_experiment_by_name(name)
+    if experiment is not None:
+        if experiment.lifecycle_stage == "deleted":
+            client.restore_experiment(experiment.experiment_id)
+        return experiment.experiment_id
+    return client.create_experiment(name, artifact_location=config.artifact_location(name))
+
+
+@contextlib.contextmanager
+def study_run(study: optuna.Study, resolved_config: dict, datasets: dict):
+    """The study's parent run, active for the duration of the block.
+
+    The run's id is kept in the study's user attributes, so a resumed study (or another
+    worker on the same storage) logs into the same parent run.
+    """
+    client = configure()
+    experiment = experiment_id(client, study.study_name)
+    run_id = study.user_attrs.get(PARENT_RUN_ATTR)
+    if run_id is not None:
+        try:
+            client.get_run(run_id)
+        except mlflow.exceptions.MlflowException:
+            run_id = None  # The study moved to another tracking store: start afresh there.
+    resumed = run_id is not None
+    run = mlflow.start_run(
+        run_id=run_id,
+        experiment_id=experiment,
+        run_name=None if resumed else study.study_name,
+        tags=None if resumed else {"digitune.role": "study", "study": study.study_name},
+    )
+    try:
+        if not resumed:
+            study.set_user_attr(PARENT_RUN_ATTR, run.info.run_id)
+            mlflow.log_params(resolved_config)
+            for context, dataset in datasets.items():
+                mlflow.log_input(dataset, context=context)
+        mlflow.log_dict(resolved_config, "config.json")
+        yield run
+    except BaseException as error:
+        mlflow.end_run(_status_for(error))
+        raise
+    mlflow.end_run(RunStatus.to_string(RunStatus.FINISHED))
+
+
+@contextlib.contextmanager
+def trial_run(trial: optuna.Trial, params: dict):
+    """A nested child run `trial-<number>` for one trial, ended with the trial's state.
+
+    A pruned trial's run ends FINISHED with tag state=PRUNED; a failed one FAILED with the
+    reason in tag `fail_reason` (also kept on the Optuna trial); an interrupted one KILLED.
+    """
+    parent = mlflow.active_run()
+    run = mlflow.start_run(
+        run_name=f"trial-{trial.number}",
+        # Nested runs land in the default experiment unless told the parent's.
+        experiment_id=parent.info.experiment_id if parent else None,
+        nested=True,
+        tags={"trial_number": str(trial.number), "state": "RUNNING"},
+    )
+    try:
+        trial.set_user_attr(TRIAL_RUN_ATTR, run.info.run_id)
+        mlflow.log_params(params)
+        yield run
+    except optuna.TrialPruned as pruned:
+        mlflow.set_tags({"state": "PRUNED", "pruned_reason": str(pruned)})
+        mlflow.end_run(_status_for(pruned))
+        raise
+    except BaseException as error:
+        reason = f"{type(error).__name__}: {error}"[:5000]
+        if isinstance(error, Exception):
+            trial.set_user_attr("fail_reason", reason)
+        mlflow.set_tags({"state": "FAIL", "fail_reason": reason})
+        mlflow.end_run(_status_for(error))
+        raise
+    mlflow.set_tag("state", "COMPLETE")
+    mlflow.end_run(RunStatus.to_string(RunStatus.FINISHED))
+
+
+def _status_for(error: BaseException) -> str:
+    if isinstance(error, optuna.TrialPruned):
+        return RunStatus.to_string(RunStatus.FINISHED)
+    if isinstance(error, KeyboardInterrupt):
+        return RunStatus.to_string(RunStatus.KILLED)
+    return RunStatus.to_string(RunStatus.FAILED)
+
+
+class EpochTimer(mlflow.keras.MlflowCallback):
+    """MLflow's Keras callback, plus the wall time of each epoch as `epoch_seconds`.
+
+    Its `on_test_end` is silenced: Keras already hands the validation metrics to
+    `on_epoch_end` as `val_loss` and `val_accuracy`, and logging them twice clutters the UI.
+    """
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._epoch_started = time.perf_counter()
+
+    def on_epoch_end(self, epoch, logs=None):
+        if logs is not None:
+            logs["epoch_seconds"] = time.perf_counter() - self._epoch_started
+        super().on_epoch_end(epoch, logs)
+
+    def on_test_end(self, logs=None):
+        pass
+
+
+def log_evaluation(evaluation: evaluate.Evaluation, prefix: str, title: str) -> None:
+    """Log the confusion matrix (PNG and JSON) to the active run, as `<prefix>_confusion_matrix`."""
+    mlflow.log_dict(evaluation.as_dict(), f"{prefix}_confusion_matrix.json")
+    figure = evaluate.plot_confusion_matrix(evaluation.confusion_matrix, title)
+    mlflow.log_figure(figure, f"{prefix}_confusion_matrix.png")
+    evaluate.plt.close(figure)
+
+
+def log_weights(model) -> None:
+    """Keep a trial's weights cheaply (an .h5 file, not a full MLflow model)."""
+    with tempfile.TemporaryDirectory() as scratch:
+        path = Path(scratch) / Path(WEIGHTS_ARTIFACT).name
+        model.save_weights(path)
+        mlflow.log_artifact(str(path), artifact_path=str(Path(WEIGHTS_ARTIFACT).parent))
+
+
+def download_weights(run_id: str, destination: Path) -> Path:
+    """The weights file a completed trial logged."""
+    try:
+        return Path(
+            mlflow.artifacts.download_artifacts(
+                run_id=run_id, artifact_path=WEIGHTS_ARTIFACT, dst_path=str(destination)
+            )
+        )
+    except Exception as error:  # noqa: BLE001 -- missing file, unreachable store, ...
+        raise TrackingError(f"run {run_id} has no readable {WEIGHTS_ARTIFACT}: {error}") from None
+
+
+def dataset(images: np.ndarray, labels: np.ndarray, name: str, source: str, digest: str):
+    """An MLflow dataset input for the runs' Datasets column."""
+    with warnings.catch_warnings():
+        # MLflow registers two equivalent sources for local paths and warns that it picked one.
+        warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted")
+        return mlflow.data.from_numpy(
+            images, targets=labels, source=source, name=name, digest=digest
+        )

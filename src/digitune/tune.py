@@ -1,0 +1,210 @@
+"""Run a study: trials until the budget is spent, then test and register the best model.
+
+`n_trials` in a study file is the study's total: every finished trial (complete, pruned or
+failed) counts, so running `tune` again after an interruption runs only the rest, and a
+study that already has its trials only re-checks its best model. `timeout_minutes` limits
+one invocation. The test set is touched once, after the study, for the best trial only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tempfile
+import time
+from pathlib import Path
+
+import keras
+import mlflow
+import optuna
+import tqdm
+from optuna.trial import TrialState
+
+from digitune import config, data, evaluate, model, objective, registry, space, tracking
+
+FINISHED_STATES = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
+
+
+@dataclasses.dataclass(frozen=True)
+class Outcome:
+    """What a finished `tune` reports."""
+
+    study: optuna.Study
+    seconds: float
+    best_trial: optuna.trial.FrozenTrial
+    test_accuracy: float
+    model_version: str
+
+
+def make_sampler(settings: config.StudySettings, seed: int) -> optuna.samplers.BaseSampler:
+    if settings.sampler == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    return optuna.samplers.TPESampler(seed=seed, n_startup_trials=settings.n_startup_trials)
+
+
+def make_pruner(definition: space.StudyDefinition) -> optuna.pruners.BasePruner:
+    settings = definition.study
+    if settings.pruner == "hyperband":
+        return optuna.pruners.HyperbandPruner(
+            min_resource=1, max_resource=definition.training.max_epochs
+        )
+    if settings.pruner == "none":
+        return optuna.pruners.NopPruner()
+    return optuna.pruners.MedianPruner(
+        n_startup_trials=settings.pruner_startup_trials,
+        n_warmup_steps=settings.pruner_warmup_epochs,
+    )
+
+
+def load_or_create_study(definition: space.StudyDefinition, storage: str | None) -> optuna.Study:
+    """The study named in the file, created in `storage` or resumed from it."""
+    storage = storage or config.default_storage(definition.study.name)
+    if storage.startswith("sqlite:///"):
+        Path(storage.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    study = optuna.create_study(
+        study_name=definition.study.name,
+        storage=storage,
+        direction=definition.study.direction,
+        pruner=make_pruner(definition),
+        load_if_exists=True,
+    )
+    # A resumed study must not replay the sampler's first draws, so its seed moves on by
+    # the number of trials already run; an uninterrupted study is reproducible as before.
+    study.sampler = make_sampler(definition.study, definition.study.seed + len(study.trials))
+    return study
+
+
+def run(
+    study_file: str | Path,
+    storage: str | None = None,
+    n_trials: int | None = None,
+    timeout_minutes: float | None = None,
+) -> Outcome:
+    """Tune, then evaluate and register the best trial's model as `challenger`."""
+    started = time.perf_counter()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # Our own line per trial says it.
+    definition = space.load(study_file)
+    overrides = {}
+    if n_trials is not None:
+        overrides["n_trials"] = n_trials
+    if timeout_minutes is not None:
+        overrides["timeout_minutes"] = timeout_minutes
+    if overrides:
+        definition = dataclasses.replace(
+            definition, study=dataclasses.replace(definition.study, **overrides)
+        )
+    tracking.configure()  # Fail before loading data or training if the store is down.
+    mnist = data.load()
+    split = data.split(
+        mnist, definition.training.train_images, definition.training.validation_images
+    )
+    study = load_or_create_study(definition, storage)
+    print(
+        f"study '{study.study_name}': {len(split.y_train):,} training and "
+        f"{len(split.y_validation):,} validation images; "
+        f"{_count(study, FINISHED_STATES)} of {definition.study.n_trials} trials done"
+    )
+    datasets = {
+        "training": tracking.dataset(
+            split.x_train, split.y_train, "mnist-train", str(mnist.source), mnist.digest[:16]
+        ),
+        "validation": tracking.dataset(
+            split.x_validation,
+            split.y_validation,
+            "mnist-validation",
+            str(mnist.source),
+            mnist.digest[:16],
+        ),
+    }
+    resolved = {
+        **definition.resolved(),
+        "data_sha256": mnist.digest,
+        "data_canonical": mnist.canonical,
+    }
+    with tracking.study_run(study, resolved, datasets):
+        remaining = definition.study.n_trials - _count(study, FINISHED_STATES)
+        timeout = definition.study.timeout_minutes * 60 or None
+        deadline = time.monotonic() + timeout if timeout else None
+        if remaining > 0:
+            study.optimize(
+                objective.make_objective(definition, split, deadline),
+                n_trials=remaining,
+                timeout=timeout,
+                # A failing trial (diverged, out of memory, ...) is recorded and the study goes on.
+                catch=(Exception,),
+                callbacks=[
+                    optuna.study.MaxTrialsCallback(
+                        definition.study.n_trials, states=FINISHED_STATES
+                    ),
+                    _print_trial,
+                ],
+                show_progress_bar=True,
+            )
+        if _count(study, (TrialState.COMPLETE,)) == 0:
+            raise RuntimeError(
+                f"study '{study.study_name}' has no completed trial to register; "
+                "see each trial's fail_reason above or in the MLflow UI"
+            )
+        best = study.best_trial
+        test_accuracy, version = finalize(study, best, mnist)
+    return Outcome(study, time.perf_counter() - started, best, test_accuracy, version)
+
+
+def finalize(
+    study: optuna.Study, best: optuna.trial.FrozenTrial, mnist: data.Mnist
+) -> tuple[float, str]:
+    """Rebuild the best trial's model from its params and weights, evaluate it on the test
+    set into the active (parent) run, and register it unless that trial already is."""
+    params = space.params_of(best)
+    with tempfile.TemporaryDirectory() as scratch:
+        # The registered model computes in float32 whatever precision the trials trained in:
+        # it must run anywhere, and it is what the test accuracy is measured on.
+        keras.mixed_precision.set_global_policy("float32")
+        cnn = model.build_model(params)
+        # The weights file holds the optimizer's state too; building the optimizer first lets
+        # it load whole instead of warning that half the file was skipped.
+        cnn.optimizer.build(cnn.trainable_variables)
+        cnn.load_weights(
+            tracking.download_weights(best.user_attrs[tracking.TRIAL_RUN_ATTR], Path(scratch))
+        )
+    test = evaluate.evaluate(cnn, data.preprocess(mnist.test_images), mnist.test_labels)
+    tracking.log_evaluation(test, "test", f"best trial {best.number}, MNIST test set")
+    mlflow.log_metrics({"test_accuracy": test.accuracy, "best_val_accuracy": best.value})
+    mlflow.set_tags({"best_trial": str(best.number)})
+
+    existing = registry.find_version(study.study_name, best.number)
+    if existing is not None:
+        print(f"best trial {best.number} is already registered as version {existing.version}")
+        return test.accuracy, existing.version
+    version = registry.register(
+        cnn,
+        study_name=study.study_name,
+        trial_number=best.number,
+        params=params,
+        validation_accuracy=best.value,
+        test_accuracy=test.accuracy,
+        test_images=len(mnist.test_labels),
+        data_sha256=mnist.digest,
+    )
+    return test.accuracy, version.version
+
+
+def _count(study: optuna.Study, states) -> int:
+    return len(study.get_trials(deepcopy=False, states=states))
+
+
+def _print_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+    """One line per finished trial, written above the progress bar."""
+    seconds = trial.duration.total_seconds() if trial.duration else 0.0
+    value = f"{trial.value:.4f}" if trial.value is not None else "-"
+    detail = trial.user_attrs.get("fail_reason", "")
+    if trial.state == TrialState.PRUNED:
+        detail = f"pruned after {len(trial.intermediate_values)} epoch(s)"
+    params = " ".join(f"{k}={_short(v)}" for k, v in trial.params.items())
+    tqdm.tqdm.write(
+        f"trial {trial.number:3d} {trial.state.name:8s} value={value} {seconds:6.1f}s "
+        f"{params} {detail}".rstrip()
+    )
+
+
+def _short(value: object) -> str:
+    return f"{value:.3g}" if isinstance(value, float) else str(value)

@@ -1,0 +1,149 @@
+"""The MNIST loader against what is known about the real files."""
+
+from __future__ import annotations
+
+import gzip
+import shutil
+
+import numpy as np
+import pytest
+
+from digitune import data
+
+# Published label counts of MNIST (the shared data's README lists them too).
+TRAIN_LABEL_COUNTS = [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949]
+TEST_LABEL_COUNTS = [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
+
+
+def test_real_mnist_parses_to_the_published_counts(real_mnist_dir):
+    mnist = data.load_folder(real_mnist_dir)
+    assert mnist.train_images.shape == (60000, 28, 28)
+    assert mnist.test_images.shape == (10000, 28, 28)
+    assert np.bincount(mnist.train_labels).tolist() == TRAIN_LABEL_COUNTS
+    assert np.bincount(mnist.test_labels).tolist() == TEST_LABEL_COUNTS
+    assert mnist.train_labels[:6].tolist() == [5, 0, 4, 1, 9, 2]
+    assert mnist.test_labels[:6].tolist() == [7, 2, 1, 0, 4, 1]
+    assert mnist.train_images.mean() == pytest.approx(33.318, abs=1e-3)
+    assert mnist.canonical
+
+
+def test_tuning_split_is_first_50000_and_last_10000(real_mnist_dir):
+    mnist = data.load_folder(real_mnist_dir)
+    split = data.split(mnist)
+    assert split.x_train.shape == (50000, 28, 28, 1)
+    assert split.x_validation.shape == (10000, 28, 28, 1)
+    assert split.x_train.dtype == np.float32
+    assert 0.0 == split.x_train.min() and split.x_train.max() == 1.0
+    np.testing.assert_array_equal(split.y_validation, mnist.train_labels[50000:])
+    np.testing.assert_array_equal(split.x_validation[0, ..., 0] * 255, mnist.train_images[50000])
+
+
+def test_fixture_is_a_verified_subset_of_mnist(fixture_dir, real_mnist_dir):
+    subset = data.load_folder(fixture_dir)
+    full = data.load_folder(real_mnist_dir)
+    assert not subset.canonical
+    np.testing.assert_array_equal(subset.train_images[:1500], full.train_images[:1500])
+    np.testing.assert_array_equal(subset.train_images[1500:], full.train_images[-300:])
+    split = data.split(subset)
+    # The last sixth validates, and it comes from the real validation region.
+    assert len(split.y_train) == 1500 and len(split.y_validation) == 300
+    np.testing.assert_array_equal(split.y_validation, full.train_labels[-300:])
+
+
+def test_split_limits_take_the_first_images_of_each_part(fixture_dir):
+    split = data.split(data.load_folder(fixture_dir), train_images=100, validation_images=50)
+    assert len(split.y_train) == 100 and len(split.y_validation) == 50
+
+
+def test_idx_round_trip():
+    images = np.arange(2 * 28 * 28, dtype=np.uint8).reshape(2, 28, 28)
+    np.testing.assert_array_equal(data.parse_idx(data.to_idx(images)), images)
+
+
+def _copy(fixture_dir, tmp_path):
+    folder = tmp_path / "mnist"
+    shutil.copytree(fixture_dir, folder)
+    return folder
+
+
+def test_truncated_file_names_the_file(fixture_dir, tmp_path):
+    folder = _copy(fixture_dir, tmp_path)
+    path = folder / "train-labels-idx1-ubyte.gz"
+    raw = gzip.decompress(path.read_bytes())
+    path.write_bytes(gzip.compress(raw[:-10]))
+    with pytest.raises(data.DataError, match="train-labels-idx1-ubyte.gz.*SHA-256"):
+        data.load_folder(folder)
+
+
+def test_truncated_gzip_names_the_file(fixture_dir, tmp_path):
+    folder = _copy(fixture_dir, tmp_path)
+    path = folder / "t10k-images-idx3-ubyte.gz"
+    path.write_bytes(path.read_bytes()[:1000])
+    with pytest.raises(data.DataError, match="t10k-images-idx3-ubyte.gz.*truncated or corrupted"):
+        data.load_folder(folder)
+
+
+def test_corrupted_byte_is_caught_by_the_hash(fixture_dir, tmp_path):
+    folder = _copy(fixture_dir, tmp_path)
+    path = folder / "train-images-idx3-ubyte.gz"
+    raw = bytearray(gzip.decompress(path.read_bytes()))
+    raw[5000] ^= 0xFF
+    path.write_bytes(gzip.compress(bytes(raw)))
+    with pytest.raises(data.DataError, match="train-images-idx3-ubyte.gz: SHA-256 .* expected"):
+        data.load_folder(folder)
+
+
+def test_truncated_idx_header_check_without_hash():
+    raw = data.to_idx(np.zeros((3, 28, 28), dtype=np.uint8))
+    with pytest.raises(data.DataError, match="header promises shape \\(3, 28, 28\\)"):
+        data.parse_idx(raw[:-1], "images")
+    with pytest.raises(data.DataError, match="not an IDX file"):
+        data.parse_idx(b"PK\x03\x04 not idx", "images")
+
+
+def test_missing_file_is_named(fixture_dir, tmp_path):
+    folder = _copy(fixture_dir, tmp_path)
+    (folder / "t10k-labels-idx1-ubyte.gz").unlink()
+    with pytest.raises(data.DataError, match="missing t10k-labels-idx1-ubyte"):
+        data.load_folder(folder)
+
+
+def test_raw_idx_and_keras_npz_read_like_gzip(real_mnist_dir, tmp_path):
+    mnist = data.load_folder(real_mnist_dir)
+    raw_folder = tmp_path / "raw"
+    raw_folder.mkdir()
+    for name in data.FILES.values():
+        (raw_folder / name).write_bytes(
+            gzip.decompress((real_mnist_dir / f"{name}.gz").read_bytes())
+        )
+    assert data.load_folder(raw_folder).digest == mnist.digest
+
+    npz_folder = tmp_path / "npz"
+    npz_folder.mkdir()
+    np.savez(
+        npz_folder / "mnist.npz",
+        x_train=mnist.train_images,
+        y_train=mnist.train_labels,
+        x_test=mnist.test_images,
+        y_test=mnist.test_labels,
+    )
+    assert data.load_folder(npz_folder).digest == mnist.digest
+
+
+def test_npz_that_is_not_mnist_is_refused(fixture_dir, tmp_path):
+    subset = data.load_folder(fixture_dir)
+    np.savez(
+        tmp_path / "mnist.npz",
+        x_train=subset.train_images,
+        y_train=subset.train_labels,
+        x_test=subset.test_images,
+        y_test=subset.test_labels,
+    )
+    with pytest.raises(
+        data.DataError, match="mnist.npz: its train-images-idx3-ubyte array does not match"
+    ):
+        data.load_folder(tmp_path)
+
+
+def test_load_reads_mnist_dir(project, fixture_dir):
+    assert data.load().source == fixture_dir

@@ -1,0 +1,94 @@
+"""Study files: the shipped ones load, and every mistake names the file and the key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import optuna
+import pytest
+
+from digitune import space
+
+STUDIES = Path(__file__).resolve().parents[1] / "studies"
+
+
+@pytest.mark.parametrize("name", ["mnist-cnn.toml", "quick.toml"])
+def test_shipped_study_files_load(name):
+    definition = space.load(STUDIES / name)
+    assert definition.study.name == name.removesuffix(".toml")
+    assert definition.distributions
+
+
+def test_default_study_samples_what_users_tune():
+    definition = space.load(STUDIES / "mnist-cnn.toml")
+    sampled = set(definition.distributions)
+    assert {
+        "learning_rate",
+        "batch_size",
+        "num_conv_blocks",
+        "num_filters",
+        "kernel_size",
+        "dense_units",
+        "dropout_rate",
+    } <= sampled
+    assert definition.distributions["learning_rate"].log
+    assert definition.study.sampler == "tpe" and definition.study.pruner == "median"
+
+
+def test_suggest_gives_a_plain_dict_with_fixed_values(tmp_path):
+    path = tmp_path / "s.toml"
+    path.write_text(
+        '[space]\nlearning_rate = { type = "float", low = 1e-4, high = 1e-2, log = true }\n'
+        'kernel_size = { type = "categorical", choices = [3, 5] }\n'
+        'num_filters = { type = "int", low = 8, high = 32, step = 8 }\n'
+        "dense_units = 64\n"
+    )
+    definition = space.load(path)
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=1))
+    trial = study.ask()
+    params = space.suggest(trial, definition)
+    assert params["dense_units"] == 64
+    assert 1e-4 <= params["learning_rate"] <= 1e-2
+    assert params["kernel_size"] in (3, 5)
+    assert params["num_filters"] in (8, 16, 24, 32)
+    study.tell(trial, 0.5)
+    assert space.params_of(study.trials[0]) == params
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("[study\nname = 1", "not a valid TOML file"),
+        ("[studdy]\nname = 'x'", "unknown table"),
+        ("[study]\nn_trails = 5", r"\[study\]: unknown key 'n_trails'"),
+        ("[study]\nn_trials = 'five'", r"\[study\]: 'n_trials' must be an integer"),
+        ("[study]\npruner = 'sometimes'", r"'pruner' must be one of median, hyperband, none"),
+        ("[training]\nmax_epochs = 0", r"\[training\]: 'max_epochs' must be at least 1"),
+        ("[training]\nmax_epochs = -3", r"'max_epochs' must not be negative"),
+        ("[space]\nlearning_rat = 0.1", r"\[space\] 'learning_rat': unknown hyperparameter"),
+        (
+            "[space]\ndropout_rate = { type = 'float', low = 0.5, high = 0.1 }",
+            r"'dropout_rate': 'low' \(0.5\) is greater than 'high' \(0.1\)",
+        ),
+        (
+            "[space]\nlearning_rate = { type = 'float', low = 0.0, high = 0.1, log = true }",
+            r"'learning_rate': a log range needs 'low' > 0",
+        ),
+        ("[space]\nnum_filters = { type = 'int', low = 8 }", r"'num_filters': 'high' is missing"),
+        ("[space]\nnum_filters = { type = 'integer', low = 8, high = 9 }", r"'type' must be"),
+        ("[space]\nkernel_size = { type = 'categorical', choices = [] }", "non-empty list"),
+        ("[space]\nkernel_size = { type = 'categorical', choices = [3], low = 1 }", "unknown key"),
+        ("[space]\ndense_units = 64", "nothing to search"),
+    ],
+)
+def test_mistakes_name_the_file_and_the_key(tmp_path, text, message):
+    path = tmp_path / "broken.toml"
+    path.write_text(text)
+    with pytest.raises(ValueError, match=message) as caught:
+        space.load(path)
+    assert str(path) in str(caught.value)
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(ValueError, match="study file not found"):
+        space.load(tmp_path / "nope.toml")

@@ -1,0 +1,196 @@
+"""End to end: a tiny real study on a real MNIST subset, with real Optuna and MLflow stores.
+
+Asserts what a user looks at: trial states, the parent and child runs in MLflow, per-epoch
+metrics, confusion-matrix artifacts and the registered `mnist-cnn` version.
+"""
+
+from __future__ import annotations
+
+import mlflow
+import numpy as np
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from conftest import TINY_STUDY, write_study
+from digitune import cli, config, space, tracking, tune
+
+pytestmark = pytest.mark.slow
+
+
+def _runs(client, experiment_name):
+    experiment = client.get_experiment_by_name(experiment_name)
+    return client.search_runs([experiment.experiment_id], max_results=100)
+
+
+def test_tiny_study_is_tracked_and_registered(project):
+    study_file = write_study(project, TINY_STUDY)
+    outcome = tune.run(study_file)
+
+    # Optuna: three finished trials in the default storage under studies/.
+    assert (project / "studies" / "tiny.db").exists()
+    study = optuna.load_study(study_name="tiny", storage=config.default_storage("tiny"))
+    assert len(study.trials) == 3
+    assert all(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in study.trials)
+    completed = [t for t in study.trials if t.state == TrialState.COMPLETE]
+    assert completed and outcome.best_trial.number == study.best_trial.number
+
+    # MLflow: one parent run and one child per trial, none left RUNNING.
+    client = mlflow.MlflowClient()
+    runs = _runs(client, "tiny")
+    parents = [r for r in runs if r.data.tags.get("digitune.role") == "study"]
+    assert len(parents) == 1
+    parent = parents[0]
+    children = {
+        r.info.run_name: r
+        for r in runs
+        if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id
+    }
+    assert set(children) == {"trial-0", "trial-1", "trial-2"}
+    assert all(r.info.status == "FINISHED" for r in runs)
+    assert study.user_attrs[tracking.PARENT_RUN_ATTR] == parent.info.run_id
+
+    for trial in study.trials:
+        child = children[f"trial-{trial.number}"]
+        assert child.data.tags["state"] == trial.state.name
+        assert child.data.tags["trial_number"] == str(trial.number)
+        assert float(child.data.params["learning_rate"]) == pytest.approx(
+            trial.params["learning_rate"]
+        )
+        assert child.data.params["batch_size"] == "64"  # fixed values are logged too
+        epochs = len(trial.intermediate_values)
+        for metric in ("loss", "accuracy", "val_loss", "val_accuracy", "epoch_seconds"):
+            history = client.get_metric_history(child.info.run_id, metric)
+            assert [m.step for m in sorted(history, key=lambda m: m.step)] == list(range(epochs))
+        val_history = client.get_metric_history(child.info.run_id, "val_accuracy")
+        assert [m.value for m in sorted(val_history, key=lambda m: m.step)] == pytest.approx(
+            [trial.intermediate_values[step] for step in range(epochs)]
+        )
+        artifacts = {a.path for a in client.list_artifacts(child.info.run_id)}
+        if trial.state == TrialState.COMPLETE:
+            assert {"val_confusion_matrix.png", "val_confusion_matrix.json", "weights"} <= artifacts
+            matrix = mlflow.artifacts.load_dict(
+                f"{child.info.artifact_uri}/val_confusion_matrix.json"
+            )
+            assert (
+                np.array(matrix["confusion_matrix"]).sum() == 300
+            )  # the fixture's validation images
+            assert np.trace(matrix["confusion_matrix"]) / 300 == pytest.approx(
+                trial.value, abs=1e-6
+            )
+        else:
+            assert "val_confusion_matrix.png" not in artifacts
+
+    # The parent holds the configuration, datasets and the best model's test evaluation.
+    parent = client.get_run(parent.info.run_id)
+    assert parent.data.params["study.name"] == "tiny"
+    assert parent.data.metrics["test_accuracy"] == pytest.approx(outcome.test_accuracy)
+    assert parent.data.tags["best_trial"] == str(outcome.best_trial.number)
+    parent_artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert {
+        "test_confusion_matrix.png",
+        "test_confusion_matrix.json",
+        "config.json",
+    } <= parent_artifacts
+    test_matrix = mlflow.artifacts.load_dict(
+        f"{parent.info.artifact_uri}/test_confusion_matrix.json"
+    )
+    assert np.array(test_matrix["confusion_matrix"]).sum() == 300
+    contexts = {d.tags[0].value for d in parent.inputs.dataset_inputs}
+    assert contexts == {"training", "validation"}
+
+    # The registry: a version with alias challenger that loads and predicts.
+    version = client.get_model_version_by_alias(config.REGISTERED_MODEL_NAME, "challenger")
+    assert version.version == outcome.model_version
+    assert version.tags["study"] == "tiny"
+    assert version.tags["trial"] == str(outcome.best_trial.number)
+    assert float(version.tags["validation_accuracy"]) == pytest.approx(
+        outcome.best_trial.value, abs=1e-4
+    )
+    assert float(version.tags["test_accuracy"]) == pytest.approx(outcome.test_accuracy, abs=1e-4)
+    assert len(version.tags["data_sha256"]) == 64
+    assert "test accuracy" in version.description
+    loaded = mlflow.pyfunc.load_model("models:/mnist-cnn@challenger")
+    probabilities = loaded.predict(np.zeros((2, 28, 28, 1), dtype="float32"))
+    assert np.asarray(probabilities).shape == (2, 10)
+
+    # Resuming with a larger budget adds trials under the same parent and registers once more
+    # only if the best trial changed.
+    again = tune.run(study_file, n_trials=4)
+    assert len(again.study.trials) == 4
+    runs = _runs(client, "tiny")
+    assert len([r for r in runs if r.data.tags.get("digitune.role") == "study"]) == 1
+    assert len(runs) == 5
+    versions = client.search_model_versions("name = 'mnist-cnn'")
+    assert len(versions) == (1 if again.best_trial.number == outcome.best_trial.number else 2)
+
+
+def test_a_bad_trial_is_really_pruned(project):
+    study_file = write_study(
+        project,
+        TINY_STUDY.replace("n_trials = 3", "n_trials = 2").replace("low = 1e-3", "low = 1e-6"),
+    )
+    study = tune.load_or_create_study(space.load(study_file), None)
+    # A sound trial first, then one whose learning rate is far too low to learn anything in
+    # an epoch: the median pruner must stop it after its first epoch.
+    study.enqueue_trial({"learning_rate": 3e-3, "num_filters": 16, "dropout_rate": 0.0})
+    study.enqueue_trial({"learning_rate": 1e-6, "num_filters": 8, "dropout_rate": 0.0})
+    outcome = tune.run(study_file)
+    good, bad = outcome.study.trials
+    assert good.state == TrialState.COMPLETE
+    assert bad.state == TrialState.PRUNED
+    assert list(bad.intermediate_values) == [0]
+    assert bad.intermediate_values[0] < good.intermediate_values[0]
+    run = mlflow.get_run(bad.user_attrs[tracking.TRIAL_RUN_ATTR])
+    assert run.data.tags["state"] == "PRUNED" and run.info.status == "FINISHED"
+    assert "pruned at epoch 0" in run.data.tags["pruned_reason"]
+
+
+def test_a_diverging_trial_fails_with_its_reason_and_the_study_goes_on(project):
+    study_file = write_study(
+        project,
+        TINY_STUDY.replace("n_trials = 3", "n_trials = 2").replace("high = 3e-3", "high = 1e30"),
+    )
+    study = tune.load_or_create_study(space.load(study_file), None)
+    study.enqueue_trial({"learning_rate": 1e30, "num_filters": 8, "dropout_rate": 0.0})
+    study.enqueue_trial({"learning_rate": 3e-3, "num_filters": 8, "dropout_rate": 0.0})
+    outcome = tune.run(study_file)
+    diverged, sound = outcome.study.trials
+    assert diverged.state == TrialState.FAIL
+    assert "learning_rate=1e+30 is probably too high" in diverged.user_attrs["fail_reason"]
+    run = mlflow.get_run(diverged.user_attrs[tracking.TRIAL_RUN_ATTR])
+    assert run.info.status == "FAILED" and run.data.tags["state"] == "FAIL"
+    assert "too high" in run.data.tags["fail_reason"]
+    assert sound.state == TrialState.COMPLETE
+    assert outcome.best_trial.number == sound.number
+
+
+def test_cli_reports_a_broken_study_file_before_training(project, capsys):
+    study_file = write_study(
+        project, "[space]\ndropout_rate = { type = 'float', low = 0.9, high = 0.1 }"
+    )
+    assert cli.main(["tune", "--study", str(study_file)]) == 1
+    error = capsys.readouterr().err
+    assert str(study_file) in error and "dropout_rate" in error
+    assert not (project / "mlruns").exists()
+
+
+def test_cli_reports_a_tracking_store_that_is_down(project, monkeypatch, capsys):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")  # the discard port: closed
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    study_file = write_study(project, TINY_STUDY)
+    assert cli.main(["tune", "--study", str(study_file)]) == 1
+    error = capsys.readouterr().err
+    assert "cannot reach the MLflow tracking store http://127.0.0.1:9" in error
+    assert not (project / "studies" / "tiny.db").exists()
+
+
+def test_cli_reports_corrupted_data(project, tmp_path, monkeypatch, capsys, fixture_dir):
+    import shutil
+
+    broken = tmp_path / "broken-mnist"
+    shutil.copytree(fixture_dir, broken)
+    (broken / "train-labels-idx1-ubyte.gz").write_bytes(b"\x1f\x8b garbage")
+    monkeypatch.setenv("MNIST_DIR", str(broken))
+    assert cli.main(["data"]) == 1
+    assert f"{broken}/train-labels-idx1-ubyte.gz" in capsys.readouterr().err
