@@ -2,7 +2,7 @@
 # Every target is a thin call of the `digitune` command, so everything works without make.
 
 .DEFAULT_GOAL := help
-.PHONY: help install data tune ui test lint clean
+.PHONY: help install data tune report promote rollback models ui test lint clean
 
 PYTHON ?= python3
 VENV := .venv
@@ -11,6 +11,8 @@ STUDY ?= studies/mnist-cnn.toml
 TRIALS ?=
 TIMEOUT ?=
 STORAGE ?=
+MARGIN ?= 0
+FORCE ?=
 
 TUNE_ARGS := --study $(STUDY) $(if $(TRIALS),--trials $(TRIALS)) \
 	$(if $(TIMEOUT),--timeout-minutes $(TIMEOUT)) $(if $(STORAGE),--storage $(STORAGE))
@@ -34,6 +36,18 @@ data: install ## Fetch and verify MNIST into data/mnist (or check MNIST_DIR)
 
 tune: install ## Run or resume a study (STUDY, TRIALS, TIMEOUT, STORAGE)
 	$(BIN)/digitune tune $(TUNE_ARGS)
+
+report: install ## Summarise a study and log its figures to MLflow (STUDY, STORAGE)
+	$(BIN)/digitune report --study $(STUDY) $(if $(STORAGE),--storage $(STORAGE))
+
+promote: install ## Make @challenger @champion if better on the test set (MARGIN, FORCE=1)
+	$(BIN)/digitune promote --margin $(MARGIN) $(if $(FORCE),--force)
+
+rollback: install ## Move @champion back to the previous champion
+	$(BIN)/digitune rollback
+
+models: install ## List the registered versions of mnist-cnn with their aliases
+	$(BIN)/digitune models
 
 ui: install ## Start the MLflow UI on 127.0.0.1:5000 to compare trials
 	$(BIN)/digitune ui

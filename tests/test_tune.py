@@ -81,6 +81,9 @@ def test_tiny_study_is_tracked_and_registered(project):
         else:
             assert "val_confusion_matrix.png" not in artifacts
 
+    # Artifacts live under the project's mlruns/, next to the store.
+    assert parent.info.artifact_uri.startswith((project / "mlruns" / "artifacts" / "tiny").as_uri())
+
     # The parent holds the configuration, datasets and the best model's test evaluation.
     parent = client.get_run(parent.info.run_id)
     assert parent.data.params["study.name"] == "tiny"
@@ -99,9 +102,24 @@ def test_tiny_study_is_tracked_and_registered(project):
     contexts = {d.tags[0].value for d in parent.inputs.dataset_inputs}
     assert contexts == {"training", "validation"}
 
+    # The report: the trials table and the study's figures, logged when the study ended.
+    report_files = {a.path for a in client.list_artifacts(parent.info.run_id, "report")}
+    assert {
+        "report/trials.csv",
+        "report/optimization_history.png",
+        "report/intermediate_values.png",
+        "report/parallel_coordinate.png",
+        "report/param_importances.png",
+        "report/slice.png",
+        "report/contour.png",
+    } <= report_files
+    trials_csv = mlflow.artifacts.load_text(f"{parent.info.artifact_uri}/report/trials.csv")
+    assert trials_csv.splitlines()[0].startswith("number,state,value,epochs,seconds")
+    assert len(trials_csv.splitlines()) == 4
+
     # The registry: a version with alias challenger that loads and predicts.
     version = client.get_model_version_by_alias(config.REGISTERED_MODEL_NAME, "challenger")
-    assert version.version == outcome.model_version
+    assert str(version.version) == outcome.model_version
     assert version.tags["study"] == "tiny"
     assert version.tags["trial"] == str(outcome.best_trial.number)
     assert float(version.tags["validation_accuracy"]) == pytest.approx(
@@ -123,6 +141,25 @@ def test_tiny_study_is_tracked_and_registered(project):
     assert len(runs) == 5
     versions = client.search_model_versions("name = 'mnist-cnn'")
     assert len(versions) == (1 if again.best_trial.number == outcome.best_trial.number else 2)
+
+
+def test_report_summarises_a_study(project, capsys):
+    study_file = write_study(project, TINY_STUDY)
+    tune.run(study_file)
+    capsys.readouterr()
+    assert cli.main(["report", "--study", str(study_file)]) == 0
+    printed = capsys.readouterr().out
+    assert "study 'tiny': 3 trials" in printed
+    assert "top 10 trials:" in printed and "parameter importances (fANOVA):" in printed
+    study = optuna.load_study(study_name="tiny", storage=config.default_storage("tiny"))
+    importances = optuna.importance.get_param_importances(study)
+    assert f"{next(iter(importances)):20s}" in printed
+
+
+def test_report_of_a_study_that_was_never_run(project, capsys):
+    study_file = write_study(project, TINY_STUDY)
+    assert cli.main(["report", "--study", str(study_file)]) == 1
+    assert "no study 'tiny'" in capsys.readouterr().err
 
 
 def test_a_bad_trial_is_really_pruned(project):

@@ -2,6 +2,10 @@
 
     digitune data                              fetch and verify MNIST
     digitune tune --study studies/quick.toml   run (or resume) a study
+    digitune report --study studies/quick.toml  summarise a study, log its figures
+    digitune promote [--margin M] [--force]    challenger -> champion, on evidence
+    digitune rollback                          champion back to the previous one
+    digitune models                            list the registered versions
     digitune ui                                the MLflow UI on the project's store
 
 `digitune <command> --help` lists each command's options.
@@ -21,6 +25,8 @@ def main(argv: list[str] | None = None) -> int:
     # Quieten TensorFlow's start-up chatter (CUDA probing on CPU machines) before it loads.
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    # One line per trial should show up as it happens, also when piped to a file or `tee`.
+    sys.stdout.reconfigure(line_buffering=True)
     parser = _parser()
     args = parser.parse_args(argv)
     try:
@@ -33,6 +39,13 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except (ValueError, RuntimeError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
+        return 1
+    except Exception as error:
+        # The stores' own errors (an unreachable database, a refused request) are the user's
+        # to act on as well; anything else is a bug and keeps its traceback.
+        if not type(error).__module__.startswith(("mlflow", "optuna", "sqlalchemy")):
+            raise
+        print(f"error: {type(error).__name__}: {error}", file=sys.stderr)
         return 1
 
 
@@ -60,11 +73,46 @@ def _parser() -> argparse.ArgumentParser:
     )
     tune_parser.set_defaults(handler=_tune)
 
+    report_parser = commands.add_parser("report", help="summarise a study and log its figures")
+    _add_study_arguments(report_parser)
+    report_parser.set_defaults(handler=_report)
+
+    promote_parser = commands.add_parser(
+        "promote", help="make the challenger champion if it is better on the test set"
+    )
+    promote_parser.add_argument(
+        "--margin",
+        type=float,
+        default=0.0,
+        help="least test-accuracy gain required, as a fraction (default: any gain)",
+    )
+    promote_parser.add_argument(
+        "--force", action="store_true", help="promote even if not better (recorded as forced)"
+    )
+    promote_parser.set_defaults(handler=_promote)
+
+    rollback_parser = commands.add_parser("rollback", help="champion back to the previous one")
+    rollback_parser.set_defaults(handler=_rollback)
+
+    models_parser = commands.add_parser("models", help="list registered versions and aliases")
+    models_parser.set_defaults(handler=_models)
+
     ui_parser = commands.add_parser("ui", help="start the MLflow UI on the project's store")
     ui_parser.add_argument("--host", default="127.0.0.1")
     ui_parser.add_argument("--port", type=int, default=5000)
     ui_parser.set_defaults(handler=_ui)
     return parser
+
+
+def _add_study_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--study",
+        default=str(config.default_study_file()),
+        help="study file (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--storage", default=None, help="Optuna storage URL (default: studies/<name>.db)"
+    )
 
 
 def _data(args: argparse.Namespace) -> int:
@@ -94,6 +142,54 @@ def _tune(args: argparse.Namespace) -> int:
         f"\nregistered {config.REGISTERED_MODEL_NAME} version {outcome.model_version} "
         f"(alias @{config.CHALLENGER_ALIAS}); compare trials with `make ui`"
     )
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    import optuna
+
+    from digitune import report, space
+
+    definition = space.load(args.study)
+    storage = args.storage or config.default_storage(definition.study.name)
+    try:
+        study = optuna.load_study(study_name=definition.study.name, storage=storage)
+    except KeyError:
+        raise ValueError(
+            f"no study '{definition.study.name}' in {storage}; run `make tune STUDY={args.study}`"
+        ) from None
+    print(report.report(study))
+    return 0
+
+
+def _promote(args: argparse.Namespace) -> int:
+    from digitune import promote
+
+    decision = promote.promote(margin=args.margin, force=args.force)
+    print(promote.table(decision).to_string())
+    if decision.promoted:
+        forced = " (FORCED)" if decision.forced else ""
+        print(f"\npromoted version {decision.challenger} to @champion{forced}: {decision.reason}")
+        return 0
+    print(f"\nrefused: version {decision.challenger} stays @challenger; {decision.reason}")
+    print("use --force to promote it anyway")
+    return 3
+
+
+def _rollback(args: argparse.Namespace) -> int:
+    from digitune import registry
+
+    previous, current = registry.rollback(registry.client_for_registry())
+    print(f"@champion moved back from version {previous} to version {current}")
+    return 0
+
+
+def _models(args: argparse.Namespace) -> int:
+    from digitune import registry
+
+    client = registry.client_for_registry()
+    registry.version_by_alias(client, config.CHALLENGER_ALIAS, required=False)  # model exists?
+    print(registry.versions_table(client).to_string(index=False))
     return 0
 
 

@@ -49,18 +49,24 @@ def mlruns_dir() -> Path:
     return project_dir() / "mlruns"
 
 
+def local_tracking_uri() -> str:
+    """The default MLflow store: an SQLite database inside mlruns/."""
+    return f"sqlite:///{mlruns_dir() / 'mlflow.db'}"
+
+
 def tracking_uri() -> str:
-    """MLFLOW_TRACKING_URI, or an SQLite store inside mlruns/."""
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{mlruns_dir() / 'mlflow.db'}"
+    """MLFLOW_TRACKING_URI, or the local store inside mlruns/."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or local_tracking_uri()
 
 
 def artifact_location(experiment_name: str) -> str | None:
     """Where a new experiment keeps its artifacts.
 
-    For the default local store that is mlruns/artifacts/<experiment>; for any other
-    tracking URI (a tracking server, say) the server decides, so this returns None.
+    For the local store that is mlruns/artifacts/<experiment>; for any other tracking URI (a
+    tracking server, say) the server decides, so this returns None. (MLflow itself exports
+    MLFLOW_TRACKING_URI once a URI is set, so the URI is compared, not the variable.)
     """
-    if os.environ.get("MLFLOW_TRACKING_URI"):
+    if tracking_uri() != local_tracking_uri():
         return None
     return (mlruns_dir() / "artifacts" / experiment_name).as_uri()
 

@@ -6,6 +6,7 @@ The same code evaluates a trial on the validation set and the final model on the
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import matplotlib
 
@@ -57,6 +58,12 @@ def confusion_matrix(y_true: np.ndarray, y_pred: np.ndarray) -> np.ndarray:
 def evaluate(model, images: np.ndarray, labels: np.ndarray, batch_size: int = 1000) -> Evaluation:
     """Predict `images` (already preprocessed) with a Keras model and compare with `labels`."""
     probabilities = np.asarray(model.predict(images, batch_size=batch_size, verbose=0))
+    return from_probabilities(probabilities, labels)
+
+
+def from_probabilities(probabilities: np.ndarray, labels: np.ndarray) -> Evaluation:
+    """The evaluation of class probabilities (N, 10) against labels (N,)."""
+    probabilities = np.asarray(probabilities)
     predictions = probabilities.argmax(axis=1)
     return Evaluation(
         accuracy=float(np.mean(predictions == labels)),
@@ -95,3 +102,41 @@ def plot_confusion_matrix(matrix: np.ndarray, title: str) -> plt.Figure:
     accuracy = np.trace(matrix) / max(matrix.sum(), 1)
     axes.set_title(f"{title}\naccuracy {accuracy:.2%} of {matrix.sum():,} images")
     return figure
+
+
+def mcnemar_exact(only_first_right: int, only_second_right: int) -> float:
+    """Two-sided exact McNemar test: the probability, if both models were equally good, of
+    a split of the discordant images at least this uneven (a binomial test with p = 1/2)."""
+    n = only_first_right + only_second_right
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, i) for i in range(min(only_first_right, only_second_right) + 1))
+    return min(1.0, 2 * tail / 2**n)
+
+
+@dataclasses.dataclass(frozen=True)
+class Comparison:
+    """Two models on the same images: who gets right what the other gets wrong."""
+
+    first: Evaluation
+    second: Evaluation
+    only_first_right: int
+    only_second_right: int
+
+    @property
+    def p_value(self) -> float:
+        return mcnemar_exact(self.only_first_right, self.only_second_right)
+
+
+def compare(first_probabilities, second_probabilities, labels: np.ndarray) -> Comparison:
+    """Compare two models' class probabilities on the same labelled images."""
+    first = from_probabilities(first_probabilities, labels)
+    second = from_probabilities(second_probabilities, labels)
+    first_right = first.probabilities.argmax(axis=1) == labels
+    second_right = second.probabilities.argmax(axis=1) == labels
+    return Comparison(
+        first=first,
+        second=second,
+        only_first_right=int(np.sum(first_right & ~second_right)),
+        only_second_right=int(np.sum(second_right & ~first_right)),
+    )

@@ -19,7 +19,7 @@ import optuna
 import tqdm
 from optuna.trial import TrialState
 
-from digitune import config, data, evaluate, model, objective, registry, space, tracking
+from digitune import config, data, evaluate, model, objective, registry, report, space, tracking
 
 FINISHED_STATES = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
 
@@ -146,6 +146,7 @@ def run(
             )
         best = study.best_trial
         test_accuracy, version = finalize(study, best, mnist)
+        report.log_to_run(study, study.user_attrs[tracking.PARENT_RUN_ATTR])
     return Outcome(study, time.perf_counter() - started, best, test_accuracy, version)
 
 
@@ -174,7 +175,7 @@ def finalize(
     existing = registry.find_version(study.study_name, best.number)
     if existing is not None:
         print(f"best trial {best.number} is already registered as version {existing.version}")
-        return test.accuracy, existing.version
+        return test.accuracy, str(existing.version)
     version = registry.register(
         cnn,
         study_name=study.study_name,
@@ -185,7 +186,7 @@ def finalize(
         test_images=len(mnist.test_labels),
         data_sha256=mnist.digest,
     )
-    return test.accuracy, version.version
+    return test.accuracy, str(version.version)
 
 
 def _count(study: optuna.Study, states) -> int:

@@ -1,0 +1,154 @@
+"""Promote the challenger to champion on evidence, through MLflow registry aliases.
+
+`digitune promote` evaluates `mnist-cnn@challenger` and `mnist-cnn@champion` on the same full
+MNIST test set with the same preprocessing, and moves `@champion` only when the challenger is
+better by at least `--margin` (default: any improvement), or when there is no champion yet.
+Both accuracies, per-class accuracy, the images each gets right that the other gets wrong and
+an exact McNemar p-value are printed and kept as tags on both versions. `--force` promotes
+anyway and records that it was forced. `digitune rollback` undoes a promotion.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pandas as pd
+
+from digitune import config, data, evaluate, registry
+
+
+@dataclasses.dataclass(frozen=True)
+class Decision:
+    """What `promote` concluded and why."""
+
+    challenger: str
+    champion: str | None
+    comparison: evaluate.Comparison | None
+    challenger_evaluation: evaluate.Evaluation
+    promoted: bool
+    forced: bool
+    reason: str
+
+
+def promote(margin: float = 0.0, force: bool = False) -> Decision:
+    """Compare challenger and champion on the test set and move @champion if warranted."""
+    if margin < 0:
+        raise ValueError(f"--margin must not be negative, got {margin}")
+    client = registry.client_for_registry()
+    challenger = registry.version_by_alias(client, config.CHALLENGER_ALIAS)
+    champion = registry.version_by_alias(client, config.CHAMPION_ALIAS, required=False)
+    # MLflow hands versions back as numbers or strings depending on the call; compare strings.
+    challenger_version = str(challenger.version)
+    champion_version = str(champion.version) if champion is not None else None
+    if champion_version == challenger_version:
+        raise registry.RegistryError(
+            f"version {challenger_version} is already @champion; "
+            "run `make tune` for a new challenger"
+        )
+    mnist = data.load()
+    images, labels = data.preprocess(mnist.test_images), mnist.test_labels.astype(int)
+    # Both models load before any alias moves, so missing files change nothing.
+    challenger_model = registry.load_pyfunc(challenger)
+    champion_model = registry.load_pyfunc(champion) if champion is not None else None
+    challenger_probabilities = challenger_model.predict(images)
+
+    if champion_model is None:
+        comparison = None
+        evaluation = evaluate.from_probabilities(challenger_probabilities, labels)
+        better, reason = True, "there was no champion yet"
+    else:
+        comparison = evaluate.compare(
+            challenger_probabilities, champion_model.predict(images), labels
+        )
+        evaluation = comparison.first
+        gain = comparison.first.accuracy - comparison.second.accuracy
+        better = gain > 0 and gain >= margin
+        reason = (
+            f"test accuracy {comparison.first.accuracy:.4f} vs {comparison.second.accuracy:.4f} "
+            f"({gain * 100:+.2f} points, required more than 0 and at least {margin * 100:.2f}; "
+            f"McNemar p = {comparison.p_value:.3g})"
+        )
+    promoted = better or force
+    forced = force and not better
+    _tag(client, challenger_version, champion_version, comparison, evaluation, promoted, forced)
+    if promoted:
+        registry.move_champion(
+            client,
+            challenger_version,
+            champion_version,
+            "promote",
+            ("FORCED: " if forced else "") + reason,
+            forced=forced,
+            test_accuracy=round(evaluation.accuracy, 6),
+        )
+    return Decision(
+        challenger_version,
+        champion_version,
+        comparison,
+        evaluation,
+        promoted,
+        forced,
+        reason,
+    )
+
+
+def _tag(
+    client, challenger_version, champion_version, comparison, evaluation, promoted, forced
+) -> None:
+    decision = "forced" if forced else "promoted" if promoted else "refused"
+    tags = {"promotion.decision": decision, "promotion.test_accuracy": f"{evaluation.accuracy:.4f}"}
+    if comparison is None:
+        _set_tags(client, challenger_version, tags)
+        return
+    shared = {"promotion.mcnemar_p_value": f"{comparison.p_value:.4g}"}
+    _set_tags(
+        client,
+        challenger_version,
+        {
+            **tags,
+            **shared,
+            "promotion.compared_with": champion_version,
+            "promotion.other_test_accuracy": f"{comparison.second.accuracy:.4f}",
+            "promotion.only_this_right": str(comparison.only_first_right),
+            "promotion.only_other_right": str(comparison.only_second_right),
+        },
+    )
+    _set_tags(
+        client,
+        champion_version,
+        {
+            **shared,
+            "promotion.decision": f"challenged by version {challenger_version}: {decision}",
+            "promotion.test_accuracy": f"{comparison.second.accuracy:.4f}",
+            "promotion.compared_with": challenger_version,
+            "promotion.other_test_accuracy": f"{comparison.first.accuracy:.4f}",
+            "promotion.only_this_right": str(comparison.only_second_right),
+            "promotion.only_other_right": str(comparison.only_first_right),
+        },
+    )
+
+
+def _set_tags(client, version: str, tags: dict) -> None:
+    for key, value in tags.items():
+        client.set_model_version_tag(config.REGISTERED_MODEL_NAME, version, key, value)
+
+
+def table(decision: Decision) -> pd.DataFrame:
+    """The comparison a person reads before trusting the decision."""
+    columns = {f"challenger (v{decision.challenger})": decision.challenger_evaluation}
+    if decision.comparison is not None:
+        columns[f"champion (v{decision.champion})"] = decision.comparison.second
+    rows = {"test accuracy": {name: f"{e.accuracy:.4f}" for name, e in columns.items()}}
+    for digit in range(evaluate.NUM_CLASSES):
+        rows[f"  digit {digit}"] = {
+            name: f"{e.per_class_accuracy[digit]:.4f}" for name, e in columns.items()
+        }
+    if decision.comparison is not None:
+        comparison = decision.comparison
+        names = list(columns)
+        rows["right where the other is wrong"] = {
+            names[0]: str(comparison.only_first_right),
+            names[1]: str(comparison.only_second_right),
+        }
+        rows["McNemar exact p-value"] = {names[0]: f"{comparison.p_value:.4g}", names[1]: ""}
+    return pd.DataFrame(rows).T

@@ -1,0 +1,144 @@
+"""Understand a study: a summary in the terminal and figures in its parent MLflow run.
+
+`digitune report --study studies/mnist-cnn.toml` prints trials by state, the best trial, the
+top 10 trials and the parameter importances, and logs to the study's parent run the trials
+table (CSV) and PNG figures: optimization history, parameter importances, parallel
+coordinates, intermediate values (pruning curves), and the slice and contour plots of the two
+most important parameters. `tune` calls the same code when a study ends.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import matplotlib.pyplot as plt  # noqa: E402
+import mlflow  # noqa: E402
+import optuna  # noqa: E402
+import pandas as pd  # noqa: E402
+from optuna.trial import TrialState  # noqa: E402
+from optuna.visualization import matplotlib as optuna_plots  # noqa: E402
+
+from digitune import tracking  # noqa: E402
+
+TOP_TRIALS = 10
+
+
+def trials_table(study: optuna.Study) -> pd.DataFrame:
+    """One row a trial: number, state, value, epochs run, duration and params."""
+    frame = study.trials_dataframe(
+        attrs=("number", "state", "value", "duration", "params", "user_attrs")
+    )
+    if frame.empty:
+        return frame
+    frame["seconds"] = frame.pop("duration").dt.total_seconds().round(1)
+    frame = frame.rename(columns=lambda c: c.removeprefix("params_"))
+    frame["epochs"] = frame.get("user_attrs_epochs", pd.Series(dtype="Int64")).astype("Int64")
+    # Pruned trials record no epochs attribute; their reported steps say how far they got.
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.PRUNED,)):
+        frame.loc[frame["number"] == trial.number, "epochs"] = len(trial.intermediate_values)
+    keep = ["number", "state", "value", "epochs", "seconds"]
+    params = [c for c in frame.columns if c in study.best_trial.params] if _completed(study) else []
+    return frame[keep + params]
+
+
+def importances(study: optuna.Study) -> dict[str, float]:
+    """Optuna's parameter importances (fANOVA), or {} while too few trials have completed."""
+    if _completed(study) < 2:
+        return {}
+    try:
+        return optuna.importance.get_param_importances(study)
+    except (RuntimeError, ValueError):  # Too few distinct values to fit a forest on.
+        return {}
+
+
+def summary(study: optuna.Study) -> str:
+    """The report a person reads in the terminal."""
+    table = trials_table(study)
+    if table.empty:
+        return f"study '{study.study_name}' has no trials yet"
+    states = table["state"].value_counts()
+    lines = [
+        f"study '{study.study_name}': {len(table)} trials ("
+        + ", ".join(f"{count} {state.lower()}" for state, count in states.items())
+        + ")"
+    ]
+    if _completed(study):
+        best = study.best_trial
+        lines.append(
+            f"best trial {best.number}: value {best.value:.4f}, "
+            + ", ".join(f"{k}={_short(v)}" for k, v in best.params.items())
+        )
+        ascending = study.direction == optuna.study.StudyDirection.MINIMIZE
+        top = table[table["state"] == "COMPLETE"].sort_values("value", ascending=ascending)
+        lines += ["", f"top {TOP_TRIALS} trials:", top.head(TOP_TRIALS).to_string(index=False)]
+    ranked = importances(study)
+    if ranked:
+        lines += ["", "parameter importances (fANOVA):"]
+        lines += [f"  {name:20s} {value:6.3f}" for name, value in ranked.items()]
+    return "\n".join(lines)
+
+
+def figures(study: optuna.Study) -> dict[str, plt.Figure]:
+    """The study's figures by file name; those that cannot be drawn yet are left out."""
+    ranked = list(importances(study))
+    plots = {
+        "optimization_history.png": lambda: optuna_plots.plot_optimization_history(study),
+        "intermediate_values.png": lambda: optuna_plots.plot_intermediate_values(study),
+        "parallel_coordinate.png": lambda: optuna_plots.plot_parallel_coordinate(study),
+    }
+    if ranked:
+        plots["param_importances.png"] = lambda: optuna_plots.plot_param_importances(study)
+        plots["slice.png"] = lambda: optuna_plots.plot_slice(study, params=ranked[:2])
+    if len(ranked) >= 2:
+        plots["contour.png"] = lambda: optuna_plots.plot_contour(study, params=ranked[:2])
+    drawn = {}
+    with warnings.catch_warnings():
+        # Optuna marks its matplotlib plots experimental; the warning says nothing to users.
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        for name, plot in plots.items():
+            if not _completed(study):
+                break
+            axes = plot()
+            first = axes.flat[0] if hasattr(axes, "flat") else axes
+            figure = first.figure
+            figure.set_size_inches(max(figure.get_size_inches()[0], 8), 5.5)
+            figure.suptitle(
+                f"study {study.study_name}: {name.removesuffix('.png').replace('_', ' ')}"
+            )
+            drawn[name] = figure
+    return drawn
+
+
+def log_to_run(study: optuna.Study, run_id: str) -> None:
+    """Log the trials table and the figures to a run (the study's parent) under report/."""
+    client = mlflow.MlflowClient()
+    table = trials_table(study)
+    if not table.empty:
+        client.log_text(run_id, table.to_csv(index=False), "report/trials.csv")
+    for name, figure in figures(study).items():
+        client.log_figure(run_id, figure, f"report/{name}")
+        plt.close(figure)
+
+
+def report(study: optuna.Study) -> str:
+    """Log the report to the study's parent run and return the terminal summary."""
+    tracking.configure()
+    run_id = study.user_attrs.get(tracking.PARENT_RUN_ATTR)
+    if run_id is None:
+        raise ValueError(
+            f"study '{study.study_name}' has no MLflow parent run; was it run by tune?"
+        )
+    log_to_run(study, run_id)
+    return summary(study)
+
+
+def _completed(study: optuna.Study) -> int:
+    return len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
+
+
+def _short(value: object) -> str:
+    return f"{value:.3g}" if isinstance(value, float) else str(value)

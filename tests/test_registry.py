@@ -1,0 +1,187 @@
+"""Promotion, rollback and listing against a real SQLite-backed MLflow registry, with small
+real models trained on the MNIST fixture."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from urllib.parse import urlparse
+
+import keras
+import mlflow
+import numpy as np
+import pytest
+from scipy import stats
+
+from digitune import cli, config, data, evaluate, model, promote, registry, tracking
+
+pytestmark = pytest.mark.slow
+
+GOOD = {"learning_rate": 3e-3, "num_filters": 16, "dense_units": 64, "batch_size": 64}
+POOR = {"learning_rate": 1e-4, "num_filters": 4, "dense_units": 16, "batch_size": 64}
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """Weights of a good and a poor model, trained once for the whole module."""
+    fixture = data.load_folder(Path(__file__).parent / "fixtures" / "mnist-subset")
+    split = data.split(fixture)
+    folder = tmp_path_factory.mktemp("weights")
+    weights = {}
+    for name, params, epochs in (("good", GOOD, 3), ("poor", POOR, 1)):
+        keras.utils.set_random_seed(0)
+        cnn = model.build_model(params)
+        cnn.fit(split.x_train, split.y_train, batch_size=64, epochs=epochs, verbose=0)
+        weights[name] = folder / f"{name}.weights.h5"
+        cnn.save_weights(weights[name])
+    return weights
+
+
+def register(trained, name: str, trial: int):
+    """Register the good or the poor model as a new @challenger, as `tune` does."""
+    params = GOOD if name == "good" else POOR
+    cnn = model.build_model(params)
+    cnn.load_weights(trained[name])
+    client = tracking.configure()
+    with mlflow.start_run(experiment_id=tracking.experiment_id(client, "registry-test")):
+        return str(
+            registry.register(
+                cnn,
+                study_name="registry-test",
+                trial_number=trial,
+                params=params,
+                validation_accuracy=0.5,
+                test_accuracy=0.5,
+                test_images=300,
+                data_sha256="0" * 64,
+            ).version
+        )
+
+
+def aliases(client):
+    found = {}
+    for alias in (config.CHAMPION_ALIAS, config.CHALLENGER_ALIAS):
+        version = registry.version_by_alias(client, alias, required=False)
+        found[alias] = str(version.version) if version else None
+    return found
+
+
+def test_mcnemar_exact_against_known_values():
+    # 10 images only the first model gets right, 2 only the second: 2 * P(X <= 2 | 12, 1/2).
+    assert evaluate.mcnemar_exact(10, 2) == pytest.approx(2 * (1 + 12 + 66) / 2**12)
+    for first, second in ((10, 2), (0, 7), (30, 41), (5, 5), (120, 80)):
+        reference = stats.binomtest(first, first + second, 0.5).pvalue
+        assert evaluate.mcnemar_exact(first, second) == pytest.approx(reference, rel=1e-9)
+    assert evaluate.mcnemar_exact(0, 0) == 1.0
+
+
+def test_promotion_lifecycle(project, trained, capsys):
+    client = tracking.configure()
+    poor = register(trained, "poor", trial=1)
+
+    # No champion yet: the challenger is promoted whatever its accuracy.
+    decision = promote.promote()
+    assert decision.promoted and not decision.forced and decision.champion is None
+    assert aliases(client) == {"champion": poor, "challenger": poor}
+
+    # A better challenger is promoted, with the evidence on both versions.
+    good = register(trained, "good", trial=2)
+    assert cli.main(["promote"]) == 0
+    assert aliases(client)["champion"] == good
+    printed = capsys.readouterr().out
+    assert "McNemar exact p-value" in printed and f"promoted version {good}" in printed
+    good_tags = client.get_model_version(config.REGISTERED_MODEL_NAME, good).tags
+    poor_tags = client.get_model_version(config.REGISTERED_MODEL_NAME, poor).tags
+    assert good_tags["promotion.decision"] == "promoted"
+    assert good_tags["promotion.compared_with"] == poor
+    wins, losses = (
+        int(good_tags["promotion.only_this_right"]),
+        int(good_tags["promotion.only_other_right"]),
+    )
+    assert (
+        int(poor_tags["promotion.only_this_right"]),
+        int(poor_tags["promotion.only_other_right"]),
+    ) == (losses, wins)
+    assert float(good_tags["promotion.mcnemar_p_value"]) == pytest.approx(
+        evaluate.mcnemar_exact(wins, losses), rel=1e-3
+    )
+    assert float(good_tags["promotion.test_accuracy"]) > float(poor_tags["promotion.test_accuracy"])
+
+    # The test accuracy is the fixture's test set, computed independently here.
+    fixture = data.load()
+    champion = mlflow.pyfunc.load_model("models:/mnist-cnn@champion")
+    probabilities = np.asarray(champion.predict(data.preprocess(fixture.test_images)))
+    assert probabilities.shape == (300, 10)
+    np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, rtol=1e-4)
+    accuracy = np.mean(probabilities.argmax(axis=1) == fixture.test_labels)
+    assert float(good_tags["promotion.test_accuracy"]) == pytest.approx(accuracy, abs=1e-4)
+
+    # A worse challenger is refused, and nothing moves.
+    worse = register(trained, "poor", trial=3)
+    assert cli.main(["promote"]) == 3
+    assert "refused" in capsys.readouterr().out
+    assert aliases(client) == {"champion": good, "challenger": worse}
+    assert (
+        client.get_model_version(config.REGISTERED_MODEL_NAME, worse).tags["promotion.decision"]
+        == "refused"
+    )
+
+    # --force promotes it anyway, and says so in the history and the tags.
+    assert cli.main(["promote", "--force"]) == 0
+    assert aliases(client)["champion"] == worse
+    last = registry.history(client)[-1]
+    assert last["forced"] is True and last["version"] == worse and last["previous"] == good
+    assert (
+        client.get_model_version(config.REGISTERED_MODEL_NAME, worse).tags["promotion.decision"]
+        == "forced"
+    )
+
+    # Rollback walks back through the champions, across calls (the history is in the registry).
+    assert cli.main(["rollback"]) == 0
+    assert aliases(client)["champion"] == good
+    assert cli.main(["rollback"]) == 0
+    assert aliases(client)["champion"] == poor
+    assert cli.main(["rollback"]) == 1
+    assert "no previous champion" in capsys.readouterr().err
+    assert aliases(client)["champion"] == poor
+
+    # `models` lists every version with its aliases and test accuracy.
+    table = registry.versions_table(client)
+    assert table["version"].tolist() == [int(poor), int(good), int(worse)]
+    assert table.set_index("version").loc[int(poor), "aliases"] == "@champion"
+    assert table.set_index("version").loc[int(worse), "aliases"] == "@challenger"
+
+
+def test_promote_without_model_or_challenger(project, trained, capsys):
+    assert cli.main(["promote"]) == 1
+    assert "no registered model 'mnist-cnn'" in capsys.readouterr().err
+    client = tracking.configure()
+    version = register(trained, "poor", trial=1)
+    client.delete_registered_model_alias(config.REGISTERED_MODEL_NAME, config.CHALLENGER_ALIAS)
+    assert cli.main(["promote"]) == 1
+    assert "no version with alias @challenger" in capsys.readouterr().err
+    assert aliases(client) == {"champion": None, "challenger": None}
+    assert version == "1"
+
+
+def test_missing_artifacts_leave_the_aliases_alone(project, trained, capsys):
+    client = tracking.configure()
+    first = register(trained, "poor", trial=1)
+    assert promote.promote().promoted
+    second = register(trained, "good", trial=2)
+    # Delete the model files behind the new version, as a lost disk or a bad copy would.
+    version = client.get_model_version(config.REGISTERED_MODEL_NAME, second)
+    model_id = version.model_id or version.source.removeprefix("models:/")
+    location = client.get_logged_model(model_id).artifact_location
+    shutil.rmtree(urlparse(location).path)
+    assert cli.main(["promote"]) == 1
+    assert "cannot load models:/mnist-cnn/2" in capsys.readouterr().err
+    assert aliases(client) == {"champion": first, "challenger": second}
+
+
+def test_store_that_is_down(project, monkeypatch, capsys):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    for command in (["promote"], ["rollback"], ["models"]):
+        assert cli.main(command) == 1
+        assert "cannot reach the MLflow tracking store" in capsys.readouterr().err
