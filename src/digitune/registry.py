@@ -7,8 +7,10 @@ for the one in production), never by the deprecated stages: load one with
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import getpass
+import io
 import json
 
 import mlflow
@@ -54,16 +56,18 @@ def register(
     alias: str = config.CHALLENGER_ALIAS,
 ) -> mlflow.entities.model_registry.ModelVersion:
     """Log `keras_model` to the active run and register it with `alias` and readable tags."""
-    info = mlflow.keras.log_model(
-        keras_model,
-        name="model",
-        # An exported SavedModel: its pyfunc calls the traced serving function directly,
-        # about 1 ms an image here, where Keras's `predict` costs some 50 ms a call.
-        save_exported_model=True,
-        signature=SIGNATURE,
-        pip_requirements=_pip_requirements(),
-        registered_model_name=config.REGISTERED_MODEL_NAME,
-    )
+    # Keras's export prints every traced endpoint and captured tensor; users need none of it.
+    with contextlib.redirect_stdout(io.StringIO()):
+        info = mlflow.keras.log_model(
+            keras_model,
+            name="model",
+            # An exported SavedModel: its pyfunc calls the traced serving function directly,
+            # about 1 ms an image here, where Keras's `predict` costs some 50 ms a call.
+            save_exported_model=True,
+            signature=SIGNATURE,
+            pip_requirements=_pip_requirements(),
+            registered_model_name=config.REGISTERED_MODEL_NAME,
+        )
     client = mlflow.MlflowClient()
     version = info.registered_model_version
     tags = {
@@ -98,7 +102,8 @@ def describe(tags: dict, params: dict) -> str:
     return (
         f"Best trial {tags['trial']} of study **{tags['study']}**.\n\n"
         f"- validation accuracy: {tags['validation_accuracy']}\n"
-        f"- test accuracy: {tags['test_accuracy']} (MNIST test set, {tags['test_images']} images)\n"
+        f"- test accuracy: {tags['test_accuracy']} "
+        f"(MNIST test set, {int(tags['test_images']):,} images)\n"
         f"- data SHA-256: `{tags['data_sha256']}`\n\n"
         f"| hyperparameter | value |\n|---|---|\n{rows}\n"
     )

@@ -99,6 +99,8 @@ def figures(study: optuna.Study) -> dict[str, plt.Figure]:
     with warnings.catch_warnings():
         # Optuna marks its matplotlib plots experimental; the warning says nothing to users.
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        # A parameter with one value so far draws a flat axis, and matplotlib says so.
+        warnings.filterwarnings("ignore", message="Attempting to set identical low and high")
         for name, plot in plots.items():
             if not _completed(study):
                 break
@@ -109,6 +111,10 @@ def figures(study: optuna.Study) -> dict[str, plt.Figure]:
             figure.suptitle(
                 f"study {study.study_name}: {name.removesuffix('.png').replace('_', ' ')}"
             )
+            if name == "intermediate_values.png":
+                # Trials report once per epoch; say so rather than Optuna's generic "Step".
+                first.set_xlabel("epoch")
+                first.set_ylabel("validation accuracy")
             drawn[name] = figure
     return drawn
 

@@ -58,11 +58,18 @@ def configure() -> mlflow.MlflowClient:
 def experiment_id(client: mlflow.MlflowClient, name: str) -> str:
     """The id of experiment `name`, created with its artifacts under mlruns/ if missing."""
     experiment = client.get_experiment_by_name(name)
-    if experiment is not None:
+    if experiment is None:
+        experiment_id = client.create_experiment(
+            name, artifact_location=config.artifact_location(name)
+        )
+    else:
+        experiment_id = experiment.experiment_id
         if experiment.lifecycle_stage == "deleted":
-            client.restore_experiment(experiment.experiment_id)
-        return experiment.experiment_id
-    return client.create_experiment(name, artifact_location=config.artifact_location(name))
+            client.restore_experiment(experiment_id)
+    # Without this, MLflow 3's UI opens the experiment on its GenAI traces page; this makes
+    # it open on the training runs, where trials are compared.
+    client.set_experiment_tag(experiment_id, "mlflow.experimentKind", "custom_model_development")
+    return experiment_id
 
 
 @contextlib.contextmanager
