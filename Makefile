@@ -2,7 +2,7 @@
 # Every target is a thin call of the `digitune` command, so everything works without make.
 
 .DEFAULT_GOAL := help
-.PHONY: help install data tune report promote rollback models ui test lint clean
+.PHONY: help install data tune report promote rollback models serve bench-serve ui test lint clean
 
 PYTHON ?= python3
 VENV := .venv
@@ -12,6 +12,7 @@ TRIALS ?=
 TIMEOUT ?=
 STORAGE ?=
 MARGIN ?= 0
+PORT ?= 8000
 FORCE ?=
 
 TUNE_ARGS := --study $(STUDY) $(if $(TRIALS),--trials $(TRIALS)) \
@@ -48,6 +49,12 @@ rollback: install ## Move @champion back to the previous champion
 
 models: install ## List the registered versions of mnist-cnn with their aliases
 	$(BIN)/digitune models
+
+serve: install ## Serve @champion: API and drawing page on http://127.0.0.1:$(PORT)
+	$(BIN)/digitune serve --port $(PORT)
+
+bench-serve: install ## Latency of single and batched requests to a running `make serve`
+	$(BIN)/digitune bench-serve --url http://127.0.0.1:$(PORT)
 
 ui: install ## Start the MLflow UI on 127.0.0.1:5000 to compare trials
 	$(BIN)/digitune ui

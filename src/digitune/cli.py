@@ -6,6 +6,8 @@
     digitune promote [--margin M] [--force]    challenger -> champion, on evidence
     digitune rollback                          champion back to the previous one
     digitune models                            list the registered versions
+    digitune serve [--port 8000]               the champion behind an API and a page
+    digitune bench-serve                       latency of a running service
     digitune ui                                the MLflow UI on the project's store
 
 `digitune <command> --help` lists each command's options.
@@ -96,6 +98,25 @@ def _parser() -> argparse.ArgumentParser:
 
     models_parser = commands.add_parser("models", help="list registered versions and aliases")
     models_parser.set_defaults(handler=_models)
+
+    serve_parser = commands.add_parser("serve", help="serve the champion: API and drawing page")
+    serve_parser.add_argument("--host", default="127.0.0.1")
+    serve_parser.add_argument("--port", type=int, default=8000)
+    serve_parser.add_argument(
+        "--model-uri",
+        default=f"models:/{config.REGISTERED_MODEL_NAME}@{config.CHAMPION_ALIAS}",
+        help="the model to serve (default: %(default)s)",
+    )
+    serve_parser.add_argument(
+        "--poll-seconds", type=float, default=10.0, help="how often to check the alias (0: never)"
+    )
+    serve_parser.set_defaults(handler=_serve)
+
+    bench_parser = commands.add_parser("bench-serve", help="measure a running service")
+    bench_parser.add_argument("--url", default="http://127.0.0.1:8000")
+    bench_parser.add_argument("--requests", type=int, default=500)
+    bench_parser.add_argument("--batch", type=int, default=64)
+    bench_parser.set_defaults(handler=_bench_serve)
 
     ui_parser = commands.add_parser("ui", help="start the MLflow UI on the project's store")
     ui_parser.add_argument("--host", default="127.0.0.1")
@@ -190,6 +211,21 @@ def _models(args: argparse.Namespace) -> int:
     client = registry.client_for_registry()
     registry.version_by_alias(client, config.CHALLENGER_ALIAS, required=False)  # model exists?
     print(registry.versions_table(client).to_string(index=False))
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from digitune import serve
+
+    print(f"serving {args.model_uri} on http://{args.host}:{args.port} (docs at /docs)")
+    serve.run(args.host, args.port, args.model_uri, args.poll_seconds)
+    return 0
+
+
+def _bench_serve(args: argparse.Namespace) -> int:
+    from digitune import bench
+
+    print(bench.serve_latency(args.url, args.requests, args.batch).to_string(index=False))
     return 0
 
 

@@ -1,0 +1,108 @@
+"""Turn an arbitrary picture of a digit into an MNIST-like 28x28 image.
+
+MNIST's digits were size-normalised to fit a 20x20 box (keeping their aspect ratio) and
+placed in a 28x28 image so that their centre of mass sits at the centre, white ink on black.
+A digit drawn on a page or photographed is nothing like that, and a CNN trained on MNIST
+misreads it unless it is prepared the same way: greyscale, inverted when the background is
+light, cropped to the ink, scaled to fit 20x20, and centred by mass.
+"""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+SIZE = 28
+DIGIT_BOX = 20
+# Pixels at least this bright (on a 0-1 scale, after inversion) count as ink when cropping.
+INK_THRESHOLD = 0.2
+
+
+class ImageError(ValueError):
+    """The input is not an image of a digit that can be prepared."""
+
+
+def decode(data: bytes) -> np.ndarray:
+    """Decode PNG or JPEG bytes into a float greyscale array in [0, 1] (0 = black).
+
+    Transparent pixels are laid on white first: a canvas exported as PNG has a transparent
+    background, which is the paper, not ink.
+    """
+    if not data:
+        raise ImageError("the image is empty")
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            if image.format not in ("PNG", "JPEG"):
+                raise ImageError(f"expected a PNG or JPEG image, got {image.format}")
+            image.load()
+            if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
+                rgba = image.convert("RGBA")
+                paper = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+                image = Image.alpha_composite(paper, rgba)
+            grey = image.convert("L")
+    except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as error:
+        raise ImageError(f"not a readable PNG or JPEG image ({error})") from None
+    return np.asarray(grey, dtype=np.float32) / 255.0
+
+
+def prepare(image: np.ndarray) -> np.ndarray:
+    """An MNIST-like (28, 28) float32 image in [0, 1] from a greyscale image in [0, 1]."""
+    image = np.asarray(image, dtype=np.float32)
+    if image.ndim != 2 or min(image.shape) < 1:
+        raise ImageError(f"expected a 2-D greyscale image, got shape {image.shape}")
+    # The background is what the border mostly is; MNIST has white ink on black.
+    border = np.concatenate([image[0], image[-1], image[:, 0], image[:, -1]])
+    if np.median(border) > 0.5:
+        image, border = 1.0 - image, 1.0 - border
+    # A grey paper is not ink: subtract the background level.
+    image = np.clip(image - np.median(border), 0.0, None)
+    if image.max() <= 0:
+        raise ImageError("the image is blank: no ink was found")
+    image = image / image.max()
+
+    rows = np.flatnonzero((image >= INK_THRESHOLD).any(axis=1))
+    columns = np.flatnonzero((image >= INK_THRESHOLD).any(axis=0))
+    digit = image[rows[0] : rows[-1] + 1, columns[0] : columns[-1] + 1]
+
+    height, width = digit.shape
+    scale = DIGIT_BOX / max(height, width)
+    new_size = (max(1, round(width * scale)), max(1, round(height * scale)))
+    digit = np.asarray(
+        Image.fromarray(digit, mode="F").resize(new_size, Image.Resampling.LANCZOS),
+        dtype=np.float32,
+    )
+    digit = np.clip(digit, 0.0, 1.0)
+
+    # Place the digit so that its centre of mass falls on (14, 14), as in MNIST.
+    total = digit.sum()
+    row_mass = (digit.sum(axis=1) * np.arange(digit.shape[0])).sum() / total
+    column_mass = (digit.sum(axis=0) * np.arange(digit.shape[1])).sum() / total
+    top = int(np.clip(round(SIZE / 2 - row_mass), 0, SIZE - digit.shape[0]))
+    left = int(np.clip(round(SIZE / 2 - column_mass), 0, SIZE - digit.shape[1]))
+    canvas = np.zeros((SIZE, SIZE), dtype=np.float32)
+    canvas[top : top + digit.shape[0], left : left + digit.shape[1]] = digit
+    return canvas
+
+
+def from_array(values: object) -> np.ndarray:
+    """A (28, 28) float32 image in [0, 1] from a nested list of 0-255 or 0-1 numbers.
+
+    Such an array is taken to be MNIST-like already, as MNIST's own images are.
+    """
+    try:
+        array = np.asarray(values, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise ImageError("the image must be a 28x28 array of numbers") from None
+    if array.shape != (SIZE, SIZE):
+        raise ImageError(f"the image must be a 28x28 array, got shape {array.shape}")
+    if not np.isfinite(array).all():
+        raise ImageError("the image holds NaN or infinite values")
+    if array.min() < 0 or array.max() > 255:
+        raise ImageError(
+            f"pixel values must be 0-255 or 0-1, got {array.min():g} to {array.max():g}"
+        )
+    if array.max() > 1:
+        array = array / 255.0
+    return array.astype(np.float32)

@@ -1,0 +1,138 @@
+"""The drawing page in a real browser: headless Chromium draws a digit and reads the answer.
+
+Needs Debian's chromium and chromium-driver (`.ci/run` installs them); skipped, saying so,
+where they are missing.
+"""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import threading
+import time
+
+import pytest
+import uvicorn
+
+from digitune import serve
+
+pytestmark = pytest.mark.slow
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+CHROMEDRIVER = shutil.which("chromedriver")
+if not (CHROMIUM and CHROMEDRIVER):
+    pytest.skip(
+        "Chromium and ChromeDriver are not installed (apt-get install chromium chromium-driver)",
+        allow_module_level=True,
+    )
+
+from selenium import webdriver  # noqa: E402
+from selenium.webdriver.chrome.service import Service  # noqa: E402
+from selenium.webdriver.common.action_chains import ActionChains  # noqa: E402
+from selenium.webdriver.common.by import By  # noqa: E402
+from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
+
+
+@pytest.fixture
+def server(serving):
+    """`digitune serve` on a free localhost port, in this process."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    instance = uvicorn.Server(
+        uvicorn.Config(
+            serve.create_app(poll_seconds=0), host="127.0.0.1", port=port, log_level="warning"
+        )
+    )
+    thread = threading.Thread(target=instance.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not instance.started:
+        assert time.monotonic() < deadline and thread.is_alive(), "the server did not start"
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}/"
+    instance.should_exit = True
+    thread.join(timeout=10)
+
+
+@pytest.fixture
+def browser(tmp_path):
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--window-size=900,700",
+        f"--user-data-dir={tmp_path / 'chromium'}",
+    ):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    yield driver
+    driver.quit()
+
+
+# Strokes as a person draws them on the 280x280 pad, in pad pixels.
+STROKES = {
+    1: [[(150, 40), (145, 240)]],
+    7: [[(70, 60), (210, 60), (120, 240)]],
+    0: [
+        [
+            (140, 40),
+            (90, 70),
+            (70, 140),
+            (90, 210),
+            (140, 240),
+            (190, 210),
+            (210, 140),
+            (190, 70),
+            (140, 40),
+        ]
+    ],
+}
+
+
+def draw(driver, canvas, strokes) -> None:
+    """Drag the mouse along each stroke, from the canvas's centre-relative offsets."""
+    half = canvas.size["width"] / 2, canvas.size["height"] / 2
+    for stroke in strokes:
+        actions = ActionChains(driver, duration=10)
+        x, y = stroke[0]
+        actions.move_to_element_with_offset(canvas, int(x - half[0]), int(y - half[1]))
+        actions.click_and_hold()
+        for next_x, next_y in stroke[1:]:
+            # Small steps, as a hand moves, so the page sees a continuous line.
+            for step in range(1, 11):
+                actions.move_by_offset(
+                    int(round((next_x - x) * step / 10))
+                    - int(round((next_x - x) * (step - 1) / 10)),
+                    int(round((next_y - y) * step / 10))
+                    - int(round((next_y - y) * (step - 1) / 10)),
+                )
+            x, y = next_x, next_y
+        actions.release()
+        actions.perform()
+
+
+@pytest.mark.parametrize("digit", [1, 7, 0])
+def test_drawing_a_digit_shows_the_prediction(server, browser, digit, tmp_path):
+    browser.get(server)
+    canvas = browser.find_element(By.ID, "pad")
+    draw(browser, canvas, STROKES[digit])
+    browser.find_element(By.ID, "predict").click()
+    shown = WebDriverWait(browser, 30).until(
+        lambda d: d.find_element(By.ID, "digit").text or d.find_element(By.ID, "error").text
+    )
+    browser.save_screenshot(str(tmp_path / f"page-{digit}.png"))
+    assert browser.find_element(By.ID, "error").text == ""
+    assert shown == str(digit)
+    assert "mnist-cnn version 1 (@champion)" in browser.find_element(By.ID, "model").text
+    assert len(browser.find_elements(By.CSS_SELECTOR, "#bars .bar")) == 10
+
+    browser.find_element(By.ID, "clear").click()
+    assert browser.find_element(By.ID, "digit").text == ""
