@@ -52,7 +52,8 @@ def test_health_and_metadata(client):
     assert health.status_code == 200 and health.json()["version"] == "1"
     metadata = client.get("/metadata").json()
     assert metadata["model"] == "mnist-cnn" and metadata["alias"] == "champion"
-    assert metadata["signature"]["inputs"] and metadata["study"] == "served"
+    assert metadata["signature"]["inputs"][0]["tensor-spec"]["shape"] == [-1, 28, 28, 1]
+    assert metadata["study"] == "served"
     assert client.get("/docs").status_code == 200
     assert "/predict" in client.get("/openapi.json").json()["paths"]
 

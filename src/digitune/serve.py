@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import importlib.resources
+import json
 import threading
 import time
 
@@ -81,7 +82,13 @@ class ModelHolder:
                 version=str(version.version),
                 alias=self.alias,
                 tags=dict(version.tags),
-                signature=signature.to_dict() if signature else None,
+                # MLflow keeps each part of a signature as a JSON string; serve it as JSON.
+                signature={
+                    part: json.loads(value) if isinstance(value, str) else value
+                    for part, value in signature.to_dict().items()
+                }
+                if signature
+                else None,
             )
             self.last_error = None
             return True
