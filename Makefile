@@ -2,7 +2,7 @@
 # Every target is a thin call of the `digitune` command, so everything works without make.
 
 .DEFAULT_GOAL := help
-.PHONY: help install data tune report promote rollback models serve bench-serve ui test lint clean
+.PHONY: help install data tune worker mlflow-server report promote rollback models serve bench-serve ui test lint clean
 
 PYTHON ?= python3
 VENV := .venv
@@ -11,18 +11,21 @@ STUDY ?= studies/mnist-cnn.toml
 TRIALS ?=
 TIMEOUT ?=
 STORAGE ?=
+WORKERS ?= 1
+BACKEND_STORE ?=
 MARGIN ?= 0
 PORT ?= 8000
 FORCE ?=
 
 TUNE_ARGS := --study $(STUDY) $(if $(TRIALS),--trials $(TRIALS)) \
-	$(if $(TIMEOUT),--timeout-minutes $(TIMEOUT)) $(if $(STORAGE),--storage $(STORAGE))
+	$(if $(TIMEOUT),--timeout-minutes $(TIMEOUT)) $(if $(STORAGE),--storage $(STORAGE)) \
+	--workers $(WORKERS)
 
 help: ## Show this help
 	@echo "Usage: make <target> [STUDY=studies/quick.toml] [TRIALS=N] [TIMEOUT=minutes] [STORAGE=url]"
 	@echo
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | \
-		awk 'BEGIN {FS = ":.*?## "}; {printf "  %-10s %s\n", $$1, $$2}'
+		awk 'BEGIN {FS = ":.*?## "}; {printf "  %-14s %s\n", $$1, $$2}'
 
 $(BIN)/digitune: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -35,8 +38,14 @@ install: $(BIN)/digitune ## Create .venv and install digitune with its dev tools
 data: install ## Fetch and verify MNIST into data/mnist (or check MNIST_DIR)
 	$(BIN)/digitune data
 
-tune: install ## Run or resume a study (STUDY, TRIALS, TIMEOUT, STORAGE)
+tune: install ## Run or resume a study (STUDY, TRIALS, TIMEOUT, STORAGE, WORKERS)
 	$(BIN)/digitune tune $(TUNE_ARGS)
+
+worker: install ## Join this machine's WORKERS to a study started elsewhere (STORAGE=...)
+	$(BIN)/digitune tune $(TUNE_ARGS) --join
+
+mlflow-server: install ## MLflow tracking server on 127.0.0.1:5000 (BACKEND_STORE=postgresql://...)
+	$(BIN)/digitune mlflow-server $(if $(BACKEND_STORE),--backend-store-uri $(BACKEND_STORE))
 
 report: install ## Summarise a study and log its figures to MLflow (STUDY, STORAGE)
 	$(BIN)/digitune report --study $(STUDY) $(if $(STORAGE),--storage $(STORAGE))

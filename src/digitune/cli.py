@@ -2,6 +2,9 @@
 
     digitune data                              fetch and verify MNIST
     digitune tune --study studies/quick.toml   run (or resume) a study
+    digitune tune --workers 2                  ... in two worker processes
+    digitune tune --storage URL --join         add this machine's workers to a study
+    digitune mlflow-server                     a tracking server for several machines
     digitune report --study studies/quick.toml  summarise a study, log its figures
     digitune promote [--margin M] [--force]    challenger -> champion, on evidence
     digitune rollback                          champion back to the previous one
@@ -73,6 +76,14 @@ def _parser() -> argparse.ArgumentParser:
     tune_parser.add_argument(
         "--timeout-minutes", type=float, default=None, help="time limit of this run"
     )
+    tune_parser.add_argument(
+        "--workers", type=int, default=1, help="worker processes sharing the study (default: 1)"
+    )
+    tune_parser.add_argument(
+        "--join",
+        action="store_true",
+        help="only run trials of a study started elsewhere (another machine's `make tune`)",
+    )
     tune_parser.set_defaults(handler=_tune)
 
     report_parser = commands.add_parser("report", help="summarise a study and log its figures")
@@ -118,6 +129,18 @@ def _parser() -> argparse.ArgumentParser:
     bench_parser.add_argument("--batch", type=int, default=64)
     bench_parser.set_defaults(handler=_bench_serve)
 
+    server_parser = commands.add_parser(
+        "mlflow-server", help="an MLflow tracking server that workers on several machines share"
+    )
+    server_parser.add_argument("--host", default="127.0.0.1")
+    server_parser.add_argument("--port", type=int, default=5000)
+    server_parser.add_argument(
+        "--backend-store-uri",
+        default=None,
+        help="SQL database of runs (default: the project's SQLite store in mlruns/)",
+    )
+    server_parser.set_defaults(handler=_mlflow_server)
+
     ui_parser = commands.add_parser("ui", help="start the MLflow UI on the project's store")
     ui_parser.add_argument("--host", default="127.0.0.1")
     ui_parser.add_argument("--port", type=int, default=5000)
@@ -151,7 +174,12 @@ def _data(args: argparse.Namespace) -> int:
 def _tune(args: argparse.Namespace) -> int:
     from digitune import tune
 
-    outcome = tune.run(args.study, args.storage, args.trials, args.timeout_minutes)
+    outcome = tune.run(
+        args.study, args.storage, args.trials, args.timeout_minutes, args.workers, args.join
+    )
+    if outcome is None:
+        print("this machine's workers are done; the study's own `make tune` registers the best")
+        return 0
     states = {}
     for trial in outcome.study.trials:
         states[trial.state.name] = states.get(trial.state.name, 0) + 1
@@ -227,6 +255,22 @@ def _bench_serve(args: argparse.Namespace) -> int:
 
     print(bench.serve_latency(args.url, args.requests, args.batch).to_string(index=False))
     return 0
+
+
+def _mlflow_server(args: argparse.Namespace) -> int:
+    artifacts = config.mlruns_dir() / "artifacts"
+    command = [
+        sys.executable, "-m", "mlflow", "server",
+        "--backend-store-uri", args.backend_store_uri or config.local_tracking_uri(),
+        # The server stores and serves artifacts itself, so workers need no shared disk.
+        "--artifacts-destination", str(artifacts),
+        "--host", args.host, "--port", str(args.port),
+    ]  # fmt: skip
+    print(
+        f"MLflow tracking server on http://{args.host}:{args.port}; on each worker machine set "
+        f"MLFLOW_TRACKING_URI=http://<this host>:{args.port}"
+    )
+    return subprocess.call(command)
 
 
 def _ui(args: argparse.Namespace) -> int:

@@ -104,6 +104,12 @@ class StudySettings:
     pruner_startup_trials: int = 3
     # Epochs a trial trains before the pruner may stop it (0 = may prune after the first).
     pruner_warmup_epochs: int = 1
+    # With a database storage, each running trial beats every `heartbeat_seconds`; one silent
+    # for `heartbeat_grace_seconds` (its worker was killed) is failed and retried up to
+    # `max_retries` times by a live worker.
+    heartbeat_seconds: int = 20
+    heartbeat_grace_seconds: int = 60
+    max_retries: int = 2
 
 
 @dataclasses.dataclass(frozen=True)

@@ -32,7 +32,7 @@ def precision_policy(setting: str) -> str:
 
 
 class StopAtDeadline(keras.callbacks.Callback):
-    """Ends training at the first epoch end after `deadline` (a `time.monotonic()` value), so
+    """Ends training at the first epoch end after `deadline` (a `time.time()` value), so
     that a study's timeout bounds its wall time rather than only when the last trial starts.
     The trial still completes, with the best epoch it reached."""
 
@@ -41,15 +41,19 @@ class StopAtDeadline(keras.callbacks.Callback):
         self.deadline = deadline
 
     def on_epoch_end(self, epoch, logs=None):
-        if self.deadline is not None and time.monotonic() > self.deadline:
+        if self.deadline is not None and time.time() > self.deadline:
             self.model.stop_training = True
 
 
 def make_objective(
-    definition: space.StudyDefinition, split: data.Split, deadline: float | None = None
+    definition: space.StudyDefinition,
+    split: data.Split,
+    parent_run_id: str,
+    deadline: float | None = None,
 ):
-    """The function `study.optimize` calls once per trial; `deadline` is when the study's
-    time is up (a `time.monotonic()` value), or None."""
+    """The function `study.optimize` calls once per trial. Trials log as children of
+    `parent_run_id`; `deadline` is when the study's time is up (a `time.time()` value, the
+    same in every worker process), or None."""
     training = definition.training
     keras.mixed_precision.set_global_policy(precision_policy(training.precision))
 
@@ -58,7 +62,7 @@ def make_objective(
         # One seed per trial: a trial's initial weights and batch order can be reproduced.
         keras.utils.set_random_seed(definition.study.seed + trial.number)
         params = space.suggest(trial, definition)
-        with tracking.trial_run(trial, params):
+        with tracking.trial_run(trial, params, parent_run_id):
             cnn = model.build_model(params)
             history = cnn.fit(
                 split.x_train,

@@ -72,12 +72,11 @@ def experiment_id(client: mlflow.MlflowClient, name: str) -> str:
     return experiment_id
 
 
-@contextlib.contextmanager
-def study_run(study: optuna.Study, resolved_config: dict, datasets: dict):
-    """The study's parent run, active for the duration of the block.
+def open_study_run(study: optuna.Study, resolved_config: dict, datasets: dict) -> str:
+    """Create the study's parent run, or reopen it, and return its id, left RUNNING.
 
-    The run's id is kept in the study's user attributes, so a resumed study (or another
-    worker on the same storage) logs into the same parent run.
+    The run's id is kept in the study's user attributes, so a resumed study, and every
+    worker on the same storage, logs its trials as children of this one run.
     """
     client = configure()
     experiment = experiment_id(client, study.study_name)
@@ -88,40 +87,45 @@ def study_run(study: optuna.Study, resolved_config: dict, datasets: dict):
         except mlflow.exceptions.MlflowException:
             run_id = None  # The study moved to another tracking store: start afresh there.
     resumed = run_id is not None
-    run = mlflow.start_run(
+    with mlflow.start_run(
         run_id=run_id,
         experiment_id=experiment,
         run_name=None if resumed else study.study_name,
         tags=None if resumed else {"digitune.role": "study", "study": study.study_name},
-    )
-    try:
+    ) as run:
         if not resumed:
             study.set_user_attr(PARENT_RUN_ATTR, run.info.run_id)
             mlflow.log_params(resolved_config)
             for context, dataset in datasets.items():
                 mlflow.log_input(dataset, context=context)
         mlflow.log_dict(resolved_config, "config.json")
-        yield run
-    except BaseException as error:
-        mlflow.end_run(_status_for(error))
-        raise
-    mlflow.end_run(RunStatus.to_string(RunStatus.FINISHED))
+    # The block above ended the run; it stays open while trials run, in any process.
+    client.update_run(run.info.run_id, status=RunStatus.to_string(RunStatus.RUNNING))
+    return run.info.run_id
+
+
+def close_study_run(run_id: str, error: BaseException | None = None) -> None:
+    """End the parent run: FINISHED, or KILLED on Ctrl-C, or FAILED on an error."""
+    status = _status_for(error) if error else RunStatus.to_string(RunStatus.FINISHED)
+    mlflow.MlflowClient().set_terminated(run_id, status)
 
 
 @contextlib.contextmanager
-def trial_run(trial: optuna.Trial, params: dict):
-    """A nested child run `trial-<number>` for one trial, ended with the trial's state.
+def trial_run(trial: optuna.Trial, params: dict, parent_run_id: str):
+    """A child run `trial-<number>` of the study's parent run, ended with the trial's state.
 
     A pruned trial's run ends FINISHED with tag state=PRUNED; a failed one FAILED with the
     reason in tag `fail_reason` (also kept on the Optuna trial); an interrupted one KILLED.
     """
-    parent = mlflow.active_run()
+    parent = mlflow.MlflowClient().get_run(parent_run_id)
     run = mlflow.start_run(
         run_name=f"trial-{trial.number}",
-        # Nested runs land in the default experiment unless told the parent's.
-        experiment_id=parent.info.experiment_id if parent else None,
-        nested=True,
-        tags={"trial_number": str(trial.number), "state": "RUNNING"},
+        experiment_id=parent.info.experiment_id,
+        tags={
+            "mlflow.parentRunId": parent_run_id,
+            "trial_number": str(trial.number),
+            "state": "RUNNING",
+        },
     )
     try:
         trial.set_user_attr(TRIAL_RUN_ATTR, run.info.run_id)
@@ -140,6 +144,17 @@ def trial_run(trial: optuna.Trial, params: dict):
         raise
     mlflow.set_tag("state", "COMPLETE")
     mlflow.end_run(RunStatus.to_string(RunStatus.FINISHED))
+
+
+def end_stale_trial_run(trial: optuna.trial.FrozenTrial) -> None:
+    """Mark the run of a trial whose worker died (no heartbeat) as KILLED, not RUNNING."""
+    run_id = trial.user_attrs.get(TRIAL_RUN_ATTR)
+    if run_id is None:
+        return
+    client = mlflow.MlflowClient()
+    client.set_tag(run_id, "state", "FAIL")
+    client.set_tag(run_id, "fail_reason", "its worker stopped sending heartbeats (killed?)")
+    client.set_terminated(run_id, RunStatus.to_string(RunStatus.KILLED))
 
 
 def _status_for(error: BaseException) -> str:

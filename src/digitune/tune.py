@@ -9,6 +9,7 @@ one invocation. The test set is touched once, after the study, for the best tria
 from __future__ import annotations
 
 import dataclasses
+import functools
 import tempfile
 import time
 from pathlib import Path
@@ -19,7 +20,18 @@ import optuna
 import tqdm
 from optuna.trial import TrialState
 
-from digitune import config, data, evaluate, model, objective, registry, report, space, tracking
+from digitune import (
+    config,
+    data,
+    evaluate,
+    model,
+    objective,
+    parallel,
+    registry,
+    report,
+    space,
+    tracking,
+)
 
 FINISHED_STATES = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
 
@@ -55,21 +67,59 @@ def make_pruner(definition: space.StudyDefinition) -> optuna.pruners.BasePruner:
     )
 
 
-def load_or_create_study(definition: space.StudyDefinition, storage: str | None) -> optuna.Study:
-    """The study named in the file, created in `storage` or resumed from it."""
-    storage = storage or config.default_storage(definition.study.name)
-    if storage.startswith("sqlite:///"):
-        Path(storage.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-    study = optuna.create_study(
-        study_name=definition.study.name,
-        storage=storage,
-        direction=definition.study.direction,
-        pruner=make_pruner(definition),
-        load_if_exists=True,
+def make_storage(url: str, settings: config.StudySettings) -> optuna.storages.BaseStorage:
+    """Optuna's RDB storage for `url`, with heartbeats so that a killed worker's trial is
+    failed and retried, and SQLite told to wait for a busy database instead of failing."""
+    if url.startswith("sqlite:///"):
+        Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+        engine_kwargs = {"connect_args": {"timeout": 120}}
+    else:
+        engine_kwargs = {"pool_pre_ping": True}
+    retry = optuna.storages.RetryFailedTrialCallback(max_retry=settings.max_retries)
+
+    def on_stale_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        tracking.end_stale_trial_run(trial)
+        retry(study, trial)
+
+    return optuna.storages.RDBStorage(
+        url,
+        engine_kwargs=engine_kwargs,
+        heartbeat_interval=settings.heartbeat_seconds,
+        grace_period=settings.heartbeat_grace_seconds,
+        failed_trial_callback=on_stale_trial,
     )
-    # A resumed study must not replay the sampler's first draws, so its seed moves on by
-    # the number of trials already run; an uninterrupted study is reproducible as before.
-    study.sampler = make_sampler(definition.study, definition.study.seed + len(study.trials))
+
+
+def load_or_create_study(
+    definition: space.StudyDefinition, storage: str | None, worker: int = 0, join: bool = False
+) -> optuna.Study:
+    """The study named in the file, created in `storage` or resumed from it; with `join`,
+    it must exist already (another machine started it)."""
+    url = storage or config.default_storage(definition.study.name)
+    if join:
+        try:
+            study = optuna.load_study(
+                study_name=definition.study.name, storage=make_storage(url, definition.study)
+            )
+        except KeyError:
+            raise ValueError(
+                f"no study '{definition.study.name}' in {url} to join; start it with "
+                "`make tune` on one machine first"
+            ) from None
+        study.pruner = make_pruner(definition)
+    else:
+        study = optuna.create_study(
+            study_name=definition.study.name,
+            storage=make_storage(url, definition.study),
+            direction=definition.study.direction,
+            pruner=make_pruner(definition),
+            load_if_exists=True,
+        )
+    # A resumed study must not replay the sampler's first draws, and parallel workers must
+    # not draw the same ones, so the seed moves on by the trials already run and the
+    # worker's number; one uninterrupted worker is reproducible from the seed alone.
+    seed = definition.study.seed + 1000 * worker + len(study.trials)
+    study.sampler = make_sampler(definition.study, seed)
     return study
 
 
@@ -78,30 +128,27 @@ def run(
     storage: str | None = None,
     n_trials: int | None = None,
     timeout_minutes: float | None = None,
-) -> Outcome:
-    """Tune, then evaluate and register the best trial's model as `challenger`."""
+    workers: int = 1,
+    join: bool = False,
+) -> Outcome | None:
+    """Tune with `workers` processes, then evaluate and register the best trial's model as
+    `challenger`. With `join`, only run trials of a study started elsewhere (returns None)."""
     started = time.perf_counter()
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # Our own line per trial says it.
-    definition = space.load(study_file)
-    overrides = {}
-    if n_trials is not None:
-        overrides["n_trials"] = n_trials
-    if timeout_minutes is not None:
-        overrides["timeout_minutes"] = timeout_minutes
-    if overrides:
-        definition = dataclasses.replace(
-            definition, study=dataclasses.replace(definition.study, **overrides)
-        )
+    definition = with_overrides(space.load(study_file), n_trials, timeout_minutes)
+    if workers < 1:
+        raise ValueError(f"--workers must be at least 1, got {workers}")
     tracking.configure()  # Fail before loading data or training if the store is down.
     mnist = data.load()
     split = data.split(
         mnist, definition.training.train_images, definition.training.validation_images
     )
-    study = load_or_create_study(definition, storage)
+    study = load_or_create_study(definition, storage, join=join)
     print(
         f"study '{study.study_name}': {len(split.y_train):,} training and "
         f"{len(split.y_validation):,} validation images; "
         f"{_count(study, FINISHED_STATES)} of {definition.study.n_trials} trials done"
+        + (f"; {workers} workers" if workers > 1 else "")
     )
     datasets = {
         "training": tracking.dataset(
@@ -120,34 +167,83 @@ def run(
         "data_sha256": mnist.digest,
         "data_canonical": mnist.canonical,
     }
-    with tracking.study_run(study, resolved, datasets):
-        remaining = definition.study.n_trials - _count(study, FINISHED_STATES)
-        timeout = definition.study.timeout_minutes * 60 or None
-        deadline = time.monotonic() + timeout if timeout else None
-        if remaining > 0:
-            study.optimize(
-                objective.make_objective(definition, split, deadline),
-                n_trials=remaining,
-                timeout=timeout,
-                # A failing trial (diverged, out of memory, ...) is recorded and the study goes on.
-                catch=(Exception,),
-                callbacks=[
-                    optuna.study.MaxTrialsCallback(
-                        definition.study.n_trials, states=FINISHED_STATES
-                    ),
-                    _print_trial,
-                ],
-                show_progress_bar=True,
-            )
+    timeout = definition.study.timeout_minutes * 60 or None
+    deadline = time.time() + timeout if timeout else None
+    if join:
+        # The machine that started the study owns its parent run and the registration.
+        parent_run_id = study.user_attrs[tracking.PARENT_RUN_ATTR]
+        if workers == 1:
+            optimize(study, definition, split, parent_run_id, deadline, progress_bar=True)
+        else:
+            parallel.run_workers(definition, storage, workers, deadline)
+        return None
+    parent_run_id = tracking.open_study_run(study, resolved, datasets)
+    try:
+        if workers == 1:
+            optimize(study, definition, split, parent_run_id, deadline, progress_bar=True)
+        else:
+            parallel.run_workers(definition, storage, workers, deadline)
         if _count(study, (TrialState.COMPLETE,)) == 0:
             raise RuntimeError(
                 f"study '{study.study_name}' has no completed trial to register; "
                 "see each trial's fail_reason above or in the MLflow UI"
             )
         best = study.best_trial
-        test_accuracy, version = finalize(study, best, mnist)
-        report.log_to_run(study, study.user_attrs[tracking.PARENT_RUN_ATTR])
+        with mlflow.start_run(run_id=parent_run_id):
+            test_accuracy, version = finalize(study, best, mnist)
+        report.log_to_run(study, parent_run_id)
+    except BaseException as error:
+        tracking.close_study_run(parent_run_id, error)
+        raise
+    tracking.close_study_run(parent_run_id)
     return Outcome(study, time.perf_counter() - started, best, test_accuracy, version)
+
+
+def with_overrides(
+    definition: space.StudyDefinition, n_trials: int | None, timeout_minutes: float | None
+) -> space.StudyDefinition:
+    """The definition with the command line's budget in place of the file's."""
+    overrides = {}
+    if n_trials is not None:
+        overrides["n_trials"] = n_trials
+    if timeout_minutes is not None:
+        overrides["timeout_minutes"] = timeout_minutes
+    if not overrides:
+        return definition
+    return dataclasses.replace(definition, study=dataclasses.replace(definition.study, **overrides))
+
+
+def optimize(
+    study: optuna.Study,
+    definition: space.StudyDefinition,
+    split: data.Split,
+    parent_run_id: str,
+    deadline: float | None,
+    progress_bar: bool = False,
+    label: str = "",
+) -> None:
+    """Run trials in this process until the study has its trials or the deadline passes."""
+    remaining = definition.study.n_trials - _count(study, FINISHED_STATES)
+    timeout = deadline - time.time() if deadline else None
+    if remaining <= 0 or (timeout is not None and timeout <= 0):
+        return
+    study.optimize(
+        objective.make_objective(definition, split, parent_run_id, deadline),
+        n_trials=remaining,
+        timeout=timeout,
+        # A failing trial (diverged, out of memory, ...) is recorded and the study goes on.
+        catch=(Exception,),
+        callbacks=[
+            # Counts every worker's trials, running ones too, so that all workers stop at the
+            # study's total. (Two workers finishing at the same instant may still both start
+            # one more: at most one trial too many per extra worker.)
+            optuna.study.MaxTrialsCallback(
+                definition.study.n_trials, states=(*FINISHED_STATES, TrialState.RUNNING)
+            ),
+            functools.partial(_print_trial, label=label),
+        ],
+        show_progress_bar=progress_bar,
+    )
 
 
 def finalize(
@@ -193,7 +289,7 @@ def _count(study: optuna.Study, states) -> int:
     return len(study.get_trials(deepcopy=False, states=states))
 
 
-def _print_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+def _print_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial, label: str = "") -> None:
     """One line per finished trial, written above the progress bar."""
     seconds = trial.duration.total_seconds() if trial.duration else 0.0
     value = f"{trial.value:.4f}" if trial.value is not None else "-"
@@ -202,7 +298,7 @@ def _print_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
         detail = f"pruned after {len(trial.intermediate_values)} epoch(s)"
     params = " ".join(f"{k}={_short(v)}" for k, v in trial.params.items())
     tqdm.tqdm.write(
-        f"trial {trial.number:3d} {trial.state.name:8s} value={value} {seconds:6.1f}s "
+        f"{label}trial {trial.number:3d} {trial.state.name:8s} value={value} {seconds:6.1f}s "
         f"{params} {detail}".rstrip()
     )
 

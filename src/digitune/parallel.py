@@ -1,0 +1,86 @@
+"""Run one study's trials in several worker processes that share its storage.
+
+`digitune tune --workers N` starts N processes; each loads the data, joins the study through
+its storage (SQLite by default, PostgreSQL for several machines) and runs trials until the
+study has its total, logging them as children of the study's one MLflow parent run. Each
+worker gets an equal share of the CPU threads, or a GPU of its own where there are several.
+The launching process registers the best model once, after every worker has stopped.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+
+from digitune import space
+
+
+def thread_share(workers: int) -> int:
+    """CPU threads for each of `workers` processes on this machine."""
+    return max(1, (os.cpu_count() or 1) // workers)
+
+
+def run_workers(
+    definition: space.StudyDefinition, storage: str | None, workers: int, deadline: float | None
+) -> None:
+    """Run `workers` processes on the study and wait for all of them."""
+    # Spawned, not forked: TensorFlow's runtime does not survive a fork.
+    context = multiprocessing.get_context("spawn")
+    processes = [
+        context.Process(
+            target=work,
+            args=(definition, storage, index, workers, thread_share(workers), deadline),
+            name=f"digitune-worker-{index}",
+        )
+        for index in range(workers)
+    ]
+    for process in processes:
+        process.start()
+    try:
+        for process in processes:
+            process.join()
+    except KeyboardInterrupt:
+        # Ctrl-C reaches the workers too; wait for them to record their trials and stop.
+        for process in processes:
+            process.join()
+        raise
+    failed = [p.name for p in processes if p.exitcode not in (0, None)]
+    if failed:
+        print(f"warning: {', '.join(failed)} stopped with an error; see its output above")
+
+
+def work(
+    definition: space.StudyDefinition,
+    storage: str | None,
+    index: int,
+    workers: int,
+    threads: int,
+    deadline: float | None,
+) -> None:
+    """One worker process: join the study and run trials until it has its total."""
+    import tensorflow as tf
+
+    # Before TensorFlow starts its runtime: a fair share of the CPU, or one GPU each.
+    tf.config.threading.set_intra_op_parallelism_threads(threads)
+    tf.config.threading.set_inter_op_parallelism_threads(threads)
+    gpus = tf.config.list_physical_devices("GPU")
+    if len(gpus) > 1:
+        tf.config.set_visible_devices(gpus[index % len(gpus)], "GPU")
+
+    import optuna
+
+    from digitune import data, tracking, tune
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    tracking.configure()
+    mnist = data.load()
+    split = data.split(
+        mnist, definition.training.train_images, definition.training.validation_images
+    )
+    study = tune.load_or_create_study(definition, storage, worker=index + 1, join=True)
+    parent_run_id = study.user_attrs[tracking.PARENT_RUN_ATTR]
+    label = f"[worker {index + 1}/{workers}] "
+    try:
+        tune.optimize(study, definition, split, parent_run_id, deadline, label=label)
+    except KeyboardInterrupt:
+        pass  # The trial was recorded as failed; the launcher reports the interruption.

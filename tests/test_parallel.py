@@ -1,0 +1,158 @@
+"""Many workers on one study, on SQLite and a real PostgreSQL server; crashes and resumption.
+
+PostgreSQL: the server named by DIGITUNE_TEST_POSTGRES (default: postgres at 127.0.0.1:5432,
+trust authentication, as `.ci/run` makes sure of); each test creates and drops its own
+database, and the tests skip, saying why, when no server answers.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+
+import mlflow
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from conftest import TINY_STUDY, write_study
+from digitune import config, tracking, tune
+
+pytestmark = pytest.mark.slow
+
+POSTGRES = os.environ.get("DIGITUNE_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/test")
+
+# Trials long enough to be caught in the middle, and heartbeats quick enough to test.
+CRASHABLE_STUDY = (
+    TINY_STUDY.replace("n_trials = 3", "n_trials = 2")
+    .replace("max_epochs = 2", "max_epochs = 40\nearly_stopping_patience = 40")
+    .replace("[training]", "heartbeat_seconds = 1\nheartbeat_grace_seconds = 3\n\n[training]")
+)
+
+
+@pytest.fixture
+def postgres_url():
+    psycopg = pytest.importorskip("psycopg")
+    name = f"digitune_test_{uuid.uuid4().hex[:10]}"
+    try:
+        admin = psycopg.connect(POSTGRES, connect_timeout=5, autocommit=True)
+    except psycopg.OperationalError as error:
+        pytest.skip(f"no PostgreSQL server at {POSTGRES}: {error}")
+    admin.execute(f"CREATE DATABASE {name}")
+    yield POSTGRES.rsplit("/", 1)[0] + f"/{name}"
+    admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+    admin.close()
+
+
+def assert_one_parent_with_a_child_per_trial(study: optuna.Study) -> None:
+    client = mlflow.MlflowClient()
+    experiment = client.get_experiment_by_name(study.study_name)
+    runs = client.search_runs([experiment.experiment_id], max_results=200)
+    parents = [r for r in runs if r.data.tags.get("digitune.role") == "study"]
+    assert len(parents) == 1
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
+    assert sorted(r.info.run_name for r in children) == sorted(
+        f"trial-{t.number}" for t in study.trials
+    )
+    assert all(r.info.status != "RUNNING" for r in runs)
+
+
+@pytest.mark.parametrize("storage", ["sqlite", "postgresql"])
+def test_two_workers_share_one_study(project, storage, request):
+    url = request.getfixturevalue("postgres_url") if storage == "postgresql" else None
+    study_file = write_study(project, TINY_STUDY.replace("n_trials = 3", "n_trials = 6"))
+    outcome = tune.run(study_file, storage=url, workers=2)
+
+    trials = outcome.study.trials
+    # Six, or seven when both workers finished a trial at the same instant (see tune.optimize).
+    assert len(trials) in (6, 7)
+    assert sorted(t.number for t in trials) == list(range(len(trials)))
+    assert all(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in trials), [
+        t.user_attrs.get("fail_reason") for t in trials
+    ]
+    assert_one_parent_with_a_child_per_trial(outcome.study)
+    # Both workers ran trials, and the best model was registered once.
+    versions = mlflow.MlflowClient().search_model_versions("name = 'mnist-cnn'")
+    assert len(versions) == 1
+
+
+def start_tune(project, study_file) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "digitune.cli", "tune", "--study", str(study_file)],
+        cwd=project,
+        env=os.environ.copy(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+def wait_for_a_trial_in_training(study_name: str, process: subprocess.Popen) -> None:
+    """Until the first trial has reported an epoch (bounded: a minute)."""
+    deadline = time.monotonic() + 60
+    while True:
+        assert process.poll() is None, process.stdout.read()
+        assert time.monotonic() < deadline, "no trial started training within a minute"
+        try:
+            study = optuna.load_study(
+                study_name=study_name, storage=config.default_storage(study_name)
+            )
+            running = study.get_trials(states=(TrialState.RUNNING,))
+            if running and running[0].intermediate_values:
+                return
+        except KeyError:
+            pass  # The study is not created yet.
+        time.sleep(0.2)
+
+
+def test_a_killed_worker_s_trial_is_failed_and_retried(project):
+    study_file = write_study(project, CRASHABLE_STUDY)
+    worker = start_tune(project, study_file)
+    wait_for_a_trial_in_training("tiny", worker)
+    worker.send_signal(signal.SIGKILL)
+    worker.wait()
+    storage = config.default_storage("tiny")
+    killed = optuna.load_study(study_name="tiny", storage=storage).trials[0]
+    assert killed.state == TrialState.RUNNING  # Nobody could say otherwise yet.
+
+    # The grace period is what is under test: a trial is stale only once it has passed.
+    time.sleep(3 + 1 + 1)
+    outcome = tune.run(study_file)
+
+    trials = outcome.study.trials
+    assert trials[0].state == TrialState.FAIL
+    retries = [t for t in trials if t.system_attrs.get("failed_trial") == 0]
+    assert len(retries) == 1 and retries[0].state in (TrialState.COMPLETE, TrialState.PRUNED)
+    assert retries[0].params == trials[0].params
+    assert len([t for t in trials if t.state in tune.FINISHED_STATES]) == 2
+    run = mlflow.get_run(killed.user_attrs[tracking.TRIAL_RUN_ATTR])
+    assert run.info.status == "KILLED" and run.data.tags["state"] == "FAIL"
+    assert "heartbeats" in run.data.tags["fail_reason"]
+    assert_one_parent_with_a_child_per_trial(outcome.study)
+
+
+def test_ctrl_c_stops_cleanly_and_the_study_resumes(project):
+    study_file = write_study(project, CRASHABLE_STUDY)
+    worker = start_tune(project, study_file)
+    wait_for_a_trial_in_training("tiny", worker)
+    worker.send_signal(signal.SIGINT)
+    output, _ = worker.communicate(timeout=120)
+    assert worker.returncode == 130, output
+    assert "interrupted: every finished trial is saved" in output
+
+    study = optuna.load_study(study_name="tiny", storage=config.default_storage("tiny"))
+    assert [t.state for t in study.trials] == [TrialState.FAIL]
+    client = tracking.configure()
+    interrupted = client.get_run(study.trials[0].user_attrs[tracking.TRIAL_RUN_ATTR])
+    assert interrupted.info.status == "KILLED"
+    parent = client.get_run(study.user_attrs[tracking.PARENT_RUN_ATTR])
+    assert parent.info.status == "KILLED"
+
+    outcome = tune.run(study_file)
+    assert len(outcome.study.trials) == 2
+    assert outcome.study.trials[1].state in (TrialState.COMPLETE, TrialState.PRUNED)
+    assert mlflow.get_run(parent.info.run_id).info.status == "FINISHED"
