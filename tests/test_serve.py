@@ -12,7 +12,7 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from digitune import config, data, imaging, model, registry, serve, tracking
+from digitune import config, data, imaging, registry, serve, tracking
 
 pytestmark = pytest.mark.slow
 
@@ -165,6 +165,16 @@ def test_no_model_is_503_not_a_crash(project):
         assert answer.status_code == 503 and "no-such-model" in answer.json()["detail"]
 
 
+def crown_a_new_version(mlflow_client):
+    """Register version 1's model again and make the new version @champion."""
+    source = mlflow_client.get_model_version(config.REGISTERED_MODEL_NAME, "1")
+    new = mlflow_client.create_model_version(
+        config.REGISTERED_MODEL_NAME, source.source, model_id=source.model_id
+    )
+    mlflow_client.set_registered_model_alias(config.REGISTERED_MODEL_NAME, "champion", new.version)
+    return new
+
+
 def test_alias_move_is_picked_up_without_failing_requests(project, champion_home, mnist):
     """A copy of the champion store; a new version becomes champion while requests flow."""
     import shutil
@@ -186,13 +196,7 @@ def test_alias_move_is_picked_up_without_failing_requests(project, champion_home
         worker = threading.Thread(target=keep_asking)
         worker.start()
         mlflow_client = tracking.configure()
-        source = mlflow_client.get_model_version(config.REGISTERED_MODEL_NAME, "1")
-        new = mlflow_client.create_model_version(
-            config.REGISTERED_MODEL_NAME, source.source, model_id=source.model_id
-        )
-        mlflow_client.set_registered_model_alias(
-            config.REGISTERED_MODEL_NAME, "champion", new.version
-        )
+        new = crown_a_new_version(mlflow_client)
         reloaded = client.post("/reload").json()
         assert reloaded["reloaded"] is True and reloaded["version"] == str(new.version)
         for _ in range(5):
@@ -202,7 +206,6 @@ def test_alias_move_is_picked_up_without_failing_requests(project, champion_home
     assert failures == []
     assert versions <= {"1", str(new.version)}
     assert registry.versions_table(mlflow_client)["version"].tolist() == [1, int(new.version)]
-    assert model.IMAGE_SHAPE == (28, 28, 1)
 
 
 def test_poller_follows_the_alias(project, champion_home):
@@ -213,13 +216,7 @@ def test_poller_follows_the_alias(project, champion_home):
     with TestClient(serve.create_app(poll_seconds=0.2)) as client:
         assert client.get("/health").json()["version"] == "1"
         mlflow_client = tracking.configure()
-        source = mlflow_client.get_model_version(config.REGISTERED_MODEL_NAME, "1")
-        new = mlflow_client.create_model_version(
-            config.REGISTERED_MODEL_NAME, source.source, model_id=source.model_id
-        )
-        mlflow_client.set_registered_model_alias(
-            config.REGISTERED_MODEL_NAME, "champion", new.version
-        )
+        new = crown_a_new_version(mlflow_client)
         deadline = time.monotonic() + 30
         while client.get("/health").json()["version"] != str(new.version):
             assert time.monotonic() < deadline, "the poller never picked up the new champion"
