@@ -169,20 +169,20 @@ def run(
     }
     timeout = definition.study.timeout_minutes * 60 or None
     deadline = time.time() + timeout if timeout else None
-    if join:
-        # The machine that started the study owns its parent run and the registration.
-        parent_run_id = study.user_attrs[tracking.PARENT_RUN_ATTR]
+
+    def run_trials(parent_run_id: str) -> None:
         if workers == 1:
             optimize(study, definition, split, parent_run_id, deadline, progress_bar=True)
         else:
             parallel.run_workers(definition, storage, workers, deadline)
+
+    if join:
+        # The machine that started the study owns its parent run and the registration.
+        run_trials(study.user_attrs[tracking.PARENT_RUN_ATTR])
         return None
     parent_run_id = tracking.open_study_run(study, resolved, datasets)
     try:
-        if workers == 1:
-            optimize(study, definition, split, parent_run_id, deadline, progress_bar=True)
-        else:
-            parallel.run_workers(definition, storage, workers, deadline)
+        run_trials(parent_run_id)
         if _count(study, (TrialState.COMPLETE,)) == 0:
             raise RuntimeError(
                 f"study '{study.study_name}' has no completed trial to register; "
