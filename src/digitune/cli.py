@@ -172,7 +172,9 @@ def _data(args: argparse.Namespace) -> int:
 
 
 def _tune(args: argparse.Namespace) -> int:
-    from digitune import tune
+    from digitune import objective, tune
+
+    objective.stop_cleanly_on_ctrl_c()
 
     outcome = tune.run(
         args.study, args.storage, args.trials, args.timeout_minutes, args.workers, args.join

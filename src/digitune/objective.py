@@ -8,6 +8,9 @@ validation accuracy. The data is loaded once, outside the trial.
 from __future__ import annotations
 
 import math
+import signal
+import sys
+import threading
 import time
 
 import keras
@@ -20,6 +23,38 @@ from digitune import config, data, evaluate, model, space, tracking
 
 class DivergedError(RuntimeError):
     """Training produced a NaN or infinite loss."""
+
+
+# Set by the first Ctrl-C; trials stop at the next batch boundary.
+STOP = threading.Event()
+
+
+def stop_cleanly_on_ctrl_c() -> None:
+    """Make the first Ctrl-C stop training at the next batch, the second at once.
+
+    Python raises KeyboardInterrupt wherever the main thread happens to be, which can be in
+    the middle of writing to the study's database; a half-written transaction then holds the
+    database's lock while the trial's failure is recorded. Here Ctrl-C only sets a flag, and
+    `StopOnRequest` raises the interrupt between batches, where nothing is being written.
+    """
+
+    def handler(signum, frame):
+        if STOP.is_set():
+            raise KeyboardInterrupt
+        STOP.set()
+        print("\nstopping after this batch (Ctrl-C again to stop at once)", file=sys.stderr)
+
+    signal.signal(signal.SIGINT, handler)
+
+
+class StopOnRequest(keras.callbacks.Callback):
+    """Raises KeyboardInterrupt at a batch boundary once Ctrl-C has been pressed."""
+
+    def on_train_batch_end(self, batch, logs=None):
+        if STOP.is_set():
+            raise KeyboardInterrupt
+
+    on_test_batch_end = on_train_batch_end
 
 
 def precision_policy(setting: str) -> str:
@@ -58,6 +93,8 @@ def make_objective(
     keras.mixed_precision.set_global_policy(precision_policy(training.precision))
 
     def objective(trial: optuna.Trial) -> float:
+        if STOP.is_set():
+            raise KeyboardInterrupt
         keras.utils.clear_session(free_memory=True)
         # One seed per trial: a trial's initial weights and batch order can be reproduced.
         keras.utils.set_random_seed(definition.study.seed + trial.number)
@@ -74,6 +111,7 @@ def make_objective(
                 validation_data=(split.x_validation, split.y_validation),
                 verbose=0,
                 callbacks=[
+                    StopOnRequest(),
                     keras.callbacks.TerminateOnNaN(),
                     # Logs each epoch before the pruner can stop the trial after it.
                     tracking.EpochTimer(),

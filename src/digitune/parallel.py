@@ -36,14 +36,10 @@ def run_workers(
     ]
     for process in processes:
         process.start()
-    try:
-        for process in processes:
-            process.join()
-    except KeyboardInterrupt:
-        # Ctrl-C reaches the workers too; wait for them to record their trials and stop.
-        for process in processes:
-            process.join()
-        raise
+    # Ctrl-C reaches the workers too: they stop at their next batch and record their trials;
+    # the launcher's handler only notes it (see objective.stop_cleanly_on_ctrl_c).
+    for process in processes:
+        process.join()
     failed = [p.name for p in processes if p.exitcode not in (0, None)]
     if failed:
         print(f"warning: {', '.join(failed)} stopped with an error; see its output above")
@@ -69,8 +65,9 @@ def work(
 
     import optuna
 
-    from digitune import data, tracking, tune
+    from digitune import data, objective, tracking, tune
 
+    objective.stop_cleanly_on_ctrl_c()  # The terminal's Ctrl-C reaches every worker.
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     tracking.configure()
     mnist = data.load()

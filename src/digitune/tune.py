@@ -175,6 +175,8 @@ def run(
             optimize(study, definition, split, parent_run_id, deadline, progress_bar=True)
         else:
             parallel.run_workers(definition, storage, workers, deadline)
+        if objective.STOP.is_set():  # Ctrl-C: the trials stopped cleanly; so does the study.
+            raise KeyboardInterrupt
 
     if join:
         # The machine that started the study owns its parent run and the registration.
