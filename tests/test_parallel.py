@@ -156,3 +156,28 @@ def test_ctrl_c_stops_cleanly_and_the_study_resumes(project):
     assert len(outcome.study.trials) == 2
     assert outcome.study.trials[1].state in (TrialState.COMPLETE, TrialState.PRUNED)
     assert mlflow.get_run(parent.info.run_id).info.status == "FINISHED"
+
+
+def test_join_adds_trials_to_a_running_study_without_registering(project, postgres_url):
+    study_file = write_study(project, TINY_STUDY.replace("n_trials = 3", "n_trials = 2"))
+    first = tune.run(study_file, storage=postgres_url)
+    assert tune.run(study_file, storage=postgres_url, n_trials=4, join=True) is None
+
+    study = optuna.load_study(study_name="tiny", storage=postgres_url)
+    assert len(study.trials) == 4
+    assert (
+        study.user_attrs[tracking.PARENT_RUN_ATTR]
+        == first.study.user_attrs[tracking.PARENT_RUN_ATTR]
+    )
+    assert_one_parent_with_a_child_per_trial(study)
+    # Registration belongs to the machine that started the study: still one version.
+    assert len(mlflow.MlflowClient().search_model_versions("name = 'mnist-cnn'")) == 1
+
+
+def test_join_without_a_study_says_how_to_start_one(project, capsys):
+    from digitune import cli
+
+    study_file = write_study(project, TINY_STUDY)
+    assert cli.main(["tune", "--study", str(study_file), "--join"]) == 1
+    error = capsys.readouterr().err
+    assert "no study 'tiny'" in error and "make tune" in error
