@@ -2,7 +2,7 @@
 # Every target is a thin call of the `digitune` command, so everything works without make.
 
 .DEFAULT_GOAL := help
-.PHONY: help install data tune worker mlflow-server report promote rollback models serve bench-serve ui test lint clean
+.PHONY: help install data tune worker mlflow-server report promote rollback models serve bench bench-serve ui test lint clean
 
 PYTHON ?= python3
 VENV := .venv
@@ -61,6 +61,9 @@ models: install ## List the registered versions of mnist-cnn with their aliases
 
 serve: install ## Serve @champion: API and drawing page on http://127.0.0.1:$(PORT)
 	$(BIN)/digitune serve --port $(PORT)
+
+bench: install ## Training throughput, digitune vs the tutorial's plain fit (bench/results/)
+	$(BIN)/digitune bench
 
 bench-serve: install ## Latency of single and batched requests to a running `make serve`
 	$(BIN)/digitune bench-serve --url http://127.0.0.1:$(PORT)

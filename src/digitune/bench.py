@@ -1,5 +1,6 @@
 """Benchmarks: measured side by side in one run, reported as medians and percentiles.
 
+    digitune bench                                     training throughput, digitune vs plain fit
     digitune bench-serve --url http://127.0.0.1:8000   (with `make serve` running)
 
 Benchmarks are not tests: the machines are shared and noisy, so they report numbers for a
@@ -8,19 +9,26 @@ person to read, and assert nothing.
 
 from __future__ import annotations
 
+import datetime
 import http.client
+import importlib.util
 import io
 import json
+import os
+import platform
 import socket
 import time
 import urllib.parse
 import uuid
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 from PIL import Image
 
-from digitune import data
+from digitune import config, data, model, objective, tracking
+
+BATCH_SIZES = (32, 128)
 
 
 def _connect(url: str) -> http.client.HTTPConnection:
@@ -91,3 +99,122 @@ def _row(name: str, seconds: np.ndarray, images_per_request: int) -> dict:
         "p99_ms": round(float(np.percentile(seconds, 99)) * 1000, 2),
         "images_per_second": round(images_per_request / float(np.median(seconds)), 1),
     }
+
+
+class EpochTimes:
+    """A Keras callback recording each epoch's wall time (made lazily: Keras loads slowly)."""
+
+    def __new__(cls):
+        import keras
+
+        class _EpochTimes(keras.callbacks.Callback):
+            def on_train_begin(self, logs=None):
+                self.seconds = []
+
+            def on_epoch_begin(self, epoch, logs=None):
+                self._started = time.perf_counter()
+
+            def on_epoch_end(self, epoch, logs=None):
+                self.seconds.append(time.perf_counter() - self._started)
+
+        return _EpochTimes()
+
+
+def _baseline():
+    """bench/tutorial_baseline.py, the tutorial's plain `model.fit`, as a module."""
+    path = config.project_dir() / "bench" / "tutorial_baseline.py"
+    spec = importlib.util.spec_from_file_location("tutorial_baseline", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def training_throughput(repeats: int = 3) -> pd.DataFrame:
+    """Images per second of one epoch on the 50,000 tuning images, the tutorial's CNN, at
+    batch 32 and 128: digitune's trainer (the trials' `objective.fit` under the study's
+    precision) against the tutorial's plain float32 `model.fit`, both validating on the
+    10,000 validation images after each epoch, as the tutorial does. Each measurement is the
+    second of two epochs (the first traces and warms up), interleaved over `repeats` rounds;
+    validation accuracy after the two epochs checks that speed did not cost accuracy."""
+    import keras
+
+    split = data.split(data.load())
+    baseline = _baseline()
+    policy = objective.precision_policy("auto")
+    rows = []
+    for round_number in range(repeats):
+        for batch_size in BATCH_SIZES:
+            for trainer in ("plain fit (tutorial)", f"digitune ({policy})"):
+                keras.utils.clear_session(free_memory=True)
+                keras.utils.set_random_seed(round_number)
+                timer = EpochTimes()
+                if trainer.startswith("plain"):
+                    cnn = baseline.fit(
+                        split.x_train,
+                        split.y_train,
+                        batch_size,
+                        2,
+                        validation_data=(split.x_validation, split.y_validation),
+                        callbacks=[timer],
+                    )
+                else:
+                    keras.mixed_precision.set_global_policy(policy)
+                    cnn = model.build_model({"batch_size": batch_size})
+                    objective.fit(cnn, {"batch_size": batch_size}, split, 2, [timer])
+                accuracy = cnn.evaluate(split.x_validation, split.y_validation, verbose=0)[1]
+                rows.append(
+                    {
+                        "trainer": trainer,
+                        "batch_size": batch_size,
+                        "round": round_number,
+                        "images_per_second": len(split.y_train) / timer.seconds[-1],
+                        "val_accuracy": accuracy,
+                    }
+                )
+    keras.mixed_precision.set_global_policy("float32")
+    runs = pd.DataFrame(rows)
+    table = (
+        runs.groupby(["batch_size", "trainer"], sort=False)
+        .agg(
+            images_per_second=("images_per_second", "median"),
+            val_accuracy=("val_accuracy", "median"),
+            rounds=("round", "count"),
+        )
+        .reset_index()
+    )
+    plain = table[table["trainer"].str.startswith("plain")].set_index("batch_size")
+    table["ratio_to_plain_fit"] = [
+        row.images_per_second / plain.loc[row.batch_size, "images_per_second"]
+        for row in table.itertuples()
+    ]
+    return table.round({"images_per_second": 0, "val_accuracy": 4, "ratio_to_plain_fit": 2})
+
+
+def write_results(name: str, table: pd.DataFrame) -> Path:
+    """bench/results/<name>.md and .csv, dated and with the machine, also logged to MLflow's
+    `benchmarks` experiment. Returns the Markdown file."""
+    folder = config.project_dir() / "bench" / "results"
+    folder.mkdir(parents=True, exist_ok=True)
+    stamp = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
+    machine = f"{platform.machine()}, {os.cpu_count()} CPU threads"
+    markdown = folder / f"{name}.md"
+    markdown.write_text(f"{name}, {stamp}, {machine}\n\n{markdown_table(table)}\n")
+    table.to_csv(folder / f"{name}.csv", index=False)
+    import mlflow
+
+    client = tracking.configure()
+    with mlflow.start_run(
+        experiment_id=tracking.experiment_id(client, "benchmarks"), run_name=f"{name} {stamp}"
+    ):
+        mlflow.log_artifact(str(markdown))
+        mlflow.log_artifact(str(folder / f"{name}.csv"))
+        mlflow.log_table(table, f"{name}.json")
+    return markdown
+
+
+def markdown_table(table: pd.DataFrame) -> str:
+    """A GitHub-flavoured Markdown table (pandas' own needs the tabulate package)."""
+    lines = ["| " + " | ".join(map(str, table.columns)) + " |"]
+    lines.append("|" + "---|" * len(table.columns))
+    lines += ["| " + " | ".join(map(str, row)) + " |" for row in table.itertuples(index=False)]
+    return "\n".join(lines)

@@ -10,6 +10,7 @@
     digitune rollback                          champion back to the previous one
     digitune models                            list the registered versions
     digitune serve [--port 8000]               the champion behind an API and a page
+    digitune bench                             training throughput vs the tutorial's fit
     digitune bench-serve                       latency of a running service
     digitune ui                                the MLflow UI on the project's store
 
@@ -122,6 +123,12 @@ def _parser() -> argparse.ArgumentParser:
         "--poll-seconds", type=float, default=10.0, help="how often to check the alias (0: never)"
     )
     serve_parser.set_defaults(handler=_serve)
+
+    throughput_parser = commands.add_parser(
+        "bench", help="training throughput: digitune's trainer vs the tutorial's plain fit"
+    )
+    throughput_parser.add_argument("--repeats", type=int, default=3)
+    throughput_parser.set_defaults(handler=_bench)
 
     bench_parser = commands.add_parser("bench-serve", help="measure a running service")
     bench_parser.add_argument("--url", default="http://127.0.0.1:8000")
@@ -249,6 +256,15 @@ def _serve(args: argparse.Namespace) -> int:
 
     print(f"serving {args.model_uri} on http://{args.host}:{args.port} (docs at /docs)")
     serve.run(args.host, args.port, args.model_uri, args.poll_seconds)
+    return 0
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from digitune import bench
+
+    table = bench.training_throughput(args.repeats)
+    print(table.to_string(index=False))
+    print(f"\nwritten to {bench.write_results('training_throughput', table)}")
     return 0
 
 
