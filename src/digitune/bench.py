@@ -22,6 +22,8 @@ import urllib.parse
 import uuid
 from pathlib import Path
 
+import keras
+import mlflow
 import numpy as np
 import pandas as pd
 from PIL import Image
@@ -101,23 +103,17 @@ def _row(name: str, seconds: np.ndarray, images_per_request: int) -> dict:
     }
 
 
-class EpochTimes:
-    """A Keras callback recording each epoch's wall time (made lazily: Keras loads slowly)."""
+class EpochTimes(keras.callbacks.Callback):
+    """Records each epoch's wall time."""
 
-    def __new__(cls):
-        import keras
+    def on_train_begin(self, logs=None):
+        self.seconds = []
 
-        class _EpochTimes(keras.callbacks.Callback):
-            def on_train_begin(self, logs=None):
-                self.seconds = []
+    def on_epoch_begin(self, epoch, logs=None):
+        self._started = time.perf_counter()
 
-            def on_epoch_begin(self, epoch, logs=None):
-                self._started = time.perf_counter()
-
-            def on_epoch_end(self, epoch, logs=None):
-                self.seconds.append(time.perf_counter() - self._started)
-
-        return _EpochTimes()
+    def on_epoch_end(self, epoch, logs=None):
+        self.seconds.append(time.perf_counter() - self._started)
 
 
 def _baseline():
@@ -136,8 +132,6 @@ def training_throughput(repeats: int = 3) -> pd.DataFrame:
     10,000 validation images after each epoch, as the tutorial does. Each measurement is the
     second of two epochs (the first traces and warms up), interleaved over `repeats` rounds;
     validation accuracy after the two epochs checks that speed did not cost accuracy."""
-    import keras
-
     split = data.split(data.load())
     baseline = _baseline()
     policy = objective.precision_policy("auto")
@@ -200,8 +194,6 @@ def write_results(name: str, table: pd.DataFrame) -> Path:
     markdown = folder / f"{name}.md"
     markdown.write_text(f"{name}, {stamp}, {machine}\n\n{markdown_table(table)}\n")
     table.to_csv(folder / f"{name}.csv", index=False)
-    import mlflow
-
     client = tracking.configure()
     with mlflow.start_run(
         experiment_id=tracking.experiment_id(client, "benchmarks"), run_name=f"{name} {stamp}"

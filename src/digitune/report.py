@@ -46,17 +46,22 @@ def trials_table(study: optuna.Study) -> pd.DataFrame:
 
 
 def importances(study: optuna.Study) -> dict[str, float]:
-    """Optuna's parameter importances (fANOVA), or {} while too few trials have completed."""
+    """Optuna's parameter importances (fANOVA, seeded so that the terminal, the figures and
+    the choice of slice and contour parameters agree), or {} while too few trials completed."""
     if _completed(study) < 2:
         return {}
     try:
-        return optuna.importance.get_param_importances(study)
+        return optuna.importance.get_param_importances(study, evaluator=_evaluator())
     except (RuntimeError, ValueError):  # Too few distinct values to fit a forest on.
         return {}
 
 
-def summary(study: optuna.Study) -> str:
-    """The report a person reads in the terminal."""
+def _evaluator() -> optuna.importance.FanovaImportanceEvaluator:
+    return optuna.importance.FanovaImportanceEvaluator(seed=0)
+
+
+def summary(study: optuna.Study, ranked: dict[str, float] | None = None) -> str:
+    """The report a person reads in the terminal; `ranked` are the importances if known."""
     table = trials_table(study)
     if table.empty:
         return f"study '{study.study_name}' has no trials yet"
@@ -75,23 +80,27 @@ def summary(study: optuna.Study) -> str:
         ascending = study.direction == optuna.study.StudyDirection.MINIMIZE
         top = table[table["state"] == "COMPLETE"].sort_values("value", ascending=ascending)
         lines += ["", f"top {TOP_TRIALS} trials:", top.head(TOP_TRIALS).to_string(index=False)]
-    ranked = importances(study)
+    ranked = importances(study) if ranked is None else ranked
     if ranked:
         lines += ["", "parameter importances (fANOVA):"]
         lines += [f"  {name:20s} {value:6.3f}" for name, value in ranked.items()]
     return "\n".join(lines)
 
 
-def figures(study: optuna.Study) -> dict[str, plt.Figure]:
+def figures(study: optuna.Study, ranked: dict[str, float]) -> dict[str, plt.Figure]:
     """The study's figures by file name; those that cannot be drawn yet are left out."""
-    ranked = list(importances(study))
+    if not _completed(study):
+        return {}
+    ranked = list(ranked)
     plots = {
         "optimization_history.png": lambda: optuna_plots.plot_optimization_history(study),
         "intermediate_values.png": lambda: optuna_plots.plot_intermediate_values(study),
         "parallel_coordinate.png": lambda: optuna_plots.plot_parallel_coordinate(study),
     }
     if ranked:
-        plots["param_importances.png"] = lambda: optuna_plots.plot_param_importances(study)
+        plots["param_importances.png"] = lambda: optuna_plots.plot_param_importances(
+            study, evaluator=_evaluator()
+        )
         plots["slice.png"] = lambda: optuna_plots.plot_slice(study, params=ranked[:2])
     if len(ranked) >= 2:
         plots["contour.png"] = lambda: optuna_plots.plot_contour(study, params=ranked[:2])
@@ -102,8 +111,6 @@ def figures(study: optuna.Study) -> dict[str, plt.Figure]:
         # A parameter with one value so far draws a flat axis, and matplotlib says so.
         warnings.filterwarnings("ignore", message="Attempting to set identical low and high")
         for name, plot in plots.items():
-            if not _completed(study):
-                break
             axes = plot()
             first = axes.flat[0] if hasattr(axes, "flat") else axes
             figure = first.figure
@@ -119,13 +126,14 @@ def figures(study: optuna.Study) -> dict[str, plt.Figure]:
     return drawn
 
 
-def log_to_run(study: optuna.Study, run_id: str) -> None:
+def log_to_run(study: optuna.Study, run_id: str, ranked: dict[str, float] | None = None) -> None:
     """Log the trials table and the figures to a run (the study's parent) under report/."""
     client = mlflow.MlflowClient()
     table = trials_table(study)
     if not table.empty:
         client.log_text(run_id, table.to_csv(index=False), "report/trials.csv")
-    for name, figure in figures(study).items():
+    ranked = importances(study) if ranked is None else ranked
+    for name, figure in figures(study, ranked).items():
         client.log_figure(run_id, figure, f"report/{name}")
         plt.close(figure)
 
@@ -138,8 +146,9 @@ def report(study: optuna.Study) -> str:
         raise ValueError(
             f"study '{study.study_name}' has no MLflow parent run; was it run by tune?"
         )
-    log_to_run(study, run_id)
-    return summary(study)
+    ranked = importances(study)  # A forest fit: once, for the figures and the summary.
+    log_to_run(study, run_id, ranked)
+    return summary(study, ranked)
 
 
 def _completed(study: optuna.Study) -> int:

@@ -150,23 +150,6 @@ def run(
         f"{_count(study, FINISHED_STATES)} of {definition.study.n_trials} trials done"
         + (f"; {workers} workers" if workers > 1 else "")
     )
-    datasets = {
-        "training": tracking.dataset(
-            split.x_train, split.y_train, "mnist-train", str(mnist.source), mnist.digest[:16]
-        ),
-        "validation": tracking.dataset(
-            split.x_validation,
-            split.y_validation,
-            "mnist-validation",
-            str(mnist.source),
-            mnist.digest[:16],
-        ),
-    }
-    resolved = {
-        **definition.resolved(),
-        "data_sha256": mnist.digest,
-        "data_canonical": mnist.canonical,
-    }
     timeout = definition.study.timeout_minutes * 60 or None
     deadline = time.time() + timeout if timeout else None
 
@@ -182,7 +165,7 @@ def run(
         # The machine that started the study owns its parent run and the registration.
         run_trials(study.user_attrs[tracking.PARENT_RUN_ATTR])
         return None
-    parent_run_id = tracking.open_study_run(study, resolved, datasets)
+    parent_run_id = tracking.open_study_run(study, *_run_inputs(definition, split, mnist))
     try:
         run_trials(parent_run_id)
         if _count(study, (TrialState.COMPLETE,)) == 0:
@@ -285,6 +268,29 @@ def finalize(
         data_sha256=mnist.digest,
     )
     return test.accuracy, str(version.version)
+
+
+def _run_inputs(definition: space.StudyDefinition, split: data.Split, mnist: data.Mnist):
+    """The parent run's resolved configuration and MLflow datasets (only the machine that
+    owns the parent run builds them)."""
+    datasets = {
+        "training": tracking.dataset(
+            split.x_train, split.y_train, "mnist-train", str(mnist.source), mnist.digest[:16]
+        ),
+        "validation": tracking.dataset(
+            split.x_validation,
+            split.y_validation,
+            "mnist-validation",
+            str(mnist.source),
+            mnist.digest[:16],
+        ),
+    }
+    resolved = {
+        **definition.resolved(),
+        "data_sha256": mnist.digest,
+        "data_canonical": mnist.canonical,
+    }
+    return resolved, datasets
 
 
 def _count(study: optuna.Study, states) -> int:
