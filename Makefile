@@ -16,10 +16,13 @@ BACKEND_STORE ?=
 MARGIN ?= 0
 PORT ?= 8000
 FORCE ?=
+ENGINE ?= optuna
+ALGORITHM ?= hyperband
+BUDGET ?= 10
 
 TUNE_ARGS := --study $(STUDY) $(if $(TRIALS),--trials $(TRIALS)) \
 	$(if $(TIMEOUT),--timeout-minutes $(TIMEOUT)) $(if $(STORAGE),--storage $(STORAGE)) \
-	--workers $(WORKERS)
+	--workers $(WORKERS) $(if $(filter keras-tuner,$(ENGINE)),--engine keras-tuner --algorithm $(ALGORITHM))
 
 help: ## Show this help
 	@echo "Usage: make <target> [STUDY=studies/quick.toml] [TRIALS=N] [TIMEOUT=minutes] [STORAGE=url]"
@@ -38,7 +41,7 @@ install: $(BIN)/digitune ## Create .venv and install digitune with its dev tools
 data: install ## Fetch and verify MNIST into data/mnist (or check MNIST_DIR)
 	$(BIN)/digitune data
 
-tune: install ## Run or resume a study (STUDY, TRIALS, TIMEOUT, STORAGE, WORKERS)
+tune: install ## Run or resume a study (STUDY, TRIALS, TIMEOUT, STORAGE, WORKERS, ENGINE=keras-tuner ALGORITHM=bayesian)
 	$(BIN)/digitune tune $(TUNE_ARGS)
 
 worker: install ## Join this machine's WORKERS to a study started elsewhere (STORAGE=...)
@@ -62,8 +65,8 @@ models: install ## List the registered versions of mnist-cnn with their aliases
 serve: install ## Serve @champion: API and drawing page on http://127.0.0.1:$(PORT)
 	$(BIN)/digitune serve --port $(PORT)
 
-bench: install ## Training throughput, digitune vs the tutorial's plain fit (bench/results/)
-	$(BIN)/digitune bench
+bench: install ## Throughput vs plain fit, tuning race (BUDGET minutes each), tracking overhead
+	$(BIN)/digitune bench --budget-minutes $(BUDGET)
 
 bench-serve: install ## Latency of single and batched requests to a running `make serve`
 	$(BIN)/digitune bench-serve --url http://127.0.0.1:$(PORT)

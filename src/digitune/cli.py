@@ -4,6 +4,7 @@
     digitune tune --study studies/quick.toml   run (or resume) a study
     digitune tune --workers 2                  ... in two worker processes
     digitune tune --storage URL --join         add this machine's workers to a study
+    digitune tune --engine keras-tuner         the same study with Keras Tuner's Hyperband
     digitune mlflow-server                     a tracking server for several machines
     digitune report --study studies/quick.toml  summarise a study, log its figures
     digitune promote [--margin M] [--force]    challenger -> champion, on evidence
@@ -85,6 +86,18 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="only run trials of a study started elsewhere (another machine's `make tune`)",
     )
+    tune_parser.add_argument(
+        "--engine",
+        choices=("optuna", "keras-tuner"),
+        default="optuna",
+        help="which tuner runs the study (default: %(default)s)",
+    )
+    tune_parser.add_argument(
+        "--algorithm",
+        choices=("hyperband", "bayesian"),
+        default="hyperband",
+        help="Keras Tuner's algorithm, with --engine keras-tuner (default: %(default)s)",
+    )
     tune_parser.set_defaults(handler=_tune)
 
     report_parser = commands.add_parser("report", help="summarise a study and log its figures")
@@ -125,9 +138,21 @@ def _parser() -> argparse.ArgumentParser:
     serve_parser.set_defaults(handler=_serve)
 
     throughput_parser = commands.add_parser(
-        "bench", help="training throughput: digitune's trainer vs the tutorial's plain fit"
+        "bench",
+        help="training throughput vs plain fit, tuning race vs Keras Tuner, tracking overhead",
     )
-    throughput_parser.add_argument("--repeats", type=int, default=3)
+    throughput_parser.add_argument(
+        "--repeats", type=int, default=3, help="rounds of the throughput measurement"
+    )
+    throughput_parser.add_argument(
+        "--budget-minutes",
+        type=float,
+        default=10.0,
+        help="wall-clock budget of each tuning-race contender (default: %(default)s)",
+    )
+    throughput_parser.add_argument(
+        "--only", choices=("throughput", "race"), default=None, help="run one part only"
+    )
     throughput_parser.set_defaults(handler=_bench)
 
     bench_parser = commands.add_parser("bench-serve", help="measure a running service")
@@ -182,6 +207,8 @@ def _tune(args: argparse.Namespace) -> int:
     from digitune import objective, tune
 
     objective.stop_cleanly_on_ctrl_c()
+    if args.engine == "keras-tuner":
+        return _tune_with_keras_tuner(args)
 
     outcome = tune.run(
         args.study, args.storage, args.trials, args.timeout_minutes, args.workers, args.join
@@ -199,6 +226,26 @@ def _tune(args: argparse.Namespace) -> int:
         f"{outcome.best_trial.value:.4f}, test accuracy {outcome.test_accuracy:.4f}"
         f"\nregistered {config.REGISTERED_MODEL_NAME} version {outcome.model_version} "
         f"(alias @{config.CHALLENGER_ALIAS}); compare trials with `make ui`"
+    )
+    return 0
+
+
+def _tune_with_keras_tuner(args: argparse.Namespace) -> int:
+    from digitune import keras_tuner_engine
+
+    if args.workers != 1 or args.join or args.storage:
+        raise ValueError(
+            "--workers, --join and --storage are Optuna's; Keras Tuner runs one worker "
+            "and keeps its state in studies/<study>-keras-tuner-<algorithm>/"
+        )
+    outcome = keras_tuner_engine.run(args.study, args.algorithm, args.trials, args.timeout_minutes)
+    print(
+        f"\nstudy '{outcome.study_name}' in {outcome.seconds / 60:.1f} min: "
+        f"{outcome.trials} trials"
+        f"\nbest trial {outcome.best.number}: validation accuracy "
+        f"{outcome.best.validation_accuracy:.4f}, test accuracy {outcome.test_accuracy:.4f}"
+        f"\nregistered {config.REGISTERED_MODEL_NAME} version {outcome.model_version} "
+        f"(alias @{config.CHALLENGER_ALIAS}); compare engines with `make ui`"
     )
     return 0
 
@@ -262,9 +309,20 @@ def _serve(args: argparse.Namespace) -> int:
 def _bench(args: argparse.Namespace) -> int:
     from digitune import bench
 
-    table = bench.training_throughput(args.repeats)
-    print(table.to_string(index=False))
-    print(f"\nwritten to {bench.write_results('training_throughput', table)}")
+    if args.budget_minutes <= 0:
+        raise ValueError(f"--budget-minutes must be positive, got {args.budget_minutes}")
+    written = []
+    if args.only in (None, "throughput"):
+        table = bench.training_throughput(args.repeats)
+        print(table.to_string(index=False))
+        written.append(bench.write_results("training_throughput", table))
+    if args.only in (None, "race"):
+        race, overhead, curves = bench.tuning_race(args.budget_minutes)
+        written.append(bench.write_results("tuning_race", race, bench.plot_race(curves)))
+        written.append(bench.write_results("tracking_overhead", overhead))
+        print(f"\n{race.to_string(index=False)}\n\n{overhead.to_string(index=False)}")
+        print(bench.race_summary(race))
+    print("\nwritten: " + ", ".join(str(path) for path in written))
     return 0
 
 

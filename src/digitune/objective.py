@@ -83,18 +83,60 @@ class StopAtDeadline(keras.callbacks.Callback):
             self.model.stop_training = True
 
 
-def fit(cnn: keras.Model, params: dict, split: data.Split, epochs: int, callbacks=()) -> dict:
-    """Train `cnn` the way every trial does (the benchmark times this); Keras's history."""
+def fit(
+    cnn: keras.Model,
+    params: dict,
+    split: data.Split,
+    epochs: int,
+    callbacks=(),
+    initial_epoch: int = 0,
+) -> keras.callbacks.History:
+    """Train `cnn` the way every trial of either engine does (the benchmark times this)."""
     batch_size = int(params.get("batch_size", model.HYPERPARAMETER_DEFAULTS["batch_size"]))
     return cnn.fit(
         split.x_train,
         split.y_train,
         batch_size=batch_size,
         epochs=epochs,
+        initial_epoch=initial_epoch,
         validation_data=(split.x_validation, split.y_validation),
         verbose=0,
         callbacks=list(callbacks),
-    ).history
+    )
+
+
+def training_callbacks(training: config.TrainingSettings, deadline: float | None) -> list:
+    """The callbacks every trial of either engine trains with, besides the engine's own
+    pruning: Ctrl-C, NaN, per-epoch tracking, the study's deadline, early stopping."""
+    return [
+        StopOnRequest(),
+        keras.callbacks.TerminateOnNaN(),
+        tracking.EpochTimer(),
+        StopAtDeadline(deadline),
+        keras.callbacks.EarlyStopping(
+            monitor=config.OBJECTIVE_METRIC,
+            mode="max",
+            patience=training.early_stopping_patience,
+            restore_best_weights=True,
+        ),
+    ]
+
+
+def check_finite(history: dict, params: dict) -> None:
+    """Raise DivergedError if the loss became NaN or infinite."""
+    if not all(math.isfinite(loss) for loss in history["loss"]):
+        raise DivergedError(
+            f"the loss became {history['loss'][-1]} at epoch {len(history['loss']) - 1}; "
+            f"learning_rate={params.get('learning_rate')} is probably too high"
+        )
+
+
+def track_result(cnn: keras.Model, split: data.Split, number: int) -> None:
+    """Log a finished trial's validation confusion matrix and weights to its run."""
+    with tracking.STOPWATCH.evaluating():
+        validation = evaluate.evaluate(cnn, split.x_validation, split.y_validation)
+    tracking.log_evaluation(validation, "val", f"trial {number}, validation set")
+    tracking.log_weights(cnn)
 
 
 def make_objective(
@@ -116,39 +158,18 @@ def make_objective(
         # One seed per trial: a trial's initial weights and batch order can be reproduced.
         keras.utils.set_random_seed(definition.study.seed + trial.number)
         params = space.suggest(trial, definition)
-        with tracking.trial_run(trial, params, parent_run_id):
+        with tracking.trial_run(
+            trial.number, params, parent_run_id, "optuna", remember=trial.set_user_attr
+        ):
             cnn = model.build_model(params)
-            history = fit(
-                cnn,
-                params,
-                split,
-                training.max_epochs,
-                callbacks=[
-                    StopOnRequest(),
-                    keras.callbacks.TerminateOnNaN(),
-                    # Logs each epoch before the pruner can stop the trial after it.
-                    tracking.EpochTimer(),
-                    KerasPruningCallback(trial, config.OBJECTIVE_METRIC),
-                    StopAtDeadline(deadline),
-                    keras.callbacks.EarlyStopping(
-                        monitor=config.OBJECTIVE_METRIC,
-                        mode="max",
-                        patience=training.early_stopping_patience,
-                        restore_best_weights=True,
-                    ),
-                ],
-            )
-            epochs = len(history["loss"])
-            trial.set_user_attr("epochs", epochs)
-            if not all(math.isfinite(loss) for loss in history["loss"]):
-                raise DivergedError(
-                    f"the loss became {history['loss'][-1]} at epoch {epochs - 1}; "
-                    f"learning_rate={params.get('learning_rate')} is probably too high"
-                )
+            callbacks = training_callbacks(training, deadline)
+            # After the epoch is logged (EpochTimer), before the deadline and early stopping.
+            callbacks.insert(3, KerasPruningCallback(trial, config.OBJECTIVE_METRIC))
+            history = fit(cnn, params, split, training.max_epochs, callbacks).history
+            trial.set_user_attr("epochs", len(history["loss"]))
+            check_finite(history, params)
             # Early stopping restored the best epoch's weights, so the matrix matches the value.
-            validation = evaluate.evaluate(cnn, split.x_validation, split.y_validation)
-            tracking.log_evaluation(validation, "val", f"trial {trial.number}, validation set")
-            tracking.log_weights(cnn)
+            track_result(cnn, split, trial.number)
             return max(history[config.OBJECTIVE_METRIC])
 
     return objective

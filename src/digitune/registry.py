@@ -53,6 +53,7 @@ def register(
     test_accuracy: float,
     test_images: int,
     data_sha256: str,
+    engine: str = "optuna",
     alias: str = config.CHALLENGER_ALIAS,
 ) -> mlflow.entities.model_registry.ModelVersion:
     """Log `keras_model` to the active run and register it with `alias` and readable tags."""
@@ -77,6 +78,7 @@ def register(
         "test_accuracy": f"{test_accuracy:.4f}",
         "test_images": str(test_images),
         "data_sha256": data_sha256,
+        "engine": engine,
     }
     for key, value in tags.items():
         client.set_model_version_tag(config.REGISTERED_MODEL_NAME, version, key, value)

@@ -2,12 +2,15 @@
 
 Layout, as a user sees it in the MLflow UI:
 - experiment `<study name>`;
-- parent run `<study name>` (tag `digitune.role=study`), reused when the study resumes; it
-  holds the resolved configuration, the datasets, and the final test evaluation;
+- one parent run per engine (tags `digitune.role=study`, `engine`, `algorithm`): `<study
+  name>` for Optuna, `<study name> keras-tuner <algorithm>` for Keras Tuner, reused when the
+  study resumes; it holds the resolved configuration, the datasets, and the final test
+  evaluation;
 - child runs `trial-<number>` with the sampled params, per-epoch `loss`, `accuracy`,
-  `val_loss`, `val_accuracy` and `epoch_seconds` (step = epoch), tags `trial_number` and
-  `state` (COMPLETE, PRUNED, FAIL); completed trials also log the validation confusion matrix
-  (PNG and JSON) and their weights, so the best model can be rebuilt without retraining.
+  `val_loss`, `val_accuracy` and `epoch_seconds` (step = epoch), tags `trial_number`,
+  `engine` and `state` (COMPLETE, PRUNED, FAIL), and at the end `trial_seconds` and
+  `tracking_seconds`; completed trials also log the validation confusion matrix (PNG and
+  JSON) and their weights, so the best model can be rebuilt without retraining.
 
 Optuna's own MLflowCallback is deprecated in Optuna 5 and logs only after a trial ends, so
 the tracking is done here, with MLflow's Keras callback doing the per-epoch logging.
@@ -19,6 +22,7 @@ import contextlib
 import tempfile
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import mlflow
@@ -32,6 +36,42 @@ from digitune import config, evaluate
 PARENT_RUN_ATTR = "mlflow_parent_run_id"
 TRIAL_RUN_ATTR = "mlflow_run_id"
 WEIGHTS_ARTIFACT = "weights/model.weights.h5"
+
+
+class Stopwatch:
+    """Adds up the time a trial spends logging to MLflow (`with STOPWATCH:`) and evaluating
+    the validation set for its confusion matrix (`with STOPWATCH.evaluating():`)."""
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self) -> None:
+        self.seconds = 0.0
+        self.evaluation_seconds = 0.0
+        self._depth = 0
+
+    def __enter__(self):
+        self._depth += 1
+        if self._depth == 1:
+            self._started = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc_info):
+        self._depth -= 1
+        if self._depth == 0:
+            self.seconds += time.perf_counter() - self._started
+
+    @contextlib.contextmanager
+    def evaluating(self):
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.evaluation_seconds += time.perf_counter() - started
+
+
+# One trial runs at a time in a process, so one stopwatch per process is enough.
+STOPWATCH = Stopwatch()
 
 
 class TrackingError(RuntimeError):
@@ -72,15 +112,22 @@ def experiment_id(client: mlflow.MlflowClient, name: str) -> str:
     return experiment_id
 
 
-def open_study_run(study: optuna.Study, resolved_config: dict, datasets: dict) -> str:
-    """Create the study's parent run, or reopen it, and return its id, left RUNNING.
+def open_study_run(
+    experiment_name: str,
+    run_name: str,
+    run_id: str | None,
+    resolved_config: dict,
+    datasets: dict,
+    tags: dict[str, str],
+) -> str:
+    """Create a study's parent run, or reopen `run_id`, and return its id, left RUNNING.
 
-    The run's id is kept in the study's user attributes, so a resumed study, and every
-    worker on the same storage, logs its trials as children of this one run.
+    The caller keeps the id with the study (Optuna: the study's user attributes; Keras Tuner:
+    its project folder), so a resumed study, and every worker on the same storage, logs its
+    trials as children of this one run.
     """
     client = configure()
-    experiment = experiment_id(client, study.study_name)
-    run_id = study.user_attrs.get(PARENT_RUN_ATTR)
+    experiment = experiment_id(client, experiment_name)
     if run_id is not None:
         try:
             client.get_run(run_id)
@@ -90,11 +137,10 @@ def open_study_run(study: optuna.Study, resolved_config: dict, datasets: dict) -
     with mlflow.start_run(
         run_id=run_id,
         experiment_id=experiment,
-        run_name=None if resumed else study.study_name,
-        tags=None if resumed else {"digitune.role": "study", "study": study.study_name},
+        run_name=None if resumed else run_name,
+        tags=None if resumed else {"digitune.role": "study", **tags},
     ) as run:
         if not resumed:
-            study.set_user_attr(PARENT_RUN_ATTR, run.info.run_id)
             mlflow.log_params(resolved_config)
             for context, dataset in datasets.items():
                 mlflow.log_input(dataset, context=context)
@@ -111,39 +157,62 @@ def close_study_run(run_id: str, error: BaseException | None = None) -> None:
 
 
 @contextlib.contextmanager
-def trial_run(trial: optuna.Trial, params: dict, parent_run_id: str):
+def trial_run(
+    number: int,
+    params: dict,
+    parent_run_id: str,
+    engine: str,
+    remember: Callable[[str, object], None] = lambda key, value: None,
+):
     """A child run `trial-<number>` of the study's parent run, ended with the trial's state.
 
     A pruned trial's run ends FINISHED with tag state=PRUNED; a failed one FAILED with the
-    reason in tag `fail_reason` (also kept on the Optuna trial); an interrupted one KILLED.
+    reason in tag `fail_reason` (also given to `remember`, which keeps it on the engine's own
+    trial); an interrupted one KILLED. Every trial run ends with metrics `trial_seconds` and
+    `tracking_seconds` (time spent logging to MLflow, which `make bench` reports).
     """
-    parent = mlflow.MlflowClient().get_run(parent_run_id)
-    run = mlflow.start_run(
-        run_name=f"trial-{trial.number}",
-        experiment_id=parent.info.experiment_id,
-        tags={
-            "mlflow.parentRunId": parent_run_id,
-            "trial_number": str(trial.number),
-            "state": "RUNNING",
-        },
-    )
-    try:
-        trial.set_user_attr(TRIAL_RUN_ATTR, run.info.run_id)
+    started = time.perf_counter()
+    STOPWATCH.reset()
+    with STOPWATCH:
+        parent = mlflow.MlflowClient().get_run(parent_run_id)
+        run = mlflow.start_run(
+            run_name=f"trial-{number}",
+            experiment_id=parent.info.experiment_id,
+            tags={
+                "mlflow.parentRunId": parent_run_id,
+                "trial_number": str(number),
+                "engine": engine,
+                "state": "RUNNING",
+            },
+        )
+        remember(TRIAL_RUN_ATTR, run.info.run_id)
         mlflow.log_params(params)
+    try:
         yield run
     except optuna.TrialPruned as pruned:
-        mlflow.set_tags({"state": "PRUNED", "pruned_reason": str(pruned)})
-        mlflow.end_run(_status_for(pruned))
+        _end_trial_run(started, _status_for(pruned), state="PRUNED", pruned_reason=str(pruned))
         raise
     except BaseException as error:
         reason = f"{type(error).__name__}: {error}"[:5000]
         if isinstance(error, Exception):
-            trial.set_user_attr("fail_reason", reason)
-        mlflow.set_tags({"state": "FAIL", "fail_reason": reason})
-        mlflow.end_run(_status_for(error))
+            remember("fail_reason", reason)
+        _end_trial_run(started, _status_for(error), state="FAIL", fail_reason=reason)
         raise
-    mlflow.set_tag("state", "COMPLETE")
-    mlflow.end_run(RunStatus.to_string(RunStatus.FINISHED))
+    _end_trial_run(started, RunStatus.to_string(RunStatus.FINISHED), state="COMPLETE")
+
+
+def _end_trial_run(started: float, status: str, **tags: str) -> None:
+    with STOPWATCH:
+        mlflow.set_tags(tags)
+        mlflow.log_metrics(
+            {
+                "trial_seconds": time.perf_counter() - started,
+                # Up to here: the last tag and these metrics are the only calls not counted.
+                "tracking_seconds": STOPWATCH.seconds,
+                "matrix_evaluation_seconds": STOPWATCH.evaluation_seconds,
+            }
+        )
+        mlflow.end_run(status)
 
 
 def end_stale_trial_run(trial: optuna.trial.FrozenTrial) -> None:
@@ -178,7 +247,8 @@ class EpochTimer(mlflow.keras.MlflowCallback):
     def on_epoch_end(self, epoch, logs=None):
         if logs is not None:
             logs["epoch_seconds"] = time.perf_counter() - self._epoch_started
-        super().on_epoch_end(epoch, logs)
+        with STOPWATCH:
+            super().on_epoch_end(epoch, logs)
 
     def on_test_end(self, logs=None):
         pass
@@ -186,6 +256,11 @@ class EpochTimer(mlflow.keras.MlflowCallback):
 
 def log_evaluation(evaluation: evaluate.Evaluation, prefix: str, title: str) -> None:
     """Log the confusion matrix (PNG and JSON) to the active run, as `<prefix>_confusion_matrix`."""
+    with STOPWATCH:
+        _log_evaluation(evaluation, prefix, title)
+
+
+def _log_evaluation(evaluation: evaluate.Evaluation, prefix: str, title: str) -> None:
     mlflow.log_dict(evaluation.as_dict(), f"{prefix}_confusion_matrix.json")
     figure = evaluate.plot_confusion_matrix(evaluation.confusion_matrix, title)
     mlflow.log_figure(figure, f"{prefix}_confusion_matrix.png")
@@ -194,7 +269,7 @@ def log_evaluation(evaluation: evaluate.Evaluation, prefix: str, title: str) -> 
 
 def log_weights(model) -> None:
     """Keep a trial's weights cheaply (an .h5 file, not a full MLflow model)."""
-    with tempfile.TemporaryDirectory() as scratch:
+    with STOPWATCH, tempfile.TemporaryDirectory() as scratch:
         path = Path(scratch) / Path(WEIGHTS_ARTIFACT).name
         model.save_weights(path)
         mlflow.log_artifact(str(path), artifact_path=str(Path(WEIGHTS_ARTIFACT).parent))

@@ -44,7 +44,31 @@ class Outcome:
     seconds: float
     best_trial: optuna.trial.FrozenTrial
     test_accuracy: float
-    model_version: str
+    model_version: str | None
+    parent_run_id: str
+
+
+@dataclasses.dataclass(frozen=True)
+class BestTrial:
+    """The best trial of a study, whichever engine ran it: enough to rebuild its model."""
+
+    study_name: str
+    number: int
+    params: dict
+    run_id: str
+    validation_accuracy: float
+    engine: str = "optuna"
+
+    @classmethod
+    def of(cls, study: optuna.Study) -> BestTrial:
+        best = study.best_trial
+        return cls(
+            study.study_name,
+            best.number,
+            space.params_of(best),
+            best.user_attrs[tracking.TRIAL_RUN_ATTR],
+            best.value,
+        )
 
 
 def make_sampler(settings: config.StudySettings, seed: int) -> optuna.samplers.BaseSampler:
@@ -75,7 +99,7 @@ def make_storage(url: str, settings: config.StudySettings) -> optuna.storages.Ba
         engine_kwargs = {"connect_args": {"timeout": 120}}
     else:
         engine_kwargs = {"pool_pre_ping": True}
-    retry = optuna.storages.RetryFailedTrialCallback(max_retry=settings.max_retries)
+    retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=settings.max_retries)
 
     def on_stale_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
         tracking.end_stale_trial_run(trial)
@@ -86,7 +110,7 @@ def make_storage(url: str, settings: config.StudySettings) -> optuna.storages.Ba
         engine_kwargs=engine_kwargs,
         heartbeat_interval=settings.heartbeat_seconds,
         grace_period=settings.heartbeat_grace_seconds,
-        failed_trial_callback=on_stale_trial,
+        heartbeat_stale_trial_callback=on_stale_trial,
     )
 
 
@@ -124,18 +148,23 @@ def load_or_create_study(
 
 
 def run(
-    study_file: str | Path,
+    study_file: str | Path | space.StudyDefinition,
     storage: str | None = None,
     n_trials: int | None = None,
     timeout_minutes: float | None = None,
     workers: int = 1,
     join: bool = False,
+    register: bool = True,
+    experiment: str | None = None,
 ) -> Outcome | None:
-    """Tune with `workers` processes, then evaluate and register the best trial's model as
-    `challenger`. With `join`, only run trials of a study started elsewhere (returns None)."""
+    """Tune with `workers` processes, then evaluate the best trial's model on the test set
+    and (with `register`) register it as `challenger`. With `join`, only run trials of a
+    study started elsewhere (returns None). `experiment` defaults to the study's name."""
     started = time.perf_counter()
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # Our own line per trial says it.
-    definition = with_overrides(space.load(study_file), n_trials, timeout_minutes)
+    if not isinstance(study_file, space.StudyDefinition):
+        study_file = space.load(study_file)
+    definition = with_overrides(study_file, n_trials, timeout_minutes)
     if workers < 1:
         raise ValueError(f"--workers must be at least 1, got {workers}")
     tracking.configure()  # Fail before loading data or training if the store is down.
@@ -165,7 +194,14 @@ def run(
         # The machine that started the study owns its parent run and the registration.
         run_trials(study.user_attrs[tracking.PARENT_RUN_ATTR])
         return None
-    parent_run_id = tracking.open_study_run(study, *_run_inputs(definition, split, mnist))
+    parent_run_id = tracking.open_study_run(
+        experiment or study.study_name,
+        study.study_name,
+        study.user_attrs.get(tracking.PARENT_RUN_ATTR),
+        *run_inputs(definition, split, mnist),
+        tags={"study": study.study_name, "engine": "optuna", "algorithm": _algorithm(definition)},
+    )
+    study.set_user_attr(tracking.PARENT_RUN_ATTR, parent_run_id)
     try:
         run_trials(parent_run_id)
         if _count(study, (TrialState.COMPLETE,)) == 0:
@@ -173,15 +209,25 @@ def run(
                 f"study '{study.study_name}' has no completed trial to register; "
                 "see each trial's fail_reason above or in the MLflow UI"
             )
-        best = study.best_trial
         with mlflow.start_run(run_id=parent_run_id):
-            test_accuracy, version = finalize(study, best, mnist)
+            test_accuracy, version = finalize(BestTrial.of(study), mnist, register)
         report.log_to_run(study, parent_run_id)
     except BaseException as error:
         tracking.close_study_run(parent_run_id, error)
         raise
     tracking.close_study_run(parent_run_id)
-    return Outcome(study, time.perf_counter() - started, best, test_accuracy, version)
+    return Outcome(
+        study,
+        time.perf_counter() - started,
+        study.best_trial,
+        test_accuracy,
+        version,
+        parent_run_id,
+    )
+
+
+def _algorithm(definition: space.StudyDefinition) -> str:
+    return f"{definition.study.sampler}, {definition.study.pruner} pruner"
 
 
 def with_overrides(
@@ -231,12 +277,40 @@ def optimize(
     )
 
 
-def finalize(
-    study: optuna.Study, best: optuna.trial.FrozenTrial, mnist: data.Mnist
-) -> tuple[float, str]:
+def finalize(best: BestTrial, mnist: data.Mnist, register: bool = True) -> tuple[float, str | None]:
     """Rebuild the best trial's model from its params and weights, evaluate it on the test
-    set into the active (parent) run, and register it unless that trial already is."""
-    params = space.params_of(best)
+    set into the active (parent) run, and (with `register`) register it unless that trial
+    already is. Returns the test accuracy and the registered version."""
+    cnn = rebuild(best.params, best.run_id)
+    test = evaluate.evaluate(cnn, data.preprocess(mnist.test_images), mnist.test_labels)
+    tracking.log_evaluation(test, "test", f"best trial {best.number}, MNIST test set")
+    mlflow.log_metrics(
+        {"test_accuracy": test.accuracy, "best_val_accuracy": best.validation_accuracy}
+    )
+    mlflow.set_tags({"best_trial": str(best.number)})
+    if not register:
+        return test.accuracy, None
+
+    existing = registry.find_version(best.study_name, best.number)
+    if existing is not None:
+        print(f"best trial {best.number} is already registered as version {existing.version}")
+        return test.accuracy, str(existing.version)
+    version = registry.register(
+        cnn,
+        study_name=best.study_name,
+        trial_number=best.number,
+        params=best.params,
+        validation_accuracy=best.validation_accuracy,
+        test_accuracy=test.accuracy,
+        test_images=len(mnist.test_labels),
+        data_sha256=mnist.digest,
+        engine=best.engine,
+    )
+    return test.accuracy, str(version.version)
+
+
+def rebuild(params: dict, trial_run_id: str) -> keras.Model:
+    """A trial's model, in float32, from its params and the weights its run logged."""
     with tempfile.TemporaryDirectory() as scratch:
         # The registered model computes in float32 whatever precision the trials trained in:
         # it must run anywhere, and it is what the test accuracy is measured on.
@@ -245,32 +319,11 @@ def finalize(
         # The weights file holds the optimizer's state too; building the optimizer first lets
         # it load whole instead of warning that half the file was skipped.
         cnn.optimizer.build(cnn.trainable_variables)
-        cnn.load_weights(
-            tracking.download_weights(best.user_attrs[tracking.TRIAL_RUN_ATTR], Path(scratch))
-        )
-    test = evaluate.evaluate(cnn, data.preprocess(mnist.test_images), mnist.test_labels)
-    tracking.log_evaluation(test, "test", f"best trial {best.number}, MNIST test set")
-    mlflow.log_metrics({"test_accuracy": test.accuracy, "best_val_accuracy": best.value})
-    mlflow.set_tags({"best_trial": str(best.number)})
-
-    existing = registry.find_version(study.study_name, best.number)
-    if existing is not None:
-        print(f"best trial {best.number} is already registered as version {existing.version}")
-        return test.accuracy, str(existing.version)
-    version = registry.register(
-        cnn,
-        study_name=study.study_name,
-        trial_number=best.number,
-        params=params,
-        validation_accuracy=best.value,
-        test_accuracy=test.accuracy,
-        test_images=len(mnist.test_labels),
-        data_sha256=mnist.digest,
-    )
-    return test.accuracy, str(version.version)
+        cnn.load_weights(tracking.download_weights(trial_run_id, Path(scratch)))
+    return cnn
 
 
-def _run_inputs(definition: space.StudyDefinition, split: data.Split, mnist: data.Mnist):
+def run_inputs(definition: space.StudyDefinition, split: data.Split, mnist: data.Mnist):
     """The parent run's resolved configuration and MLflow datasets (only the machine that
     owns the parent run builds them)."""
     datasets = {

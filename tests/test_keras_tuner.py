@@ -1,0 +1,189 @@
+"""Keras Tuner as the second engine: same space, same MLflow layout, a real search.
+
+The translation test needs no training; the others run real Keras Tuner searches on the
+MNIST fixture (a few seconds a trial), which also proves its tensorboard import is satisfied:
+without tensorboard every one of these trials would fail.
+"""
+
+from __future__ import annotations
+
+import mlflow
+import numpy as np
+import pytest
+
+from conftest import TINY_STUDY, write_study
+from digitune import bench, cli, config, keras_tuner_engine, space
+
+# Hyperband over 3 epochs with factor 3: three 1-epoch trials, then the best one continued.
+HYPERBAND_STUDY = TINY_STUDY.replace("n_trials = 3", "n_trials = 4").replace(
+    "max_epochs = 2", "max_epochs = 3"
+)
+EPOCH_METRICS = ("loss", "accuracy", "val_loss", "val_accuracy", "epoch_seconds")
+
+
+def test_search_space_translates_every_kind_of_range(project):
+    definition = space.load(
+        write_study(
+            project,
+            """
+[space]
+learning_rate = { type = "float", low = 1e-4, high = 1e-2, log = true }
+dropout_rate = { type = "float", low = 0.0, high = 0.5, step = 0.1 }
+num_filters = { type = "int", low = 16, high = 64, step = 16 }
+dense_units = { type = "int", low = 32, high = 256, log = true }
+kernel_size = { type = "categorical", choices = [3, 5] }
+batch_normalization = { type = "categorical", choices = [true, false] }
+batch_size = 64
+""",
+        )
+    )
+    hp = {
+        parameter.name: parameter
+        for parameter in keras_tuner_engine.hyperparameters(definition).space
+    }
+    assert list(hp) == list(definition.distributions)  # fixed values are not searched
+    assert (hp["learning_rate"].min_value, hp["learning_rate"].max_value) == (1e-4, 1e-2)
+    assert hp["learning_rate"].sampling == "log"
+    assert (hp["dropout_rate"].step, hp["dropout_rate"].sampling) == (0.1, "linear")
+    assert (hp["num_filters"].min_value, hp["num_filters"].max_value) == (16, 64)
+    assert hp["num_filters"].step == 16
+    assert (hp["dense_units"].sampling, hp["dense_units"].step) == ("log", None)
+    assert hp["kernel_size"].values == [3, 5]
+    assert hp["batch_normalization"].values == [True, False]
+
+    # Every value Keras Tuner draws lies inside the study's Optuna distribution.
+    hyperparameters = keras_tuner_engine.hyperparameters(definition)
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        for name, parameter in hp.items():
+            value = parameter.random_sample(int(rng.integers(1 << 30)))
+            assert definition.distributions[name]._contains(
+                definition.distributions[name].to_internal_repr(value)
+            ), (name, value)
+    assert hyperparameters.get("num_filters") == 16  # defaults to the range's low end
+
+
+@pytest.mark.slow
+def test_hyperband_search_is_tracked_like_optuna_and_registered(project):
+    study_file = write_study(project, HYPERBAND_STUDY)
+    outcome = keras_tuner_engine.run(study_file)
+    assert outcome.study_name == "tiny-keras-tuner-hyperband"
+    assert outcome.trials == 4
+
+    client = mlflow.MlflowClient()
+    experiment = client.get_experiment_by_name("tiny")  # the study's experiment, as Optuna's
+    runs = client.search_runs([experiment.experiment_id])
+    (parent,) = [r for r in runs if r.data.tags.get("digitune.role") == "study"]
+    assert parent.info.run_name == "tiny keras-tuner hyperband"
+    assert parent.data.tags["engine"] == "keras-tuner"
+    assert parent.data.tags["algorithm"] == "hyperband"
+    assert parent.info.status == "FINISHED"
+    assert parent.data.metrics["test_accuracy"] == pytest.approx(outcome.test_accuracy)
+    assert parent.data.params["study.name"] == "tiny"
+
+    children = {
+        r.info.run_name: r
+        for r in runs
+        if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id
+    }
+    assert set(children) == {"trial-0", "trial-1", "trial-2", "trial-3"}
+    for name, child in children.items():
+        assert child.info.status == "FINISHED"
+        assert child.data.tags["engine"] == "keras-tuner"
+        assert child.data.tags["state"] == "COMPLETE", child.data.tags.get("fail_reason")
+        assert child.data.params["batch_size"] == "64"  # fixed values are logged too
+        for metric in EPOCH_METRICS:
+            assert client.get_metric_history(child.info.run_id, metric), (name, metric)
+        assert 0 < child.data.metrics["tracking_seconds"] < child.data.metrics["trial_seconds"]
+        artifacts = {a.path for a in client.list_artifacts(child.info.run_id)}
+        assert {"val_confusion_matrix.png", "val_confusion_matrix.json", "weights"} <= artifacts
+
+    # Successive halving: the fourth trial continues the best first-round trial from its
+    # checkpoint, and its epochs are logged at the steps after the ones it started from.
+    continued = children["trial-3"].data.tags
+    assert continued["hyperband_epochs"] == "3"
+    assert continued["hyperband_initial_epoch"] == "1"
+    first_round = {n: children[f"trial-{n}"].data.metrics["val_accuracy"] for n in range(3)}
+    assert int(continued["hyperband_trial_id"]) == max(first_round, key=first_round.get)
+    steps = client.get_metric_history(children["trial-3"].info.run_id, "val_accuracy")
+    assert sorted(m.step for m in steps) == [1, 2]
+
+    # The best trial's model, rebuilt from its logged weights, is the registered challenger.
+    version = client.get_model_version_by_alias(config.REGISTERED_MODEL_NAME, "challenger")
+    assert str(version.version) == outcome.model_version
+    assert version.tags["engine"] == "keras-tuner"
+    assert version.tags["study"] == "tiny-keras-tuner-hyperband"
+    assert version.tags["trial"] == str(outcome.best.number)
+    best_value = max(
+        max(m.value for m in client.get_metric_history(c.info.run_id, "val_accuracy"))
+        for c in children.values()
+    )
+    assert outcome.best.validation_accuracy == pytest.approx(best_value)
+
+    # Running it again resumes: Keras Tuner's state and the same parent run.
+    again = keras_tuner_engine.run(study_file, n_trials=5)
+    assert again.trials == 5 and again.parent_run_id == parent.info.run_id
+
+
+@pytest.mark.slow
+def test_bayesian_optimization_is_selectable(project, capsys):
+    study_file = write_study(
+        project,
+        TINY_STUDY.replace("n_trials = 3", "n_trials = 2").replace(
+            "= 2\n\n[space]", "= 1\n\n[space]"
+        ),
+    )
+    assert (
+        cli.main(
+            [
+                "tune",
+                "--study",
+                str(study_file),
+                "--engine",
+                "keras-tuner",
+                "--algorithm",
+                "bayesian",
+            ]
+        )
+        == 0
+    )
+    assert "registered mnist-cnn version 1" in capsys.readouterr().out
+    runs = mlflow.search_runs(experiment_names=["tiny"], output_format="list")
+    (parent,) = [r for r in runs if r.data.tags.get("digitune.role") == "study"]
+    assert parent.data.tags["algorithm"] == "bayesian"
+    assert len(runs) == 3
+
+
+def test_optuna_only_options_are_refused_for_keras_tuner(project, capsys):
+    study_file = write_study(project, TINY_STUDY)
+    code = cli.main(
+        ["tune", "--study", str(study_file), "--engine", "keras-tuner", "--workers", "2"]
+    )
+    assert code == 1
+    assert "Keras Tuner runs one worker" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_tuning_race_writes_its_tables_and_plot(project):
+    write_study(
+        project, HYPERBAND_STUDY.replace('name = "tiny"', 'name = "mnist-cnn"'), "mnist-cnn.toml"
+    )
+    race, overhead, curves = bench.tuning_race(budget_minutes=0.15)
+
+    assert list(race["contender"]) == [contender.name for contender in bench.CONTENDERS]
+    assert (race["trials_started"] >= 1).all()
+    assert (race["trials_started"] == race[["completed", "pruned", "failed"]].sum(axis=1)).all()
+    assert race["test_accuracy_of_best"].between(0.5, 1.0).all()
+    # The best-so-far curve never goes down and ends at the table's best.
+    for contender, curve in curves.groupby("contender"):
+        assert np.all(np.diff(curve["best_val_accuracy"]) >= 0)
+        best = race.set_index("contender").loc[contender, "best_val_accuracy"]
+        assert curve["best_val_accuracy"].iloc[-1] == pytest.approx(best, abs=1e-4)
+    assert (overhead["tracking_percent"] > 0).all() and (overhead["tracking_percent"] < 100).all()
+
+    markdown = bench.write_results("tuning_race", race, bench.plot_race(curves))
+    assert markdown.read_text().count("\n| ") == 1 + len(race)
+    assert (markdown.parent / "tuning_race.png").stat().st_size > 10_000
+    assert "time to 99.0%" in bench.race_summary(race)
+    # Nothing raced was registered.
+    assert not mlflow.MlflowClient().search_registered_models()
