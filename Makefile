@@ -2,7 +2,7 @@
 # Every target is a thin call of the `digitune` command, so everything works without make.
 
 .DEFAULT_GOAL := help
-.PHONY: help install data tune worker mlflow-server report promote rollback models serve bench bench-serve ui test lint clean
+.PHONY: help install data tune worker mlflow-server report promote ensemble tflite rollback models serve bench bench-serve ui test lint clean
 
 PYTHON ?= python3
 VENV := .venv
@@ -19,10 +19,14 @@ FORCE ?=
 ENGINE ?= optuna
 ALGORITHM ?= hyperband
 BUDGET ?= 10
+REFIT ?=
+TOP ?= 5
+GREEDY ?=
+VERSION ?=
 
 TUNE_ARGS := --study $(STUDY) $(if $(TRIALS),--trials $(TRIALS)) \
 	$(if $(TIMEOUT),--timeout-minutes $(TIMEOUT)) $(if $(STORAGE),--storage $(STORAGE)) \
-	--workers $(WORKERS) $(if $(filter keras-tuner,$(ENGINE)),--engine keras-tuner --algorithm $(ALGORITHM))
+	--workers $(WORKERS) $(if $(REFIT),--refit) $(if $(filter keras-tuner,$(ENGINE)),--engine keras-tuner --algorithm $(ALGORITHM))
 
 help: ## Show this help
 	@echo "Usage: make <target> [STUDY=studies/quick.toml] [TRIALS=N] [TIMEOUT=minutes] [STORAGE=url]"
@@ -55,6 +59,12 @@ report: install ## Summarise a study and log its figures to MLflow (STUDY, STORA
 
 promote: install ## Make @challenger @champion if better on the test set (MARGIN, FORCE=1)
 	$(BIN)/digitune promote --margin $(MARGIN) $(if $(FORCE),--force)
+
+ensemble: install ## Register the average of the study's TOP best trials (STUDY, TOP=5, GREEDY=1)
+	$(BIN)/digitune ensemble --study $(STUDY) --top $(TOP) $(if $(GREEDY),--greedy)
+
+tflite: install ## TFLite float16/int8 files of @champion (or VERSION=N), logged to its run
+	$(BIN)/digitune export $(if $(VERSION),--version $(VERSION))
 
 rollback: install ## Move @champion back to the previous champion
 	$(BIN)/digitune rollback

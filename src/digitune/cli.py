@@ -8,6 +8,8 @@
     digitune mlflow-server                     a tracking server for several machines
     digitune report --study studies/quick.toml  summarise a study, log its figures
     digitune promote [--margin M] [--force]    challenger -> champion, on evidence
+    digitune ensemble --top 5                  register the average of the 5 best trials
+    digitune export [--version N]              TFLite float16/int8 files of a version
     digitune rollback                          champion back to the previous one
     digitune models                            list the registered versions
     digitune serve [--port 8000]               the champion behind an API and a page
@@ -87,6 +89,12 @@ def _parser() -> argparse.ArgumentParser:
         help="only run trials of a study started elsewhere (another machine's `make tune`)",
     )
     tune_parser.add_argument(
+        "--refit",
+        action="store_true",
+        help="then retrain the best configuration on all 60,000 training images and register "
+        "it as the challenger",
+    )
+    tune_parser.add_argument(
         "--engine",
         choices=("optuna", "keras-tuner"),
         default="optuna",
@@ -117,6 +125,26 @@ def _parser() -> argparse.ArgumentParser:
         "--force", action="store_true", help="promote even if not better (recorded as forced)"
     )
     promote_parser.set_defaults(handler=_promote)
+
+    ensemble_parser = commands.add_parser(
+        "ensemble", help="register the average of a study's best trials' models"
+    )
+    _add_study_arguments(ensemble_parser)
+    ensemble_parser.add_argument("--top", type=int, default=5, help="members (default: 5)")
+    ensemble_parser.add_argument(
+        "--greedy",
+        action="store_true",
+        help="greedy forward selection on validation accuracy instead of the top K",
+    )
+    ensemble_parser.set_defaults(handler=_ensemble)
+
+    export_parser = commands.add_parser(
+        "export", help="TensorFlow Lite float16 and int8 files of a registered version"
+    )
+    export_choice = export_parser.add_mutually_exclusive_group()
+    export_choice.add_argument("--version", default=None, help="a version number")
+    export_choice.add_argument("--alias", default=None, help="an alias (default: champion)")
+    export_parser.set_defaults(handler=_export)
 
     rollback_parser = commands.add_parser("rollback", help="champion back to the previous one")
     rollback_parser.set_defaults(handler=_rollback)
@@ -211,7 +239,13 @@ def _tune(args: argparse.Namespace) -> int:
         return _tune_with_keras_tuner(args)
 
     outcome = tune.run(
-        args.study, args.storage, args.trials, args.timeout_minutes, args.workers, args.join
+        args.study,
+        args.storage,
+        args.trials,
+        args.timeout_minutes,
+        args.workers,
+        args.join,
+        refit=args.refit,
     )
     if outcome is None:
         print("this machine's workers are done; the study's own `make tune` registers the best")
@@ -227,15 +261,22 @@ def _tune(args: argparse.Namespace) -> int:
         f"\nregistered {config.REGISTERED_MODEL_NAME} version {outcome.model_version} "
         f"(alias @{config.CHALLENGER_ALIAS}); compare trials with `make ui`"
     )
+    if outcome.refit is not None:
+        print(
+            f"refit on all training images ({outcome.refit.epochs} epochs): test accuracy "
+            f"{outcome.refit.test_accuracy:.4f} (the trial's own model: "
+            f"{outcome.refit.trial_test_accuracy:.4f}); registered as version "
+            f"{outcome.refit.version}, now @{config.CHALLENGER_ALIAS}"
+        )
     return 0
 
 
 def _tune_with_keras_tuner(args: argparse.Namespace) -> int:
     from digitune import keras_tuner_engine
 
-    if args.workers != 1 or args.join or args.storage:
+    if args.workers != 1 or args.join or args.storage or args.refit:
         raise ValueError(
-            "--workers, --join and --storage are Optuna's; Keras Tuner runs one worker "
+            "--workers, --join, --storage and --refit are Optuna's; Keras Tuner runs one worker "
             "and keeps its state in studies/<study>-keras-tuner-<algorithm>/"
         )
     outcome = keras_tuner_engine.run(args.study, args.algorithm, args.trials, args.timeout_minutes)
@@ -247,6 +288,30 @@ def _tune_with_keras_tuner(args: argparse.Namespace) -> int:
         f"\nregistered {config.REGISTERED_MODEL_NAME} version {outcome.model_version} "
         f"(alias @{config.CHALLENGER_ALIAS}); compare engines with `make ui`"
     )
+    return 0
+
+
+def _ensemble(args: argparse.Namespace) -> int:
+    from digitune import ensemble
+
+    outcome = ensemble.run(args.study, args.storage, args.top, args.greedy)
+    print(
+        f"validation accuracy: ensemble {outcome.validation_accuracy:.4f}, best single "
+        f"{outcome.best_member_validation_accuracy:.4f}\n"
+        f"test accuracy:       ensemble {outcome.test_accuracy:.4f}, best single "
+        f"{outcome.best_member_test_accuracy:.4f}\n"
+        f"registered {config.REGISTERED_MODEL_NAME} version {outcome.model_version} "
+        f"(alias @{config.CHALLENGER_ALIAS}); `make promote` compares it with the champion"
+    )
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from digitune import export
+
+    table = export.run(args.version, args.alias)
+    print(table.to_string(index=False))
+    print("logged under tflite/ in the version's run; sizes as version tags")
     return 0
 
 

@@ -25,7 +25,22 @@ HYPERPARAMETER_DEFAULTS: dict[str, object] = {
     "dense_units": 128,
     "dropout_rate": 0.0,
     "batch_normalization": False,
+    # Augmentation of training batches (Keras preprocessing layers, inactive at inference):
+    # random shifts as a fraction of the image's size, rotations in degrees, zoom fraction.
+    "augment_shift": 0.0,
+    "augment_rotation_degrees": 0.0,
+    "augment_zoom": 0.0,
+    # adam, adamw (decoupled weight decay of `weight_decay`), sgd (Nesterov momentum 0.9)
+    # or rmsprop. `weight_decay` is AdamW's; the others ignore it.
+    "optimizer": "adam",
+    "weight_decay": 0.0,
+    "label_smoothing": 0.0,
+    # Read by the trainer, like batch_size: constant, cosine (decay to 0 over the epochs)
+    # or plateau (halve when validation accuracy stalls for an epoch).
+    "lr_schedule": "constant",
 }
+OPTIMIZERS = ("adam", "adamw", "sgd", "rmsprop")
+LR_SCHEDULES = ("constant", "cosine", "plateau")
 
 
 def resolve_params(params: dict) -> dict:
@@ -49,9 +64,18 @@ def build_model(params: dict) -> keras.Model:
         raise ValueError(f"num_conv_blocks must be 1 to 4, got {params['num_conv_blocks']}")
     if not 0.0 <= float(params["dropout_rate"]) < 1.0:
         raise ValueError(f"dropout_rate must be in [0, 1), got {params['dropout_rate']}")
+    if params["optimizer"] not in OPTIMIZERS:
+        raise ValueError(
+            f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {params['optimizer']!r}"
+        )
+    if params["lr_schedule"] not in LR_SCHEDULES:
+        raise ValueError(
+            f"lr_schedule must be one of {', '.join(LR_SCHEDULES)}, got {params['lr_schedule']!r}"
+        )
 
     inputs = keras.Input(shape=IMAGE_SHAPE, name="image")
-    features = inputs
+    augment = augmentation(params)
+    features = augment(inputs) if augment.layers else inputs
     for block in range(int(params["num_conv_blocks"])):
         features = layers.Conv2D(
             int(params["num_filters"]) * 2**block,
@@ -73,9 +97,62 @@ def build_model(params: dict) -> keras.Model:
     )
 
     model = keras.Model(inputs, outputs, name="mnist_cnn")
+    label_smoothing = float(params["label_smoothing"])
     model.compile(
-        optimizer=keras.optimizers.Adam(learning_rate=float(params["learning_rate"])),
-        loss="sparse_categorical_crossentropy",
+        optimizer=_optimizer(params),
+        loss=SparseCrossentropyWithLabelSmoothing(label_smoothing)
+        if label_smoothing
+        else "sparse_categorical_crossentropy",
         metrics=["accuracy"],
     )
     return model
+
+
+def augmentation(params: dict) -> keras.Sequential:
+    """Random shifts, rotations and zoom of training batches; the identity at inference, so
+    validation and test images are never changed. Empty when every factor is 0."""
+    params = resolve_params(params)
+    shift = float(params["augment_shift"])
+    rotation = float(params["augment_rotation_degrees"])
+    zoom = float(params["augment_zoom"])
+    steps = []
+    # float32 whatever the precision policy: the image transforms are not bfloat16 kernels.
+    if shift:
+        steps.append(layers.RandomTranslation(shift, shift, fill_mode="constant", dtype="float32"))
+    if rotation:
+        steps.append(layers.RandomRotation(rotation / 360, fill_mode="constant", dtype="float32"))
+    if zoom:
+        steps.append(layers.RandomZoom(zoom, zoom, fill_mode="constant", dtype="float32"))
+    return keras.Sequential(steps, name="augmentation")
+
+
+def _optimizer(params: dict) -> keras.optimizers.Optimizer:
+    learning_rate = float(params["learning_rate"])
+    name = params["optimizer"]
+    if name == "adamw":
+        return keras.optimizers.AdamW(learning_rate, weight_decay=float(params["weight_decay"]))
+    if name == "sgd":
+        return keras.optimizers.SGD(learning_rate, momentum=0.9, nesterov=True)
+    if name == "rmsprop":
+        return keras.optimizers.RMSprop(learning_rate)
+    return keras.optimizers.Adam(learning_rate)
+
+
+@keras.saving.register_keras_serializable(package="digitune")
+class SparseCrossentropyWithLabelSmoothing(keras.losses.Loss):
+    """Cross-entropy on integer labels with label smoothing, which Keras's sparse loss lacks."""
+
+    def __init__(self, label_smoothing: float = 0.0, name="sparse_crossentropy_smoothed", **kwargs):
+        super().__init__(name=name, **kwargs)
+        self.label_smoothing = label_smoothing
+
+    def call(self, y_true, y_pred):
+        labels = keras.ops.one_hot(
+            keras.ops.cast(keras.ops.reshape(y_true, (-1,)), "int32"), NUM_CLASSES
+        )
+        return keras.losses.categorical_crossentropy(
+            labels, y_pred, label_smoothing=self.label_smoothing
+        )
+
+    def get_config(self):
+        return {**super().get_config(), "label_smoothing": self.label_smoothing}

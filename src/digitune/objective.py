@@ -92,17 +92,40 @@ def fit(
     initial_epoch: int = 0,
 ) -> keras.callbacks.History:
     """Train `cnn` the way every trial of either engine does (the benchmark times this)."""
-    batch_size = int(params.get("batch_size", model.HYPERPARAMETER_DEFAULTS["batch_size"]))
+    params = model.resolve_params(params)
+    callbacks = [*learning_rate_schedule(params, epochs), *callbacks]
     return cnn.fit(
         split.x_train,
         split.y_train,
-        batch_size=batch_size,
+        batch_size=int(params["batch_size"]),
         epochs=epochs,
         initial_epoch=initial_epoch,
-        validation_data=(split.x_validation, split.y_validation),
+        # A refit trains on every training image and has nothing to validate on.
+        validation_data=(split.x_validation, split.y_validation)
+        if len(split.y_validation)
+        else None,
         verbose=0,
         callbacks=list(callbacks),
     )
+
+
+def learning_rate_schedule(params: dict, epochs: int) -> list[keras.callbacks.Callback]:
+    """The trainer's side of `lr_schedule`: cosine decay over `epochs`, or halving the rate
+    when validation accuracy has not improved for an epoch."""
+    base = float(params["learning_rate"])
+    if params["lr_schedule"] == "cosine":
+        return [
+            keras.callbacks.LearningRateScheduler(
+                lambda epoch: base * 0.5 * (1 + math.cos(math.pi * epoch / max(1, epochs)))
+            )
+        ]
+    if params["lr_schedule"] == "plateau":
+        return [
+            keras.callbacks.ReduceLROnPlateau(
+                monitor=config.OBJECTIVE_METRIC, mode="max", factor=0.5, patience=1, min_lr=1e-6
+            )
+        ]
+    return []
 
 
 def training_callbacks(training: config.TrainingSettings, deadline: float | None) -> list:

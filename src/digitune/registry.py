@@ -30,7 +30,7 @@ SIGNATURE = ModelSignature(
 )
 
 
-def _pip_requirements() -> list[str]:
+def pip_requirements() -> list[str]:
     # Given explicitly: MLflow's inference of requirements reloads the model in a subprocess,
     # which costs seconds for every logged model.
     import keras
@@ -54,6 +54,7 @@ def register(
     test_images: int,
     data_sha256: str,
     engine: str = "optuna",
+    extra_tags: dict[str, str] | None = None,
     alias: str = config.CHALLENGER_ALIAS,
 ) -> mlflow.entities.model_registry.ModelVersion:
     """Log `keras_model` to the active run and register it with `alias` and readable tags."""
@@ -66,11 +67,9 @@ def register(
             # about 1 ms an image here, where Keras's `predict` costs some 50 ms a call.
             save_exported_model=True,
             signature=SIGNATURE,
-            pip_requirements=_pip_requirements(),
+            pip_requirements=pip_requirements(),
             registered_model_name=config.REGISTERED_MODEL_NAME,
         )
-    client = mlflow.MlflowClient()
-    version = info.registered_model_version
     tags = {
         "study": study_name,
         "trial": str(trial_number),
@@ -79,30 +78,46 @@ def register(
         "test_images": str(test_images),
         "data_sha256": data_sha256,
         "engine": engine,
+        **(extra_tags or {}),
     }
+    return describe_version(info.registered_model_version, tags, describe(tags, params), alias)
+
+
+def describe_version(
+    version, tags: dict[str, str], description: str, alias: str | None
+) -> mlflow.entities.model_registry.ModelVersion:
+    """Tag a new version, give it its description and point `alias` (if any) at it."""
+    client = mlflow.MlflowClient()
     for key, value in tags.items():
         client.set_model_version_tag(config.REGISTERED_MODEL_NAME, version, key, value)
-    client.update_model_version(
-        config.REGISTERED_MODEL_NAME, version, description=describe(tags, params)
-    )
-    client.set_registered_model_alias(config.REGISTERED_MODEL_NAME, alias, version)
+    client.update_model_version(config.REGISTERED_MODEL_NAME, version, description=description)
+    if alias is not None:
+        client.set_registered_model_alias(config.REGISTERED_MODEL_NAME, alias, version)
     return client.get_model_version(config.REGISTERED_MODEL_NAME, version)
 
 
-def find_version(study_name: str, trial_number: int):
-    """The registered version made from this study's trial, or None."""
+def find_version(study_name: str, trial_number: int, kind: str = "trial"):
+    """The registered version made from this study's trial (`kind` "trial") or from its
+    configuration refitted on all training images (`kind` "refit"), or None."""
     versions = mlflow.MlflowClient().search_model_versions(
         f"name = '{config.REGISTERED_MODEL_NAME}' and tags.study = '{study_name}' "
         f"and tags.trial = '{trial_number}'"
     )
+    versions = [v for v in versions if v.tags.get("kind", "trial") == kind]
     return versions[0] if versions else None
 
 
 def describe(tags: dict, params: dict) -> str:
     """The Markdown description a person reads on the version's page in the MLflow UI."""
     rows = "\n".join(f"| {name} | {value} |" for name, value in params.items())
+    what = (
+        f"Best trial {tags['trial']} of study **{tags['study']}**"
+        if tags.get("kind", "trial") == "trial"
+        else f"Best trial {tags['trial']} of study **{tags['study']}**, retrained on all "
+        f"{tags.get('train_images', '60000')} training images for {tags.get('epochs')} epochs"
+    )
     return (
-        f"Best trial {tags['trial']} of study **{tags['study']}**.\n\n"
+        f"{what}.\n\n"
         f"- validation accuracy: {tags['validation_accuracy']}\n"
         f"- test accuracy: {tags['test_accuracy']} "
         f"(MNIST test set, {int(tags['test_images']):,} images)\n"

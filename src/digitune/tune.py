@@ -32,6 +32,7 @@ from digitune import (
     space,
     tracking,
 )
+from digitune import refit as refit_module
 
 FINISHED_STATES = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
 
@@ -46,6 +47,7 @@ class Outcome:
     test_accuracy: float
     model_version: str | None
     parent_run_id: str
+    refit: refit_module.Refit | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -156,6 +158,7 @@ def run(
     join: bool = False,
     register: bool = True,
     experiment: str | None = None,
+    refit: bool = False,
 ) -> Outcome | None:
     """Tune with `workers` processes, then evaluate the best trial's model on the test set
     and (with `register`) register it as `challenger`. With `join`, only run trials of a
@@ -211,6 +214,11 @@ def run(
             )
         with mlflow.start_run(run_id=parent_run_id):
             test_accuracy, version = finalize(BestTrial.of(study), mnist, register)
+        refitted = (
+            refit_module.run(study, definition, mnist, parent_run_id, test_accuracy)
+            if refit
+            else None
+        )
         report.log_to_run(study, parent_run_id)
     except BaseException as error:
         tracking.close_study_run(parent_run_id, error)
@@ -223,6 +231,7 @@ def run(
         test_accuracy,
         version,
         parent_run_id,
+        refitted,
     )
 
 

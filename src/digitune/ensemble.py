@@ -1,0 +1,216 @@
+"""Ensembles: average the class probabilities of a study's best trials' models.
+
+    digitune ensemble --study studies/mnist-cnn.toml --top 5            the 5 best trials
+    digitune ensemble --study studies/mnist-cnn.toml --top 5 --greedy   greedy selection
+
+Members are chosen on the validation set only: the K best trials by validation accuracy, or
+greedy forward selection (start from the best trial, add whichever of the 2K best trials
+raises the ensemble's validation accuracy most, stop when none does). Each member is rebuilt
+in float32 from its trial's logged weights. The ensemble is then evaluated once on the test
+set beside its best single member, and registered as a version of `mnist-cnn`: an MLflow
+pyfunc that holds the members' Keras files and averages their softmax outputs, with the same
+signature as a single model, so `promote`, `serve` and `rollback` treat it like any other.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tempfile
+from pathlib import Path
+
+import mlflow
+import mlflow.pyfunc
+import numpy as np
+import optuna
+from optuna.trial import TrialState
+
+from digitune import config, data, evaluate, registry, space, tracking, tune
+
+BATCH = 1000
+
+
+def average_probabilities(members, images: np.ndarray) -> np.ndarray:
+    """The mean of the members' softmax outputs, computed a batch at a time."""
+    images = np.asarray(images, dtype="float32")
+    total = np.zeros((len(images), 10), dtype="float64")
+    for member in members:
+        for start in range(0, len(images), BATCH):
+            batch = images[start : start + BATCH]
+            total[start : start + BATCH] += np.asarray(member(batch, training=False))
+    return (total / len(members)).astype("float32")
+
+
+class EnsembleModel(mlflow.pyfunc.PythonModel):
+    """The registered ensemble: loads every member's Keras file, averages their outputs."""
+
+    def load_context(self, context):
+        import keras
+
+        names = sorted(name for name in context.artifacts if name.startswith("member_"))
+        self.members = [
+            keras.saving.load_model(context.artifacts[name], compile=False) for name in names
+        ]
+
+    def predict(self, context, model_input, params=None):
+        return average_probabilities(self.members, model_input)
+
+
+@dataclasses.dataclass(frozen=True)
+class Outcome:
+    members: list[int]
+    validation_accuracy: float
+    best_member_validation_accuracy: float
+    test_accuracy: float
+    best_member_test_accuracy: float
+    model_version: str
+
+
+def select(
+    candidates: list[optuna.trial.FrozenTrial],
+    validation_probabilities: dict[int, np.ndarray],
+    labels: np.ndarray,
+    top: int,
+    greedy: bool,
+) -> list[int]:
+    """Trial numbers of the members: the `top` best, or greedy forward selection."""
+    ranked = [t.number for t in sorted(candidates, key=lambda t: t.value, reverse=True)]
+    if not greedy:
+        return ranked[:top]
+    chosen = [ranked[0]]
+    best = _accuracy(validation_probabilities, chosen, labels)
+    while len(chosen) < top:
+        scores = {
+            number: _accuracy(validation_probabilities, [*chosen, number], labels)
+            for number in ranked
+            if number not in chosen
+        }
+        if not scores:
+            break
+        number = max(scores, key=scores.get)
+        if scores[number] <= best:
+            break
+        chosen.append(number)
+        best = scores[number]
+    return chosen
+
+
+def _accuracy(probabilities: dict[int, np.ndarray], members: list[int], labels) -> float:
+    mean = np.mean([probabilities[n] for n in members], axis=0)
+    return float(np.mean(mean.argmax(axis=1) == labels))
+
+
+def run(
+    study_file: str | Path, storage: str | None = None, top: int = 5, greedy: bool = False
+) -> Outcome:
+    """Build, evaluate and register the ensemble of a finished study's best trials."""
+    if top < 1:
+        raise ValueError(f"--top must be at least 1, got {top}")
+    definition = space.load(study_file)
+    tracking.configure()
+    url = storage or config.default_storage(definition.study.name)
+    try:
+        study = optuna.load_study(study_name=definition.study.name, storage=url)
+    except KeyError:
+        raise ValueError(
+            f"no study '{definition.study.name}' in {url}; run `make tune STUDY={study_file}` first"
+        ) from None
+    completed = [
+        t
+        for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        if tracking.TRIAL_RUN_ATTR in t.user_attrs
+    ]
+    if not completed:
+        raise ValueError(f"study '{study.study_name}' has no completed trial to ensemble")
+    completed.sort(key=lambda t: t.value, reverse=True)
+    candidates = completed[: 2 * top] if greedy else completed[:top]
+
+    mnist = data.load()
+    training = definition.training
+    split = data.split(mnist, training.train_images, training.validation_images)
+    models = {
+        t.number: tune.rebuild(space.params_of(t), t.user_attrs[tracking.TRIAL_RUN_ATTR])
+        for t in candidates
+    }
+    validation = {n: average_probabilities([m], split.x_validation) for n, m in models.items()}
+    members = select(candidates, validation, split.y_validation, top, greedy)
+    print(
+        f"ensemble of trials {', '.join(map(str, members))} "
+        f"({'greedy selection' if greedy else f'top {top}'} by validation accuracy)"
+    )
+
+    test_images = data.preprocess(mnist.test_images)
+    best_member = members[0]
+    ensemble_validation = _accuracy(validation, members, split.y_validation)
+    ensemble_test = evaluate.from_probabilities(
+        average_probabilities([models[n] for n in members], test_images), mnist.test_labels
+    )
+    best_test = evaluate.from_probabilities(
+        average_probabilities([models[best_member]], test_images), mnist.test_labels
+    )
+    parent_run_id = study.user_attrs.get(tracking.PARENT_RUN_ATTR)
+    experiment = mlflow.MlflowClient().get_experiment_by_name(study.study_name)
+    tags = {"kind": "ensemble", "members": ",".join(map(str, members))}
+    if parent_run_id:
+        tags["mlflow.parentRunId"] = parent_run_id
+    with (
+        mlflow.start_run(
+            run_name=f"ensemble-{len(members)}",
+            experiment_id=experiment.experiment_id if experiment else None,
+            tags=tags,
+        ),
+        tempfile.TemporaryDirectory() as scratch,
+    ):
+        mlflow.log_metrics(
+            {
+                "val_accuracy": ensemble_validation,
+                "test_accuracy": ensemble_test.accuracy,
+                "best_member_test_accuracy": best_test.accuracy,
+            }
+        )
+        tracking.log_evaluation(ensemble_test, "test", f"ensemble of {len(members)}, test set")
+        artifacts = {}
+        for index, number in enumerate(members):
+            path = Path(scratch) / f"member_{index:02d}_trial_{number}.keras"
+            models[number].save(path)
+            artifacts[f"member_{index:02d}"] = str(path)
+        info = mlflow.pyfunc.log_model(
+            name="model",
+            python_model=EnsembleModel(),
+            artifacts=artifacts,
+            signature=registry.SIGNATURE,
+            pip_requirements=registry.pip_requirements(),
+            registered_model_name=config.REGISTERED_MODEL_NAME,
+        )
+        version_tags = {
+            "study": study.study_name,
+            "trial": "ensemble",
+            "kind": "ensemble",
+            "members": ",".join(map(str, members)),
+            "validation_accuracy": f"{ensemble_validation:.4f}",
+            "test_accuracy": f"{ensemble_test.accuracy:.4f}",
+            "best_member_test_accuracy": f"{best_test.accuracy:.4f}",
+            "test_images": str(len(mnist.test_labels)),
+            "data_sha256": mnist.digest,
+            "engine": "optuna",
+        }
+        description = (
+            f"Ensemble of trials {version_tags['members']} of study **{study.study_name}** "
+            f"(mean of their softmax outputs; "
+            f"{'greedy selection' if greedy else f'the {top} best'} by validation accuracy).\n\n"
+            f"- validation accuracy: {ensemble_validation:.4f}\n"
+            f"- test accuracy: {ensemble_test.accuracy:.4f} (best single member, trial "
+            f"{best_member}: {best_test.accuracy:.4f}; MNIST test set, "
+            f"{len(mnist.test_labels):,} images)\n"
+            f"- data SHA-256: `{mnist.digest}`\n"
+        )
+        version = registry.describe_version(
+            info.registered_model_version, version_tags, description, config.CHALLENGER_ALIAS
+        )
+    return Outcome(
+        members,
+        ensemble_validation,
+        float(np.mean(validation[best_member].argmax(axis=1) == split.y_validation)),
+        ensemble_test.accuracy,
+        best_test.accuracy,
+        str(version.version),
+    )

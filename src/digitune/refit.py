@@ -1,0 +1,126 @@
+"""Refit: retrain a study's best configuration on all 60,000 training images.
+
+Trials train on five sixths of the training file and keep the last sixth to compare
+configurations. Once the configuration is chosen, those 10,000 images can train too: the
+refit model trains on all of them for the epoch count at which the best trial peaked (its
+best validation epoch), with the same seed, trainer and precision, and is registered beside
+the trial's own model as a version tagged `kind=refit`, taking the `challenger` alias. Both
+test accuracies are reported; the test set only evaluates, it chooses nothing.
+
+`lr_schedule = "plateau"` needs validation accuracy, which a refit does not have, so a
+refit of such a configuration keeps its learning rate constant (it says so).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import keras
+import mlflow
+import numpy as np
+import optuna
+
+from digitune import data, evaluate, model, objective, registry, space, tracking, tune
+
+
+@dataclasses.dataclass(frozen=True)
+class Refit:
+    version: str
+    epochs: int
+    test_accuracy: float
+    trial_test_accuracy: float
+
+
+def best_epochs(trial: optuna.trial.FrozenTrial) -> int:
+    """How many epochs the trial needed to reach its best validation accuracy."""
+    if not trial.intermediate_values:
+        return int(trial.user_attrs.get("epochs", 1))
+    values = trial.intermediate_values
+    best_step = max(sorted(values), key=lambda step: values[step])
+    return best_step + 1
+
+
+def run(
+    study: optuna.Study,
+    definition: space.StudyDefinition,
+    mnist: data.Mnist,
+    parent_run_id: str,
+    trial_test_accuracy: float,
+) -> Refit:
+    """Retrain the study's best trial on all training images and register the model."""
+    best = study.best_trial
+    existing = registry.find_version(study.study_name, best.number, kind="refit")
+    if existing is not None:
+        print(f"refit: trial {best.number} is already refitted as version {existing.version}")
+        return Refit(
+            str(existing.version),
+            int(existing.tags.get("epochs", 0)),
+            float(existing.tags["test_accuracy"]),
+            trial_test_accuracy,
+        )
+    params = space.params_of(best)
+    if params.get("lr_schedule") == "plateau":
+        print("refit: lr_schedule 'plateau' needs validation data; refitting at a constant rate")
+        params = {**params, "lr_schedule": "constant"}
+    epochs = best_epochs(best)
+    everything = data.Split(
+        x_train=data.preprocess(mnist.train_images),
+        y_train=mnist.train_labels.astype("int64"),
+        x_validation=np.zeros((0, *model.IMAGE_SHAPE), "float32"),
+        y_validation=np.zeros((0,), "int64"),
+    )
+    print(
+        f"refit: trial {best.number}'s configuration on all {len(everything.y_train):,} "
+        f"training images for {epochs} epochs"
+    )
+    keras.utils.clear_session(free_memory=True)
+    keras.utils.set_random_seed(definition.study.seed + best.number)
+    keras.mixed_precision.set_global_policy(
+        objective.precision_policy(definition.training.precision)
+    )
+    parent = mlflow.MlflowClient().get_run(parent_run_id)
+    with mlflow.start_run(
+        run_name=f"refit-trial-{best.number}",
+        experiment_id=parent.info.experiment_id,
+        tags={
+            "mlflow.parentRunId": parent_run_id,
+            "kind": "refit",
+            "trial_number": str(best.number),
+        },
+    ) as run:
+        mlflow.log_params(params)
+        cnn = model.build_model(params)
+        history = objective.fit(
+            cnn,
+            params,
+            everything,
+            epochs,
+            [objective.StopOnRequest(), keras.callbacks.TerminateOnNaN(), tracking.EpochTimer()],
+        ).history
+        objective.check_finite(history, params)
+        tracking.log_weights(cnn)
+        float32_model = tune.rebuild(params, run.info.run_id)
+        test = evaluate.evaluate(
+            float32_model, data.preprocess(mnist.test_images), mnist.test_labels
+        )
+        tracking.log_evaluation(test, "test", f"refit of trial {best.number}, MNIST test set")
+        mlflow.log_metrics(
+            {"test_accuracy": test.accuracy, "trial_test_accuracy": trial_test_accuracy}
+        )
+        version = registry.register(
+            float32_model,
+            study_name=study.study_name,
+            trial_number=best.number,
+            params=params,
+            validation_accuracy=best.value,
+            test_accuracy=test.accuracy,
+            test_images=len(mnist.test_labels),
+            data_sha256=mnist.digest,
+            extra_tags={
+                "kind": "refit",
+                "epochs": str(epochs),
+                "train_images": str(len(everything.y_train)),
+                "trial_test_accuracy": f"{trial_test_accuracy:.4f}",
+            },
+        )
+    return Refit(str(version.version), epochs, test.accuracy, trial_test_accuracy)

@@ -1,0 +1,159 @@
+"""Refit, ensembles and TFLite export, through the real registry and stores."""
+
+from __future__ import annotations
+
+import keras
+import mlflow
+import numpy as np
+import optuna
+import pytest
+
+from conftest import TINY_STUDY, write_study
+from digitune import cli, config, data, ensemble, export, model, registry, space, tracking, tune
+
+pytestmark = pytest.mark.slow
+
+# Four trials, so that an ensemble has members to choose from.
+STUDY = TINY_STUDY.replace("n_trials = 3", "n_trials = 4").replace(
+    "pruner_startup_trials = 1", "pruner_startup_trials = 4"
+)
+
+
+def _member_predictions(study: optuna.Study, numbers, images):
+    trials = {t.number: t for t in study.trials}
+    return [
+        tune.rebuild(
+            space.params_of(trials[n]), trials[n].user_attrs[tracking.TRIAL_RUN_ATTR]
+        ).predict(images, verbose=0)
+        for n in numbers
+    ]
+
+
+def test_refit_then_ensembles_through_the_registry(project, capsys):
+    study_file = write_study(project, STUDY)
+    outcome = tune.run(study_file, refit=True)
+    client = mlflow.MlflowClient()
+    mnist = data.load()
+
+    # Refit: a second version, tagged refit, trained on all 1,800 fixture training images for
+    # the epochs at which the best trial peaked; it is now the challenger.
+    refit = outcome.refit
+    trial_version = registry.find_version("tiny", outcome.best_trial.number)
+    refit_version = client.get_model_version(config.REGISTERED_MODEL_NAME, refit.version)
+    assert trial_version is not None and str(trial_version.version) != str(refit_version.version)
+    assert refit_version.tags["kind"] == "refit"
+    assert refit_version.tags["train_images"] == str(len(mnist.train_labels)) == "1800"
+    best = outcome.best_trial
+    peak = max(best.intermediate_values, key=best.intermediate_values.get) + 1
+    assert refit.epochs == peak == int(refit_version.tags["epochs"])
+    assert refit_version.aliases == [config.CHALLENGER_ALIAS]
+    assert float(refit_version.tags["trial_test_accuracy"]) == pytest.approx(
+        outcome.test_accuracy, abs=1e-4
+    )
+    refit_model = registry.load_pyfunc(refit_version)
+    test_images = data.preprocess(mnist.test_images)
+    accuracy = np.mean(refit_model.predict(test_images).argmax(1) == mnist.test_labels)
+    assert accuracy == pytest.approx(refit.test_accuracy, abs=1e-6)
+
+    study = optuna.load_study(study_name="tiny", storage=config.default_storage("tiny"))
+    completed = sorted(
+        (t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE),
+        key=lambda t: t.value,
+        reverse=True,
+    )
+    assert len(completed) >= 2
+
+    # An ensemble of one model equals that model.
+    one = ensemble.run(study_file, top=1)
+    assert one.members == [completed[0].number]
+    assert one.test_accuracy == one.best_member_test_accuracy
+    loaded = mlflow.pyfunc.load_model(f"models:/{config.REGISTERED_MODEL_NAME}@challenger")
+    (alone,) = _member_predictions(study, one.members, test_images)
+    np.testing.assert_allclose(loaded.predict(test_images), alone, atol=1e-5)
+
+    # Two members: the registered pyfunc averages exactly its members' probabilities.
+    two = ensemble.run(study_file, top=2)
+    assert two.members == [t.number for t in completed[:2]]
+    version = client.get_model_version_by_alias(config.REGISTERED_MODEL_NAME, "challenger")
+    assert str(version.version) == two.model_version
+    assert version.tags["kind"] == "ensemble" and version.tags["members"] == ",".join(
+        map(str, two.members)
+    )
+    loaded = registry.load_pyfunc(version)
+    expected = np.mean(_member_predictions(study, two.members, test_images), axis=0)
+    probabilities = loaded.predict(test_images)
+    np.testing.assert_allclose(probabilities, expected, atol=1e-5)
+    assert np.mean(probabilities.argmax(1) == mnist.test_labels) == pytest.approx(two.test_accuracy)
+    assert float(version.tags["test_accuracy"]) == pytest.approx(two.test_accuracy, abs=1e-4)
+
+    # Promotion treats the ensemble like any model.
+    capsys.readouterr()
+    assert cli.main(["promote"]) == 0
+    assert "version " + two.model_version in capsys.readouterr().out
+    champion = client.get_model_version_by_alias(config.REGISTERED_MODEL_NAME, "champion")
+    assert str(champion.version) == two.model_version
+
+    # ... but TFLite exports one network, and says so.
+    assert cli.main(["export"]) == 1
+    assert "is an ensemble" in capsys.readouterr().err
+
+
+def test_greedy_selection_stops_when_no_member_helps():
+    labels = np.array([0, 1, 2, 3])
+    confident = np.eye(10)[[0, 1, 2, 9]]  # 3 of 4 right
+    helpful = np.eye(10)[[0, 1, 2, 3]] * [[1], [1], [1], [2]]  # outweighs it where it errs
+    useless = np.eye(10)[[9, 9, 9, 9]] * 0.1
+    trials = [
+        optuna.trial.create_trial(value=v, params={}, distributions={}) for v in (0.75, 0.25, 0.0)
+    ]
+    for number, trial in enumerate(trials):
+        trial.number = number
+    probabilities = {0: confident, 1: helpful, 2: useless}
+    assert ensemble.select(trials, probabilities, labels, top=3, greedy=False) == [0, 1, 2]
+    assert ensemble.select(trials, probabilities, labels, top=3, greedy=True) == [0, 1]
+
+
+def test_tflite_int8_agrees_with_keras_and_is_small(project):
+    split = data.split(data.load())
+    keras.utils.set_random_seed(0)
+    params = {"num_conv_blocks": 2, "num_filters": 16, "dense_units": 64}
+    cnn = model.build_model(params)
+    cnn.fit(split.x_train, split.y_train, batch_size=32, epochs=6, verbose=0)
+    client = tracking.configure()
+    with mlflow.start_run(experiment_id=tracking.experiment_id(client, "export")):
+        version = registry.register(
+            cnn,
+            study_name="export",
+            trial_number=0,
+            params=params,
+            validation_accuracy=0.0,
+            test_accuracy=0.0,
+            test_images=300,
+            data_sha256="0" * 64,
+            alias=config.CHAMPION_ALIAS,
+        )
+
+    table = export.run().set_index("format")
+    keras_accuracy = table.loc["Keras SavedModel (float32)", "test_accuracy"]
+    assert table.loc["TFLite float32", "test_accuracy"] == pytest.approx(keras_accuracy, abs=1e-9)
+    assert table.loc["TFLite int8", "size_ratio_to_float32"] >= 3
+    assert table.loc["TFLite float16", "size_ratio_to_float32"] >= 1.8
+
+    # The int8 model's predictions agree with the Keras model's on most of the fixture.
+    mnist = data.load()
+    images = data.preprocess(mnist.test_images)
+    artifacts = {a.path for a in client.list_artifacts(version.run_id, "tflite")}
+    assert {
+        "tflite/mnist-cnn-v1-float16.tflite",
+        "tflite/mnist-cnn-v1-int8.tflite",
+        "tflite/tflite.md",
+    } <= artifacts
+    int8_file = mlflow.artifacts.download_artifacts(
+        run_id=version.run_id, artifact_path="tflite/mnist-cnn-v1-int8.tflite"
+    )
+    with open(int8_file, "rb") as handle:
+        int8 = export.Interpreter(handle.read(), batch=100)
+    agreement = np.mean(int8.predict(images).argmax(1) == cnn.predict(images, verbose=0).argmax(1))
+    assert agreement >= 0.97
+    tags = client.get_model_version(config.REGISTERED_MODEL_NAME, "1").tags
+    assert int(tags["tflite_int8_bytes"]) == table.loc["TFLite int8", "bytes"]
