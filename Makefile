@@ -45,7 +45,7 @@ install: $(BIN)/digitune ## Create .venv and install digitune with its dev tools
 data: install ## Fetch and verify MNIST into data/mnist (or check MNIST_DIR)
 	$(BIN)/digitune data
 
-tune: install ## Run or resume a study (STUDY, TRIALS, TIMEOUT, STORAGE, WORKERS, ENGINE=keras-tuner ALGORITHM=bayesian)
+tune: install ## Run or resume a study (STUDY TRIALS TIMEOUT STORAGE WORKERS REFIT=1 ENGINE=keras-tuner)
 	$(BIN)/digitune tune $(TUNE_ARGS)
 
 worker: install ## Join this machine's WORKERS to a study started elsewhere (STORAGE=...)
@@ -92,4 +92,4 @@ lint: install ## Check style with ruff
 	$(BIN)/ruff format --check src tests
 
 clean: ## Remove studies' databases and the MLflow store (keeps data and .venv)
-	rm -rf mlruns/mlflow.db mlruns/artifacts studies/*.db
+	rm -rf mlruns/mlflow.db mlruns/artifacts studies/*.db studies/*-keras-tuner-*/

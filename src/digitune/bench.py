@@ -139,10 +139,11 @@ def training_throughput(repeats: int = 3) -> pd.DataFrame:
     split = data.split(data.load())
     baseline = _baseline()
     policy = objective.precision_policy("auto")
+    steps = config.TrainingSettings.steps_per_execution
     rows = []
     for round_number in range(repeats):
         for batch_size in BATCH_SIZES:
-            for trainer in ("plain fit (tutorial)", f"digitune ({policy})"):
+            for trainer in ("plain fit (tutorial)", f"digitune ({policy}, {steps} steps/call)"):
                 keras.utils.clear_session(free_memory=True)
                 keras.utils.set_random_seed(round_number)
                 timer = EpochTimes()

@@ -316,18 +316,9 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
-    import optuna
+    from digitune import report, tune
 
-    from digitune import report, space
-
-    definition = space.load(args.study)
-    storage = args.storage or config.default_storage(definition.study.name)
-    try:
-        study = optuna.load_study(study_name=definition.study.name, storage=storage)
-    except KeyError:
-        raise ValueError(
-            f"no study '{definition.study.name}' in {storage}; run `make tune STUDY={args.study}`"
-        ) from None
+    _, study = tune.load_existing_study(args.study, args.storage)
     print(report.report(study))
     return 0
 

@@ -105,15 +105,8 @@ def run(
     """Build, evaluate and register the ensemble of a finished study's best trials."""
     if top < 1:
         raise ValueError(f"--top must be at least 1, got {top}")
-    definition = space.load(study_file)
     tracking.configure()
-    url = storage or config.default_storage(definition.study.name)
-    try:
-        study = optuna.load_study(study_name=definition.study.name, storage=url)
-    except KeyError:
-        raise ValueError(
-            f"no study '{definition.study.name}' in {url}; run `make tune STUDY={study_file}` first"
-        ) from None
+    definition, study = tune.load_existing_study(study_file, storage)
     completed = [
         t
         for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))

@@ -81,7 +81,13 @@ class CnnHyperModel(keras_tuner.HyperModel):
 
     def fit(self, hp, cnn, *args, epochs=1, initial_epoch=0, callbacks=(), **kwargs):
         return objective.fit(
-            cnn, self.params(hp), self.split, epochs, callbacks, initial_epoch=initial_epoch
+            cnn,
+            self.params(hp),
+            self.split,
+            epochs,
+            callbacks,
+            initial_epoch=initial_epoch,
+            steps_per_execution=self.definition.training.steps_per_execution,
         )
 
 

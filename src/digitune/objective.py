@@ -90,9 +90,12 @@ def fit(
     epochs: int,
     callbacks=(),
     initial_epoch: int = 0,
+    steps_per_execution: int = config.TrainingSettings.steps_per_execution,
 ) -> keras.callbacks.History:
     """Train `cnn` the way every trial of either engine does (the benchmark times this)."""
     params = model.resolve_params(params)
+    # A setting of the training loop, not of the network: read when Keras builds its step.
+    cnn.steps_per_execution = steps_per_execution
     callbacks = [*learning_rate_schedule(params, epochs), *callbacks]
     return cnn.fit(
         split.x_train,
@@ -188,7 +191,14 @@ def make_objective(
             callbacks = training_callbacks(training, deadline)
             # After the epoch is logged (EpochTimer), before the deadline and early stopping.
             callbacks.insert(3, KerasPruningCallback(trial, config.OBJECTIVE_METRIC))
-            history = fit(cnn, params, split, training.max_epochs, callbacks).history
+            history = fit(
+                cnn,
+                params,
+                split,
+                training.max_epochs,
+                callbacks,
+                steps_per_execution=training.steps_per_execution,
+            ).history
             trial.set_user_attr("epochs", len(history["loss"]))
             check_finite(history, params)
             # Early stopping restored the best epoch's weights, so the matrix matches the value.

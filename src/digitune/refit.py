@@ -96,6 +96,7 @@ def run(
             everything,
             epochs,
             [objective.StopOnRequest(), keras.callbacks.TerminateOnNaN(), tracking.EpochTimer()],
+            steps_per_execution=definition.training.steps_per_execution,
         ).history
         objective.check_finite(history, params)
         tracking.log_weights(cnn)

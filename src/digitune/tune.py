@@ -149,6 +149,20 @@ def load_or_create_study(
     return study
 
 
+def load_existing_study(study_file: str | Path, storage: str | None = None):
+    """The study a study file names, as it is in `storage` (default: studies/<name>.db);
+    an error that says how to create it when there is none. Returns (definition, study)."""
+    definition = space.load(study_file)
+    url = storage or config.default_storage(definition.study.name)
+    try:
+        study = optuna.load_study(study_name=definition.study.name, storage=url)
+    except KeyError:
+        raise ValueError(
+            f"no study '{definition.study.name}' in {url}; run `make tune STUDY={study_file}` first"
+        ) from None
+    return definition, study
+
+
 def run(
     study_file: str | Path | space.StudyDefinition,
     storage: str | None = None,
