@@ -246,7 +246,11 @@ def _make_tuner(definition, split, algorithm, directory, parent_run_id, deadline
             **common,
         )
     return _tracked(keras_tuner.Hyperband)(
-        max_epochs=definition.training.max_epochs, factor=3, **common
+        max_epochs=definition.training.max_epochs,
+        factor=3,
+        # Hyperband alone stops after its brackets; the study's budget decides instead.
+        hyperband_iterations=1000,
+        **common,
     )
 
 
