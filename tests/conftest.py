@@ -68,36 +68,43 @@ dropout_rate = { type = "float", low = 0.0, high = 0.3 }
 """
 
 
-@pytest.fixture(scope="session")
-def champion_home(tmp_path_factory) -> Path:
-    """A project folder whose MLflow store holds mnist-cnn version 1 as @champion: a small
-    real CNN trained on the fixture. Tests point DIGITUNE_HOME here to serve it."""
+def register_trained_cnn(params: dict, epochs: int, study_name: str):
+    """Train a small real CNN on the fixture (seed 0) and register it in the configured
+    MLflow store as @champion; returns (the Keras model, the model version)."""
     import keras
 
     from digitune import config, data, model, registry, tracking
 
-    home = tmp_path_factory.mktemp("champion")
     split = data.split(data.load_folder(FIXTURE_DIR))
-    params = {"num_conv_blocks": 2, "num_filters": 16, "dense_units": 64, "dropout_rate": 0.2}
     keras.utils.set_random_seed(0)
     cnn = model.build_model(params)
-    cnn.fit(split.x_train, split.y_train, batch_size=32, epochs=12, verbose=0)
+    cnn.fit(split.x_train, split.y_train, batch_size=32, epochs=epochs, verbose=0)
+    client = tracking.configure()
+    with mlflow.start_run(experiment_id=tracking.experiment_id(client, study_name)):
+        version = registry.register(
+            cnn,
+            study_name=study_name,
+            trial_number=0,
+            params=params,
+            validation_accuracy=0.0,
+            test_accuracy=0.0,
+            test_images=300,
+            data_sha256="0" * 64,
+            alias=config.CHAMPION_ALIAS,
+        )
+    return cnn, version
+
+
+@pytest.fixture(scope="session")
+def champion_home(tmp_path_factory) -> Path:
+    """A project folder whose MLflow store holds mnist-cnn version 1 as @champion: a small
+    real CNN trained on the fixture. Tests point DIGITUNE_HOME here to serve it."""
+    home = tmp_path_factory.mktemp("champion")
+    params = {"num_conv_blocks": 2, "num_filters": 16, "dense_units": 64, "dropout_rate": 0.2}
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("DIGITUNE_HOME", str(home))
         patch.delenv("MLFLOW_TRACKING_URI", raising=False)
-        client = tracking.configure()
-        with mlflow.start_run(experiment_id=tracking.experiment_id(client, "served")):
-            registry.register(
-                cnn,
-                study_name="served",
-                trial_number=0,
-                params=params,
-                validation_accuracy=0.0,
-                test_accuracy=0.0,
-                test_images=300,
-                data_sha256="0" * 64,
-                alias=config.CHAMPION_ALIAS,
-            )
+        register_trained_cnn(params, epochs=12, study_name="served")
         mlflow.set_tracking_uri(None)
     return home
 

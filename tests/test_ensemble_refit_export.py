@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import keras
 import mlflow
 import numpy as np
 import optuna
 import pytest
 
-from conftest import TINY_STUDY, write_study
-from digitune import cli, config, data, ensemble, export, model, registry, space, tracking, tune
+from conftest import TINY_STUDY, register_trained_cnn, write_study
+from digitune import cli, config, data, ensemble, export, registry, space, tracking, tune
 
 pytestmark = pytest.mark.slow
 
@@ -114,24 +113,9 @@ def test_greedy_selection_stops_when_no_member_helps():
 
 
 def test_tflite_int8_agrees_with_keras_and_is_small(project):
-    split = data.split(data.load())
-    keras.utils.set_random_seed(0)
     params = {"num_conv_blocks": 2, "num_filters": 16, "dense_units": 64}
-    cnn = model.build_model(params)
-    cnn.fit(split.x_train, split.y_train, batch_size=32, epochs=6, verbose=0)
-    client = tracking.configure()
-    with mlflow.start_run(experiment_id=tracking.experiment_id(client, "export")):
-        version = registry.register(
-            cnn,
-            study_name="export",
-            trial_number=0,
-            params=params,
-            validation_accuracy=0.0,
-            test_accuracy=0.0,
-            test_images=300,
-            data_sha256="0" * 64,
-            alias=config.CHAMPION_ALIAS,
-        )
+    cnn, version = register_trained_cnn(params, epochs=6, study_name="export")
+    client = mlflow.MlflowClient()
 
     table = export.run().set_index("format")
     keras_accuracy = table.loc["Keras SavedModel (float32)", "test_accuracy"]

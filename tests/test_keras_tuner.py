@@ -187,3 +187,23 @@ def test_tuning_race_writes_its_tables_and_plot(project):
     assert "time to 99.0%" in bench.race_summary(race)
     # Nothing raced was registered.
     assert not mlflow.MlflowClient().search_registered_models()
+
+
+def test_trials_not_carried_to_the_next_round_count_as_dropped():
+    first_round = [
+        {"trial_number": str(n), "state": "COMPLETE", "hyperband_epochs": "3"} for n in range(3)
+    ]
+    continued = {
+        "trial_number": "3",
+        "state": "COMPLETE",
+        "hyperband_epochs": "8",
+        "hyperband_trial_id": "1",
+    }
+    full_length = {"trial_number": "4", "state": "COMPLETE", "hyperband_epochs": "8"}
+    failed = {"trial_number": "5", "state": "FAIL", "hyperband_epochs": "3"}
+    tags = [*first_round, continued, full_length, failed]
+    assert keras_tuner_engine.dropped_by_successive_halving(tags, max_epochs=8) == {0, 2}
+    # Keras Tuner's zero-padded id of the continued trial is tagged as its plain number.
+    assert (
+        keras_tuner_engine._hyperband_tags({"tuner/trial_id": "0001"})["hyperband_trial_id"] == "1"
+    )

@@ -251,7 +251,6 @@ def tuning_race(
                 directory=folder / race_definition.study.name,
             )
         parents[contender.name] = outcome.parent_run_id
-    keras.mixed_precision.set_global_policy("float32")
     trials, curves = _race_trials(parents, definition.training.max_epochs)
     return _race_table(trials, curves, parents), _overhead_table(trials), curves
 
@@ -266,22 +265,17 @@ def _race_trials(parents: dict, max_epochs: int) -> tuple[pd.DataFrame, pd.DataF
         runs = client.search_runs(
             [parent.info.experiment_id], f"tags.`mlflow.parentRunId` = '{parent_id}'"
         )
-        continued = {run.data.tags.get("hyperband_trial_id") for run in runs}
+        dropped = keras_tuner_engine.dropped_by_successive_halving(
+            [run.data.tags for run in runs], max_epochs
+        )
         for run in runs:
             tags, metrics = run.data.tags, run.data.metrics
-            state = tags.get("state", "RUNNING")
-            hyperband_epochs = tags.get("hyperband_epochs")
-            if (
-                state == "COMPLETE"
-                and hyperband_epochs is not None
-                and int(hyperband_epochs) < max_epochs
-                and f"{int(tags['trial_number']):04d}" not in continued
-            ):
-                state = "PRUNED"  # Successive halving did not carry it to the next round.
+            number = int(tags["trial_number"])
+            state = "PRUNED" if number in dropped else tags.get("state", "RUNNING")
             rows.append(
                 {
                     "contender": contender,
-                    "trial": int(tags["trial_number"]),
+                    "trial": number,
                     "state": state,
                     "trial_seconds": metrics.get("trial_seconds", np.nan),
                     "tracking_seconds": metrics.get("tracking_seconds", np.nan),

@@ -202,7 +202,7 @@ def run(
     return Outcome(
         members,
         ensemble_validation,
-        float(np.mean(validation[best_member].argmax(axis=1) == split.y_validation)),
+        _accuracy(validation, [best_member], split.y_validation),
         ensemble_test.accuracy,
         best_test.accuracy,
         str(version.version),

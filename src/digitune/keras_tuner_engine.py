@@ -118,13 +118,7 @@ def _tracked(tuner_class: type[keras_tuner.Tuner]) -> type[keras_tuner.Tuner]:
             params = self.hypermodel.params(trial.hyperparameters)
             started = time.perf_counter()
             with tracking.trial_run(number, params, self.parent_run_id, ENGINE):
-                mlflow.set_tags(
-                    {
-                        "hyperband_" + key.removeprefix("tuner/"): str(value)
-                        for key, value in trial.hyperparameters.values.items()
-                        if key.startswith("tuner/")
-                    }
-                )
+                mlflow.set_tags(_hyperband_tags(trial.hyperparameters.values))
                 histories = super().run_trial(trial, *args, **kwargs)
                 history = histories[-1].history
                 objective.check_finite(history, params)
@@ -136,6 +130,33 @@ def _tracked(tuner_class: type[keras_tuner.Tuner]) -> type[keras_tuner.Tuner]:
 
     TrackedTuner.__name__ = f"Tracked{tuner_class.__name__}"
     return TrackedTuner
+
+
+def _hyperband_tags(values: dict) -> dict[str, str]:
+    """Hyperband's bracket, round, epochs and the trial it continues, as run tags; the
+    continued trial by its number (Keras Tuner's ids are zero-padded to a varying width)."""
+    tags = {
+        "hyperband_" + key.removeprefix("tuner/"): str(value)
+        for key, value in values.items()
+        if key.startswith("tuner/")
+    }
+    if "hyperband_trial_id" in tags:
+        tags["hyperband_trial_id"] = str(int(tags["hyperband_trial_id"]))
+    return tags
+
+
+def dropped_by_successive_halving(trial_tags: list[dict], max_epochs: int) -> set[int]:
+    """Numbers of the completed Hyperband trials that stopped short of `max_epochs` and that no
+    later trial continued: the ones successive halving dropped (or the budget cut off).
+    `trial_tags` are the tags of a search's trial runs."""
+    continued = {tags["hyperband_trial_id"] for tags in trial_tags if "hyperband_trial_id" in tags}
+    return {
+        int(tags["trial_number"])
+        for tags in trial_tags
+        if tags.get("state") == "COMPLETE"
+        and int(tags.get("hyperband_epochs", max_epochs)) < max_epochs
+        and tags["trial_number"] not in continued
+    }
 
 
 @dataclasses.dataclass(frozen=True)
