@@ -27,7 +27,6 @@ def test_default_study_samples_what_users_tune():
         "batch_size",
         "num_conv_blocks",
         "num_filters",
-        "kernel_size",
         "dense_units",
         "dropout_rate",
     } <= sampled
