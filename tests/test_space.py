@@ -54,6 +54,13 @@ def test_suggest_gives_a_plain_dict_with_fixed_values(tmp_path):
     assert space.params_of(study.trials[0]) == params
 
 
+_SPACE = """[space]
+num_filters = { type = "int", low = 8, high = 16, step = 8 }
+kernel_size = { type = "categorical", choices = [5, 7] }
+dense_units = 32
+"""
+
+
 @pytest.mark.parametrize(
     ("text", "message"),
     [
@@ -78,6 +85,15 @@ def test_suggest_gives_a_plain_dict_with_fixed_values(tmp_path):
         ("[space]\nkernel_size = { type = 'categorical', choices = [] }", "non-empty list"),
         ("[space]\nkernel_size = { type = 'categorical', choices = [3], low = 1 }", "unknown key"),
         ("[space]\ndense_units = 64", "nothing to search"),
+        (
+            f"{_SPACE}[[enqueue]]\nnum_filters = 24",
+            r"\[\[enqueue\]\] #1 'num_filters': 24 is outside its \[space\] range",
+        ),
+        (f"{_SPACE}[[enqueue]]\nkernel_size = 3", r"#1 'kernel_size': 3 is outside"),
+        (f"{_SPACE}[[enqueue]]\nkernel_size = 5.0", r"#1 'kernel_size': 5.0 is outside"),
+        (f"{_SPACE}[[enqueue]]\n[[enqueue]]\ndense_units = 32", r"#2 'dense_units': fixed"),
+        (f"{_SPACE}[[enqueue]]\nlearning_rate = 0.1", r"'learning_rate': not a sampled"),
+        (f"enqueue = 5\n{_SPACE}", r"\[\[enqueue\]\]: expected an array of tables"),
     ],
 )
 def test_mistakes_name_the_file_and_the_key(tmp_path, text, message):

@@ -231,3 +231,22 @@ def test_cli_reports_corrupted_data(project, tmp_path, monkeypatch, capsys, fixt
     monkeypatch.setenv("MNIST_DIR", str(broken))
     assert cli.main(["data"]) == 1
     assert f"{broken}/train-labels-idx1-ubyte.gz" in capsys.readouterr().err
+
+
+def test_enqueued_configurations_run_first_and_once(project):
+    warm_start = "\n[[enqueue]]\nnum_filters = 16\nlearning_rate = 0.002\n"
+    study_file = write_study(
+        project, TINY_STUDY.replace("n_trials = 3", "n_trials = 2") + warm_start
+    )
+    tune.run(study_file, register=False)
+    study = optuna.load_study(study_name="tiny", storage=config.default_storage("tiny"))
+    first = study.trials[0]
+    assert first.params["num_filters"] == 16
+    assert first.params["learning_rate"] == 0.002
+    assert 0.0 <= first.params["dropout_rate"] <= 0.3  # the sampler filled in the rest
+
+    # Resumed for one more trial, the study does not run its warm start again.
+    tune.run(study_file, n_trials=3, register=False)
+    study = optuna.load_study(study_name="tiny", storage=config.default_storage("tiny"))
+    assert len(study.trials) == 3
+    assert [t.params["learning_rate"] for t in study.trials].count(0.002) == 1

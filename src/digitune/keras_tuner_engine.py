@@ -16,6 +16,7 @@ every trial would fail.
 from __future__ import annotations
 
 import dataclasses
+import sys
 import time
 from pathlib import Path
 
@@ -190,6 +191,12 @@ def run(
     if not isinstance(study_file, space.StudyDefinition):
         study_file = space.load(study_file)
     definition = tune.with_overrides(study_file, n_trials, timeout_minutes)
+    if definition.enqueued:
+        print(
+            f"{definition.path}: its [[enqueue]] warm start is Optuna's; Keras Tuner's "
+            f"{algorithm} starts from its own draws",
+            file=sys.stderr,
+        )
     training = definition.training
     tracking.configure()  # Fail before loading data or training if the store is down.
     mnist = data.load()

@@ -8,6 +8,10 @@ defaults in `digitune.config`, and [space] names hyperparameters of `digitune.mo
     num_filters   = { type = "int", low = 16, high = 64, step = 16 }
     kernel_size   = { type = "categorical", choices = [3, 5] }
 
+An optional array of [[enqueue]] tables warm-starts the study with configurations worth
+trying first (Optuna's `enqueue_trial`): each names values for some or all of the sampled
+hyperparameters, within their ranges, and the sampler fills in the rest.
+
 `suggest(trial, definition)` is the one place an Optuna trial becomes a plain dict.
 """
 
@@ -41,6 +45,8 @@ class StudyDefinition:
     distributions: dict[str, optuna.distributions.BaseDistribution]
     # Hyperparameters fixed for every trial.
     fixed: dict[str, object]
+    # Configurations the study tries first, in the file's order (partial: the sampler fills in).
+    enqueued: tuple[dict, ...] = ()
 
     def resolved(self) -> dict:
         """The whole resolved configuration, as one flat dict for logging."""
@@ -62,10 +68,11 @@ def load(path: str | Path) -> StudyDefinition:
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
         raise ValueError(f"{path}: not a valid TOML file: {error}") from None
 
-    unknown = sorted(set(document) - {"study", "training", "space"})
+    unknown = sorted(set(document) - {"study", "training", "space", "enqueue"})
     if unknown:
         raise ValueError(
-            f"{path}: unknown table(s) {', '.join(unknown)}; expected [study], [training], [space]"
+            f"{path}: unknown table(s) {', '.join(unknown)}; "
+            "expected [study], [training], [space] and [[enqueue]]"
         )
     study = config.settings_from_table(
         config.StudySettings, document.get("study", {}), f"{path} [study]"
@@ -94,7 +101,48 @@ def load(path: str | Path) -> StudyDefinition:
             fixed[name] = spec
     if not distributions:
         raise ValueError(f"{path} [space]: nothing to search; give at least one distribution")
-    return StudyDefinition(path, study, training, distributions, fixed)
+    enqueued = _enqueued(document.get("enqueue", []), distributions, fixed, path)
+    return StudyDefinition(path, study, training, distributions, fixed, enqueued)
+
+
+def _enqueued(tables: object, distributions: dict, fixed: dict, path: Path) -> tuple[dict, ...]:
+    """The [[enqueue]] tables, each checked against the sampled hyperparameters' ranges."""
+    if not isinstance(tables, list) or not all(isinstance(t, dict) for t in tables):
+        raise ValueError(f"{path} [[enqueue]]: expected an array of tables ([[enqueue]] blocks)")
+    for index, params in enumerate(tables, start=1):
+        source = f"{path} [[enqueue]] #{index}"
+        for name, value in params.items():
+            if name in fixed:
+                raise ValueError(
+                    f"{source} '{name}': fixed in [space] at {fixed[name]!r}; "
+                    "only sampled hyperparameters can be enqueued"
+                )
+            if name not in distributions:
+                raise ValueError(
+                    f"{source} '{name}': not a sampled hyperparameter; sampled ones are "
+                    f"{', '.join(distributions)}"
+                )
+            if not _within(distributions[name], value):
+                raise ValueError(
+                    f"{source} '{name}': {value!r} is outside its [space] range "
+                    f"{distributions[name]!r}"
+                )
+    return tuple(tables)
+
+
+def _within(distribution: optuna.distributions.BaseDistribution, value: object) -> bool:
+    if isinstance(distribution, optuna.distributions.CategoricalDistribution):
+        return any(_same(value, choice) for choice in distribution.choices)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    if isinstance(distribution, optuna.distributions.IntDistribution) and value != int(value):
+        return False
+    return distribution.low <= value <= distribution.high
+
+
+def _same(value: object, choice: object) -> bool:
+    # TOML's true is not the choice 1, nor 3.0 the choice 3.
+    return type(value) is type(choice) and value == choice
 
 
 def _distribution(spec: dict, source: str) -> optuna.distributions.BaseDistribution:
