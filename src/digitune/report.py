@@ -122,8 +122,21 @@ def figures(study: optuna.Study, ranked: dict[str, float]) -> dict[str, plt.Figu
                 # Trials report once per epoch; say so rather than Optuna's generic "Step".
                 first.set_xlabel("epoch")
                 first.set_ylabel("validation accuracy")
+                curves = [t.intermediate_values for t in study.trials if t.intermediate_values]
+                if curves:
+                    first.set_ylim(*_where_trials_ended(curves))
             drawn[name] = figure
     return drawn
+
+
+def _where_trials_ended(curves: list[dict[int, float]]) -> tuple[float, float]:
+    """The pruning curves' y-range: from the lowest value a trial ended at to the highest
+    value reached, with a margin. A first epoch (of batch normalisation, say) can sit far
+    below every final value and would flatten the curves that pruning compares."""
+    low = min(values[max(values)] for values in curves)
+    high = max(max(values.values()) for values in curves)
+    margin = max((high - low) * 0.1, 1e-3)
+    return low - margin, high + margin
 
 
 def log_to_run(study: optuna.Study, run_id: str, ranked: dict[str, float] | None = None) -> None:

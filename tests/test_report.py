@@ -1,0 +1,46 @@
+"""The study report's figures, on a study built from recorded trials (no training)."""
+
+from __future__ import annotations
+
+import optuna
+import pytest
+
+from digitune import report
+
+
+def _study_with_curves(curves: list[dict[int, float]]) -> optuna.Study:
+    study = optuna.create_study(study_name="curves", direction="maximize")
+    distribution = optuna.distributions.FloatDistribution(1e-4, 1e-2, log=True)
+    for number, curve in enumerate(curves):
+        study.add_trial(
+            optuna.trial.create_trial(
+                params={"learning_rate": 1e-3 * (number + 1)},
+                distributions={"learning_rate": distribution},
+                value=max(curve.values()),
+                intermediate_values=curve,
+            )
+        )
+    return study
+
+
+def test_pruning_curves_are_drawn_where_trials_ended():
+    # Batch-normalised networks often start far below where every trial ends (here 0.16),
+    # which would flatten the curves between 0.985 and 0.996 that pruning compares.
+    study = _study_with_curves(
+        [
+            {0: 0.16, 1: 0.31, 2: 0.985, 3: 0.9886},
+            {0: 0.62, 1: 0.990, 2: 0.994, 3: 0.9959},
+        ]
+    )
+    figure = report.figures(study, {})["intermediate_values.png"]
+    low, high = figure.axes[0].get_ylim()
+    assert 0.98 < low < 0.9886
+    assert 0.9959 < high < 1.0
+    assert figure.axes[0].get_ylabel() == "validation accuracy"
+
+
+def test_pruning_curves_keep_a_trial_that_ended_low_in_view():
+    study = _study_with_curves([{0: 0.3}, {0: 0.9, 1: 0.95}])
+    low, high = report.figures(study, {})["intermediate_values.png"].axes[0].get_ylim()
+    assert low < 0.3 and high > 0.95
+    assert low == pytest.approx(0.3 - 0.065)
