@@ -130,7 +130,7 @@ def test_bayesian_optimization_is_selectable(project, capsys):
     study_file = write_study(
         project,
         TINY_STUDY.replace("n_trials = 3", "n_trials = 2").replace(
-            "= 2\n\n[space]", "= 1\n\n[space]"
+            "= 2\n\n[space]", '= 1\nprecision = "mixed_bfloat16"\n\n[space]'
         ),
     )
     assert (
@@ -152,6 +152,10 @@ def test_bayesian_optimization_is_selectable(project, capsys):
     (parent,) = [r for r in runs if r.data.tags.get("digitune.role") == "study"]
     assert parent.data.tags["algorithm"] == "bayesian"
     assert len(runs) == 3
+    # Keras Tuner clears the Keras session (and with it the dtype policy) before each build;
+    # every trial still trains in the study's precision.
+    trials = [r for r in runs if r.data.tags.get("digitune.role") != "study"]
+    assert [r.data.tags["precision"] for r in trials] == ["mixed_bfloat16"] * 2
 
 
 def test_optuna_only_options_are_refused_for_keras_tuner(project, capsys):

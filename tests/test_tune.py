@@ -250,3 +250,15 @@ def test_enqueued_configurations_run_first_and_once(project):
     study = optuna.load_study(study_name="tiny", storage=config.default_storage("tiny"))
     assert len(study.trials) == 3
     assert [t.params["learning_rate"] for t in study.trials].count(0.002) == 1
+
+
+def test_every_trial_trains_in_the_study_precision(project):
+    # Keras's clear_session between trials also resets the dtype policy to float32; the
+    # policy each trial's model really had is recorded on its run.
+    study = TINY_STUDY.replace("n_trials = 3", "n_trials = 2").replace(
+        "max_epochs = 2", 'max_epochs = 1\nprecision = "mixed_bfloat16"'
+    )
+    tune.run(write_study(project, study), register=False)
+    runs = mlflow.search_runs(experiment_names=["tiny"], output_format="list")
+    trials = [r for r in runs if r.data.tags.get("digitune.role") != "study"]
+    assert [r.data.tags["precision"] for r in trials] == ["mixed_bfloat16"] * 2

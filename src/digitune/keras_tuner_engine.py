@@ -74,6 +74,11 @@ class CnnHyperModel(keras_tuner.HyperModel):
         return {**self.definition.fixed, **sampled}
 
     def build(self, hp):
+        # Keras Tuner clears the Keras session before every build, and with it the dtype
+        # policy, so the study's precision is set here.
+        keras.mixed_precision.set_global_policy(
+            objective.precision_policy(self.definition.training.precision)
+        )
         cnn = model.build_model(self.params(hp))
         # Hyperband continues a trial from its checkpoint, optimizer state included; a built
         # optimizer loads that state instead of warning that it skipped it.
@@ -207,7 +212,6 @@ def run(
     parent_file = directory / _PARENT_RUN_FILE
     timeout = definition.study.timeout_minutes * 60 or None
     deadline = time.time() + timeout if timeout else None
-    keras.mixed_precision.set_global_policy(objective.precision_policy(training.precision))
 
     parent_run_id = tracking.open_study_run(
         experiment or definition.study.name,

@@ -69,6 +69,17 @@ def precision_policy(setting: str) -> str:
     return "mixed_bfloat16" if config.cpu_has_bfloat16() else "float32"
 
 
+def fresh_session(precision: str, seed: int) -> None:
+    """Start a trial from a clean Keras state, in the study's precision, with its seed.
+
+    `keras.utils.clear_session` also resets the global dtype policy to float32, so the
+    policy is set after it, never before.
+    """
+    keras.utils.clear_session(free_memory=True)
+    keras.mixed_precision.set_global_policy(precision_policy(precision))
+    keras.utils.set_random_seed(seed)
+
+
 class StopAtDeadline(keras.callbacks.Callback):
     """Ends training at the first epoch end after `deadline` (a `time.time()` value), so
     that a study's timeout bounds its wall time rather than only when the last trial starts.
@@ -175,14 +186,12 @@ def make_objective(
     `parent_run_id`; `deadline` is when the study's time is up (a `time.time()` value, the
     same in every worker process), or None."""
     training = definition.training
-    keras.mixed_precision.set_global_policy(precision_policy(training.precision))
 
     def objective(trial: optuna.Trial) -> float:
         if STOP.is_set():
             raise KeyboardInterrupt
-        keras.utils.clear_session(free_memory=True)
         # One seed per trial: a trial's initial weights and batch order can be reproduced.
-        keras.utils.set_random_seed(definition.study.seed + trial.number)
+        fresh_session(training.precision, definition.study.seed + trial.number)
         params = space.suggest(trial, definition)
         with tracking.trial_run(
             trial.number, params, parent_run_id, "optuna", remember=trial.set_user_attr

@@ -73,11 +73,7 @@ def run(
         f"refit: trial {best.number}'s configuration on all {len(everything.y_train):,} "
         f"training images for {epochs} epochs"
     )
-    keras.utils.clear_session(free_memory=True)
-    keras.utils.set_random_seed(definition.study.seed + best.number)
-    keras.mixed_precision.set_global_policy(
-        objective.precision_policy(definition.training.precision)
-    )
+    objective.fresh_session(definition.training.precision, definition.study.seed + best.number)
     parent = mlflow.MlflowClient().get_run(parent_run_id)
     with mlflow.start_run(
         run_name=f"refit-trial-{best.number}",

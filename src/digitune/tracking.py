@@ -241,6 +241,12 @@ class EpochTimer(mlflow.keras.MlflowCallback):
     `on_epoch_end` as `val_loss` and `val_accuracy`, and logging them twice clutters the UI.
     """
 
+    def on_train_begin(self, logs=None):
+        with STOPWATCH:
+            super().on_train_begin(logs)
+            # The precision the model really trains in, read off the model itself.
+            mlflow.set_tag("precision", self.model.dtype_policy.name)
+
     def on_epoch_begin(self, epoch, logs=None):
         self._epoch_started = time.perf_counter()
 
