@@ -89,6 +89,7 @@ dense_units = 32
             f"{_SPACE}[[enqueue]]\nnum_filters = 24",
             r"\[\[enqueue\]\] #1 'num_filters': 24 is outside its \[space\] range",
         ),
+        (f"{_SPACE}[[enqueue]]\nnum_filters = 12", r"#1 'num_filters': 12 is outside"),
         (f"{_SPACE}[[enqueue]]\nkernel_size = 3", r"#1 'kernel_size': 3 is outside"),
         (f"{_SPACE}[[enqueue]]\nkernel_size = 5.0", r"#1 'kernel_size': 5.0 is outside"),
         (f"{_SPACE}[[enqueue]]\n[[enqueue]]\ndense_units = 32", r"#2 'dense_units': fixed"),

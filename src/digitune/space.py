@@ -131,13 +131,15 @@ def _enqueued(tables: object, distributions: dict, fixed: dict, path: Path) -> t
 
 
 def _within(distribution: optuna.distributions.BaseDistribution, value: object) -> bool:
+    """Whether the distribution can draw `value`: Optuna's own test (range and step grid),
+    after a type check of our own, since Optuna takes True for 1 and 3.0 for 3."""
     if isinstance(distribution, optuna.distributions.CategoricalDistribution):
         return any(_same(value, choice) for choice in distribution.choices)
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return False
     if isinstance(distribution, optuna.distributions.IntDistribution) and value != int(value):
         return False
-    return distribution.low <= value <= distribution.high
+    return distribution._contains(distribution.to_internal_repr(value))
 
 
 def _same(value: object, choice: object) -> bool:

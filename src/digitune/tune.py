@@ -144,7 +144,7 @@ def load_or_create_study(
     # A resumed study must not replay the sampler's first draws, and parallel workers must
     # not draw the same ones, so the seed moves on by the trials already run and the
     # worker's number; one uninterrupted worker is reproducible from the seed alone.
-    if not join and worker == 0:
+    if not join:
         # Optuna skips a configuration it has already run or queued, so a resumed study
         # does not repeat its warm start.
         for params in definition.enqueued:
