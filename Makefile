@@ -37,7 +37,7 @@ help: ## Show this help
 $(BIN)/digitune: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet -e '.[all,dev]'
 	@touch $@
 
 install: $(BIN)/digitune ## Create .venv and install digitune with its dev tools
@@ -87,9 +87,10 @@ ui: install ## Start the MLflow UI on 127.0.0.1:5000 to compare trials
 test: install ## Run the test suite (no network needed)
 	$(BIN)/pytest
 
-lint: install ## Check style with ruff
+lint: install ## Check style with ruff and the package's layers with import-linter
 	$(BIN)/ruff check src tests
 	$(BIN)/ruff format --check src tests
+	$(BIN)/lint-imports
 
 clean: ## Remove studies' databases and the MLflow store (keeps data and .venv)
 	rm -rf mlruns/mlflow.db mlruns/artifacts studies/*.db studies/*-keras-tuner-*/

@@ -8,7 +8,8 @@ import optuna
 import pytest
 
 from conftest import TINY_STUDY, register_trained_cnn, write_study
-from digitune import cli, config, data, ensemble, export, registry, space, tracking, tune
+from digitune import cli, config, data, ensemble, export, records, registry, space, tracking
+from digitune.engines import optuna as optuna_engine
 
 pytestmark = pytest.mark.slow
 
@@ -21,7 +22,7 @@ STUDY = TINY_STUDY.replace("n_trials = 3", "n_trials = 4").replace(
 def _member_predictions(study: optuna.Study, numbers, images):
     trials = {t.number: t for t in study.trials}
     return [
-        tune.rebuild(
+        records.load_model(
             space.params_of(trials[n]), trials[n].user_attrs[tracking.TRIAL_RUN_ATTR]
         ).predict(images, verbose=0)
         for n in numbers
@@ -30,7 +31,7 @@ def _member_predictions(study: optuna.Study, numbers, images):
 
 def test_refit_then_ensembles_through_the_registry(project, capsys):
     study_file = write_study(project, STUDY)
-    outcome = tune.run(study_file, refit=True)
+    outcome = optuna_engine.run(study_file, refit=True)
     client = mlflow.MlflowClient()
     mnist = data.load()
 

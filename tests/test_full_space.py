@@ -14,7 +14,7 @@ import optuna
 import pytest
 
 from conftest import FIXTURE_DIR
-from digitune import data, model, objective, space
+from digitune import data, model, space, trainer
 
 AUGMENTED = {
     "augment_shift": 0.1,
@@ -110,7 +110,7 @@ def test_cosine_schedule_decays_over_the_epochs(split):
     )
     params = {"num_filters": 8, "dense_units": 16, "learning_rate": 0.004, "lr_schedule": "cosine"}
     recorder = LearningRates()
-    objective.fit(model.build_model(params), params, small, 4, [recorder])
+    trainer.fit(model.build_model(params), params, small, 4, [recorder])
     expected = [0.004 * 0.5 * (1 + math.cos(math.pi * epoch / 4)) for epoch in range(4)]
     assert recorder.rates == pytest.approx(expected, rel=1e-5)
 
@@ -128,7 +128,7 @@ def test_full_study_file_trains_under_the_study_precision(split):
         }
     )
     params = space.suggest(trial, definition)
-    keras.mixed_precision.set_global_policy(objective.precision_policy("auto"))
+    keras.mixed_precision.set_global_policy(trainer.precision_policy("auto"))
     try:
         cnn = model.build_model(params)
         small = data.Split(
@@ -137,7 +137,7 @@ def test_full_study_file_trains_under_the_study_precision(split):
             split.x_validation[:64],
             split.y_validation[:64],
         )
-        history = objective.fit(cnn, params, small, 1).history
+        history = trainer.fit(cnn, params, small, 1).history
     finally:
         keras.mixed_precision.set_global_policy("float32")
     assert math.isfinite(history["loss"][0])

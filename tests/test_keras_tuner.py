@@ -12,7 +12,10 @@ import numpy as np
 import pytest
 
 from conftest import TINY_STUDY, write_study
-from digitune import bench, cli, config, keras_tuner_engine, space
+from digitune import bench, cli, config, space
+from digitune.bench import race as racing
+from digitune.engines import hypermodel
+from digitune.engines import keras_tuner as keras_tuner_engine
 
 # Hyperband over 3 epochs with factor 3: three 1-epoch trials, then the best one continued.
 HYPERBAND_STUDY = TINY_STUDY.replace("n_trials = 3", "n_trials = 4").replace(
@@ -37,10 +40,7 @@ batch_size = 64
 """,
         )
     )
-    hp = {
-        parameter.name: parameter
-        for parameter in keras_tuner_engine.hyperparameters(definition).space
-    }
+    hp = {parameter.name: parameter for parameter in hypermodel.hyperparameters(definition).space}
     assert list(hp) == list(definition.distributions)  # fixed values are not searched
     assert (hp["learning_rate"].min_value, hp["learning_rate"].max_value) == (1e-4, 1e-2)
     assert hp["learning_rate"].sampling == "log"
@@ -52,7 +52,7 @@ batch_size = 64
     assert hp["batch_normalization"].values == [True, False]
 
     # Every value Keras Tuner draws lies inside the study's Optuna distribution.
-    hyperparameters = keras_tuner_engine.hyperparameters(definition)
+    hyperparameters = hypermodel.hyperparameters(definition)
     rng = np.random.default_rng(0)
     for _ in range(50):
         for name, parameter in hp.items():
@@ -172,9 +172,9 @@ def test_tuning_race_writes_its_tables_and_plot(project):
     write_study(
         project, HYPERBAND_STUDY.replace('name = "tiny"', 'name = "mnist-cnn"'), "mnist-cnn.toml"
     )
-    race, overhead, curves = bench.tuning_race(budget_minutes=0.15)
+    race, overhead, curves = racing.tuning_race(budget_minutes=0.15)
 
-    assert list(race["contender"]) == [contender.name for contender in bench.CONTENDERS]
+    assert list(race["contender"]) == [contender.name for contender in racing.CONTENDERS]
     assert (race["trials_started"] >= 1).all()
     assert (race["trials_started"] == race[["completed", "pruned", "failed"]].sum(axis=1)).all()
     assert race["test_accuracy_of_best"].between(0.5, 1.0).all()
@@ -185,10 +185,10 @@ def test_tuning_race_writes_its_tables_and_plot(project):
         assert curve["best_val_accuracy"].iloc[-1] == pytest.approx(best, abs=1e-4)
     assert (overhead["tracking_percent"] > 0).all() and (overhead["tracking_percent"] < 100).all()
 
-    markdown = bench.write_results("tuning_race", race, bench.plot_race(curves))
+    markdown = bench.write_results("tuning_race", race, racing.plot_race(curves))
     assert markdown.read_text().count("\n| ") == 1 + len(race)
     assert (markdown.parent / "tuning_race.png").stat().st_size > 10_000
-    assert "time to 99.0%" in bench.race_summary(race)
+    assert "time to 99.0%" in racing.race_summary(race)
     # Nothing raced was registered.
     assert not mlflow.MlflowClient().search_registered_models()
 
@@ -211,3 +211,18 @@ def test_trials_not_carried_to_the_next_round_count_as_dropped():
     assert (
         keras_tuner_engine._hyperband_tags({"tuner/trial_id": "0001"})["hyperband_trial_id"] == "1"
     )
+
+
+def test_a_missing_extra_says_which_to_install(project, monkeypatch, capsys):
+    # Keras Tuner is an optional part (`digitune[keras-tuner]`); without it the command says
+    # how to get it instead of printing an import traceback.
+    import sys
+
+    import digitune.engines
+
+    monkeypatch.setitem(sys.modules, "keras_tuner", None)
+    monkeypatch.delitem(sys.modules, "digitune.engines.keras_tuner", raising=False)
+    monkeypatch.delattr(digitune.engines, "keras_tuner", raising=False)
+    study_file = write_study(project, TINY_STUDY)
+    assert cli.main(["tune", "--engine", "keras-tuner", "--study", str(study_file)]) == 1
+    assert "pip install 'digitune[keras-tuner]'" in capsys.readouterr().err

@@ -20,7 +20,9 @@ import pytest
 from optuna.trial import TrialState
 
 from conftest import TINY_STUDY, write_study
-from digitune import config, tracking, tune
+from digitune import config, tracking
+from digitune import study as studies
+from digitune.engines import optuna as optuna_engine
 
 pytestmark = pytest.mark.slow
 
@@ -65,10 +67,10 @@ def assert_one_parent_with_a_child_per_trial(study: optuna.Study) -> None:
 def test_two_workers_share_one_study(project, storage, request):
     url = request.getfixturevalue("postgres_url") if storage == "postgresql" else None
     study_file = write_study(project, TINY_STUDY.replace("n_trials = 3", "n_trials = 6"))
-    outcome = tune.run(study_file, storage=url, workers=2)
+    outcome = optuna_engine.run(study_file, storage=url, workers=2)
 
     trials = outcome.study.trials
-    # Six, or seven when both workers finished a trial at the same instant (see tune.optimize).
+    # Six, or seven when both workers finished a trial at the same instant (see study.optimize).
     assert len(trials) in (6, 7)
     assert sorted(t.number for t in trials) == list(range(len(trials)))
     assert all(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in trials), [
@@ -82,7 +84,7 @@ def test_two_workers_share_one_study(project, storage, request):
 
 def start_tune(project, study_file) -> subprocess.Popen:
     return subprocess.Popen(
-        [sys.executable, "-m", "digitune.cli", "tune", "--study", str(study_file)],
+        [sys.executable, "-m", "digitune", "tune", "--study", str(study_file)],
         cwd=project,
         env=os.environ.copy(),
         stdout=subprocess.PIPE,
@@ -121,14 +123,14 @@ def test_a_killed_worker_s_trial_is_failed_and_retried(project):
 
     # The grace period is what is under test: a trial is stale only once it has passed.
     time.sleep(3 + 1 + 1)
-    outcome = tune.run(study_file)
+    outcome = optuna_engine.run(study_file)
 
     trials = outcome.study.trials
     assert trials[0].state == TrialState.FAIL
     retries = [t for t in trials if t.system_attrs.get("failed_trial") == 0]
     assert len(retries) == 1 and retries[0].state in (TrialState.COMPLETE, TrialState.PRUNED)
     assert retries[0].params == trials[0].params
-    assert len([t for t in trials if t.state in tune.FINISHED_STATES]) == 2
+    assert len([t for t in trials if t.state in studies.FINISHED_STATES]) == 2
     run = mlflow.get_run(killed.user_attrs[tracking.TRIAL_RUN_ATTR])
     assert run.info.status == "KILLED" and run.data.tags["state"] == "FAIL"
     assert "heartbeats" in run.data.tags["fail_reason"]
@@ -152,7 +154,7 @@ def test_ctrl_c_stops_cleanly_and_the_study_resumes(project):
     parent = client.get_run(study.user_attrs[tracking.PARENT_RUN_ATTR])
     assert parent.info.status == "KILLED"
 
-    outcome = tune.run(study_file)
+    outcome = optuna_engine.run(study_file)
     assert len(outcome.study.trials) == 2
     assert outcome.study.trials[1].state in (TrialState.COMPLETE, TrialState.PRUNED)
     assert mlflow.get_run(parent.info.run_id).info.status == "FINISHED"
@@ -160,8 +162,8 @@ def test_ctrl_c_stops_cleanly_and_the_study_resumes(project):
 
 def test_join_adds_trials_to_a_running_study_without_registering(project, postgres_url):
     study_file = write_study(project, TINY_STUDY.replace("n_trials = 3", "n_trials = 2"))
-    first = tune.run(study_file, storage=postgres_url)
-    assert tune.run(study_file, storage=postgres_url, n_trials=4, join=True) is None
+    first = optuna_engine.run(study_file, storage=postgres_url)
+    assert optuna_engine.run(study_file, storage=postgres_url, n_trials=4, join=True) is None
 
     study = optuna.load_study(study_name="tiny", storage=postgres_url)
     assert len(study.trials) == 4

@@ -69,6 +69,9 @@ dense_units = 32
         ("[study]\nn_trails = 5", r"\[study\]: unknown key 'n_trails'"),
         ("[study]\nn_trials = 'five'", r"\[study\]: 'n_trials' must be an integer"),
         ("[study]\npruner = 'sometimes'", r"'pruner' must be one of median, hyperband, none"),
+        # The objective is val_accuracy, always maximised; "minimize" used to be accepted
+        # and quietly minimised accuracy.
+        ("[study]\ndirection = 'minimize'", r"'direction' is not a setting: every study maxim"),
         ("[training]\nmax_epochs = 0", r"\[training\]: 'max_epochs' must be at least 1"),
         ("[training]\nmax_epochs = -3", r"'max_epochs' must not be negative"),
         ("[space]\nlearning_rat = 0.1", r"\[space\] 'learning_rat': unknown hyperparameter"),

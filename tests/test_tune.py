@@ -13,7 +13,9 @@ import pytest
 from optuna.trial import TrialState
 
 from conftest import TINY_STUDY, write_study
-from digitune import cli, config, space, tracking, tune
+from digitune import cli, config, space, tracking
+from digitune import study as studies
+from digitune.engines import optuna as optuna_engine
 
 pytestmark = pytest.mark.slow
 
@@ -25,7 +27,7 @@ def _runs(client, experiment_name):
 
 def test_tiny_study_is_tracked_and_registered(project):
     study_file = write_study(project, TINY_STUDY)
-    outcome = tune.run(study_file)
+    outcome = optuna_engine.run(study_file)
 
     # Optuna: three finished trials in the default storage under studies/.
     assert (project / "studies" / "tiny.db").exists()
@@ -134,7 +136,7 @@ def test_tiny_study_is_tracked_and_registered(project):
 
     # Resuming with a larger budget adds trials under the same parent and registers once more
     # only if the best trial changed.
-    again = tune.run(study_file, n_trials=4)
+    again = optuna_engine.run(study_file, n_trials=4)
     assert len(again.study.trials) == 4
     runs = _runs(client, "tiny")
     assert len([r for r in runs if r.data.tags.get("digitune.role") == "study"]) == 1
@@ -145,7 +147,7 @@ def test_tiny_study_is_tracked_and_registered(project):
 
 def test_report_summarises_a_study(project, capsys):
     study_file = write_study(project, TINY_STUDY)
-    tune.run(study_file)
+    optuna_engine.run(study_file)
     capsys.readouterr()
     assert cli.main(["report", "--study", str(study_file)]) == 0
     printed = capsys.readouterr().out
@@ -167,12 +169,12 @@ def test_a_bad_trial_is_really_pruned(project):
         project,
         TINY_STUDY.replace("n_trials = 3", "n_trials = 2").replace("low = 1e-3", "low = 1e-6"),
     )
-    study = tune.load_or_create_study(space.load(study_file), None)
+    study = studies.load_or_create(space.load(study_file), None)
     # A sound trial first, then one whose learning rate is far too low to learn anything in
     # an epoch: the median pruner must stop it after its first epoch.
     study.enqueue_trial({"learning_rate": 3e-3, "num_filters": 16, "dropout_rate": 0.0})
     study.enqueue_trial({"learning_rate": 1e-6, "num_filters": 8, "dropout_rate": 0.0})
-    outcome = tune.run(study_file)
+    outcome = optuna_engine.run(study_file)
     good, bad = outcome.study.trials
     assert good.state == TrialState.COMPLETE
     assert bad.state == TrialState.PRUNED
@@ -188,10 +190,10 @@ def test_a_diverging_trial_fails_with_its_reason_and_the_study_goes_on(project):
         project,
         TINY_STUDY.replace("n_trials = 3", "n_trials = 2").replace("high = 3e-3", "high = 1e30"),
     )
-    study = tune.load_or_create_study(space.load(study_file), None)
+    study = studies.load_or_create(space.load(study_file), None)
     study.enqueue_trial({"learning_rate": 1e30, "num_filters": 8, "dropout_rate": 0.0})
     study.enqueue_trial({"learning_rate": 3e-3, "num_filters": 8, "dropout_rate": 0.0})
-    outcome = tune.run(study_file)
+    outcome = optuna_engine.run(study_file)
     diverged, sound = outcome.study.trials
     assert diverged.state == TrialState.FAIL
     assert "learning_rate=1e+30 is probably too high" in diverged.user_attrs["fail_reason"]
@@ -238,7 +240,7 @@ def test_enqueued_configurations_run_first_and_once(project):
     study_file = write_study(
         project, TINY_STUDY.replace("n_trials = 3", "n_trials = 2") + warm_start
     )
-    tune.run(study_file, register=False)
+    optuna_engine.run(study_file, register=False)
     study = optuna.load_study(study_name="tiny", storage=config.default_storage("tiny"))
     first = study.trials[0]
     assert first.params["num_filters"] == 16
@@ -246,7 +248,7 @@ def test_enqueued_configurations_run_first_and_once(project):
     assert 0.0 <= first.params["dropout_rate"] <= 0.3  # the sampler filled in the rest
 
     # Resumed for one more trial, the study does not run its warm start again.
-    tune.run(study_file, n_trials=3, register=False)
+    optuna_engine.run(study_file, n_trials=3, register=False)
     study = optuna.load_study(study_name="tiny", storage=config.default_storage("tiny"))
     assert len(study.trials) == 3
     assert [t.params["learning_rate"] for t in study.trials].count(0.002) == 1
@@ -258,7 +260,7 @@ def test_every_trial_trains_in_the_study_precision(project):
     study = TINY_STUDY.replace("n_trials = 3", "n_trials = 2").replace(
         "max_epochs = 2", 'max_epochs = 1\nprecision = "mixed_bfloat16"'
     )
-    tune.run(write_study(project, study), register=False)
+    optuna_engine.run(write_study(project, study), register=False)
     runs = mlflow.search_runs(experiment_names=["tiny"], output_format="list")
     trials = [r for r in runs if r.data.tags.get("digitune.role") != "study"]
     assert [r.data.tags["precision"] for r in trials] == ["mixed_bfloat16"] * 2

@@ -17,7 +17,7 @@ REGISTERED_MODEL_NAME = "mnist-cnn"
 CHALLENGER_ALIAS = "challenger"
 CHAMPION_ALIAS = "champion"
 
-# The metric that trials report, prune on and are ranked by.
+# The metric that trials report, prune on and are ranked by; every study maximises it.
 OBJECTIVE_METRIC = "val_accuracy"
 
 
@@ -90,7 +90,6 @@ class StudySettings:
     """The [study] table of a study file."""
 
     name: str = "mnist-cnn"
-    direction: str = "maximize"
     # The study's total number of finished trials: a resumed study runs only the rest.
     n_trials: int = 20
     # Wall-clock limit of one `tune` invocation, whichever of the two comes first.
@@ -134,7 +133,6 @@ class TrainingSettings:
 
 SAMPLERS = ("tpe", "random")
 PRUNERS = ("median", "hyperband", "none")
-DIRECTIONS = ("maximize", "minimize")
 
 PRECISIONS = ("auto", "float32", "mixed_bfloat16", "mixed_float16")
 
@@ -142,7 +140,6 @@ _CHOICES = {
     (TrainingSettings, "precision"): PRECISIONS,
     (StudySettings, "sampler"): SAMPLERS,
     (StudySettings, "pruner"): PRUNERS,
-    (StudySettings, "direction"): DIRECTIONS,
 }
 
 
@@ -158,6 +155,11 @@ def settings_from_table(cls: type, table: object, source: str):
     fields = {field.name: field for field in dataclasses.fields(cls)}
     values = {}
     for key, value in table.items():
+        if (cls, key) == (StudySettings, "direction"):
+            raise ValueError(
+                f"{source}: 'direction' is not a setting: every study maximises "
+                f"{OBJECTIVE_METRIC}; remove the key"
+            )
         if key not in fields:
             raise ValueError(
                 f"{source}: unknown key '{key}'; known keys are {', '.join(sorted(fields))}"

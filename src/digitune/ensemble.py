@@ -15,6 +15,7 @@ signature as a single model, so `promote`, `serve` and `rollback` treat it like 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import tempfile
 from pathlib import Path
 
@@ -24,7 +25,9 @@ import numpy as np
 import optuna
 from optuna.trial import TrialState
 
-from digitune import config, data, evaluate, registry, space, tracking, tune
+from digitune import data, evaluate, records, registry, space, study, tracking
+
+log = logging.getLogger(__name__)
 
 BATCH = 1000
 
@@ -106,14 +109,14 @@ def run(
     if top < 1:
         raise ValueError(f"--top must be at least 1, got {top}")
     tracking.configure()
-    definition, study = tune.load_existing_study(study_file, storage)
+    definition, optuna_study = study.load_existing(study_file, storage)
     completed = [
         t
-        for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        for t in optuna_study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
         if tracking.TRIAL_RUN_ATTR in t.user_attrs
     ]
     if not completed:
-        raise ValueError(f"study '{study.study_name}' has no completed trial to ensemble")
+        raise ValueError(f"study '{optuna_study.study_name}' has no completed trial to ensemble")
     completed.sort(key=lambda t: t.value, reverse=True)
     candidates = completed[: 2 * top] if greedy else completed[:top]
 
@@ -121,14 +124,15 @@ def run(
     training = definition.training
     split = data.split(mnist, training.train_images, training.validation_images)
     models = {
-        t.number: tune.rebuild(space.params_of(t), t.user_attrs[tracking.TRIAL_RUN_ATTR])
+        t.number: records.load_model(space.params_of(t), t.user_attrs[tracking.TRIAL_RUN_ATTR])
         for t in candidates
     }
     validation = {n: average_probabilities([m], split.x_validation) for n, m in models.items()}
     members = select(candidates, validation, split.y_validation, top, greedy)
-    print(
-        f"ensemble of trials {', '.join(map(str, members))} "
-        f"({'greedy selection' if greedy else f'top {top}'} by validation accuracy)"
+    log.info(
+        "ensemble of trials %s (%s by validation accuracy)",
+        ", ".join(map(str, members)),
+        "greedy selection" if greedy else f"top {top}",
     )
 
     test_images = data.preprocess(mnist.test_images)
@@ -140,16 +144,17 @@ def run(
     best_test = evaluate.from_probabilities(
         average_probabilities([models[best_member]], test_images), mnist.test_labels
     )
-    parent_run_id = study.user_attrs.get(tracking.PARENT_RUN_ATTR)
-    experiment = mlflow.MlflowClient().get_experiment_by_name(study.study_name)
-    tags = {"kind": "ensemble", "members": ",".join(map(str, members))}
-    if parent_run_id:
-        tags["mlflow.parentRunId"] = parent_run_id
+    parent_run_id = optuna_study.user_attrs.get(tracking.PARENT_RUN_ATTR)
+    if parent_run_id is None:
+        raise ValueError(
+            f"study '{optuna_study.study_name}' has no MLflow parent run; was it run by tune?"
+        )
+    members_text = ",".join(map(str, members))
     with (
-        mlflow.start_run(
-            run_name=f"ensemble-{len(members)}",
-            experiment_id=experiment.experiment_id if experiment else None,
-            tags=tags,
+        tracking.child_run(
+            parent_run_id,
+            f"ensemble-{len(members)}",
+            {"kind": "ensemble", "members": members_text},
         ),
         tempfile.TemporaryDirectory() as scratch,
     ):
@@ -160,34 +165,14 @@ def run(
                 "best_member_test_accuracy": best_test.accuracy,
             }
         )
-        tracking.log_evaluation(ensemble_test, "test", f"ensemble of {len(members)}, test set")
+        records.log_evaluation(ensemble_test, "test", f"ensemble of {len(members)}, test set")
         artifacts = {}
         for index, number in enumerate(members):
             path = Path(scratch) / f"member_{index:02d}_trial_{number}.keras"
             models[number].save(path)
             artifacts[f"member_{index:02d}"] = str(path)
-        info = mlflow.pyfunc.log_model(
-            name="model",
-            python_model=EnsembleModel(),
-            artifacts=artifacts,
-            signature=registry.SIGNATURE,
-            pip_requirements=registry.pip_requirements(),
-            registered_model_name=config.REGISTERED_MODEL_NAME,
-        )
-        version_tags = {
-            "study": study.study_name,
-            "trial": "ensemble",
-            "kind": "ensemble",
-            "members": ",".join(map(str, members)),
-            "validation_accuracy": f"{ensemble_validation:.4f}",
-            "test_accuracy": f"{ensemble_test.accuracy:.4f}",
-            "best_member_test_accuracy": f"{best_test.accuracy:.4f}",
-            "test_images": str(len(mnist.test_labels)),
-            "data_sha256": mnist.digest,
-            "engine": "optuna",
-        }
         description = (
-            f"Ensemble of trials {version_tags['members']} of study **{study.study_name}** "
+            f"Ensemble of trials {members_text} of study **{optuna_study.study_name}** "
             f"(mean of their softmax outputs; "
             f"{'greedy selection' if greedy else f'the {top} best'} by validation accuracy).\n\n"
             f"- validation accuracy: {ensemble_validation:.4f}\n"
@@ -196,8 +181,22 @@ def run(
             f"{len(mnist.test_labels):,} images)\n"
             f"- data SHA-256: `{mnist.digest}`\n"
         )
-        version = registry.describe_version(
-            info.registered_model_version, version_tags, description, config.CHALLENGER_ALIAS
+        version = registry.register(
+            EnsembleModel(),
+            artifacts=artifacts,
+            study_name=optuna_study.study_name,
+            trial_number="ensemble",
+            params={},
+            validation_accuracy=ensemble_validation,
+            test_accuracy=ensemble_test.accuracy,
+            test_images=len(mnist.test_labels),
+            data_sha256=mnist.digest,
+            extra_tags={
+                "kind": "ensemble",
+                "members": members_text,
+                "best_member_test_accuracy": f"{best_test.accuracy:.4f}",
+            },
+            description=description,
         )
     return Outcome(
         members,

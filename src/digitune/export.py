@@ -22,7 +22,7 @@ import numpy as np
 import pandas as pd
 import tensorflow as tf
 
-from digitune import bench, config, data, registry, tracking
+from digitune import config, data, registry, tracking
 
 CALIBRATION_IMAGES = 500
 LATENCY_REPEATS = 300
@@ -175,7 +175,7 @@ def run(version: str | None = None, alias: str | None = None) -> pd.DataFrame:
         markdown = Path(scratch) / "tflite.md"
         markdown.write_text(
             f"mnist-cnn version {number}, MNIST test set ({len(labels):,} images)\n\n"
-            f"{bench.markdown_table(table)}\n"
+            f"{table.to_markdown(index=False)}\n"
         )
         table.to_csv(Path(scratch) / "tflite.csv", index=False)
         for path in [*files, markdown, Path(scratch) / "tflite.csv"]:

@@ -14,7 +14,7 @@ import dataclasses
 
 import pandas as pd
 
-from digitune import config, data, evaluate, registry
+from digitune import config, data, evaluate, registry, tracking
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,7 +34,7 @@ def promote(margin: float = 0.0, force: bool = False) -> Decision:
     """Compare challenger and champion on the test set and move @champion if warranted."""
     if margin < 0:
         raise ValueError(f"--margin must not be negative, got {margin}")
-    client = registry.client_for_registry()
+    client = tracking.configure()
     challenger = registry.version_by_alias(client, config.CHALLENGER_ALIAS)
     champion = registry.version_by_alias(client, config.CHAMPION_ALIAS, required=False)
     # MLflow hands versions back as numbers or strings depending on the call; compare strings.

@@ -14,13 +14,16 @@ refit of such a configuration keeps its learning rate constant (it says so).
 from __future__ import annotations
 
 import dataclasses
+import logging
 
 import keras
 import mlflow
 import numpy as np
 import optuna
 
-from digitune import data, evaluate, model, objective, registry, space, tracking, tune
+from digitune import data, evaluate, model, records, registry, space, tracking, trainer
+
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,7 +54,7 @@ def run(
     best = study.best_trial
     existing = registry.find_version(study.study_name, best.number, kind="refit")
     if existing is not None:
-        print(f"refit: trial {best.number} is already refitted as version {existing.version}")
+        log.info("refit: trial %d is already refitted as version %s", best.number, existing.version)
         return Refit(
             str(existing.version),
             int(existing.tags.get("epochs", 0)),
@@ -60,7 +63,7 @@ def run(
         )
     params = space.params_of(best)
     if params.get("lr_schedule") == "plateau":
-        print("refit: lr_schedule 'plateau' needs validation data; refitting at a constant rate")
+        log.info("refit: lr_schedule 'plateau' needs validation data; refitting at a constant rate")
         params = {**params, "lr_schedule": "constant"}
     epochs = best_epochs(best)
     everything = data.Split(
@@ -69,38 +72,35 @@ def run(
         x_validation=np.zeros((0, *model.IMAGE_SHAPE), "float32"),
         y_validation=np.zeros((0,), "int64"),
     )
-    print(
-        f"refit: trial {best.number}'s configuration on all {len(everything.y_train):,} "
-        f"training images for {epochs} epochs"
+    log.info(
+        "refit: trial %d's configuration on all %s training images for %d epochs",
+        best.number,
+        f"{len(everything.y_train):,}",
+        epochs,
     )
-    objective.fresh_session(definition.training.precision, definition.study.seed + best.number)
-    parent = mlflow.MlflowClient().get_run(parent_run_id)
-    with mlflow.start_run(
-        run_name=f"refit-trial-{best.number}",
-        experiment_id=parent.info.experiment_id,
-        tags={
-            "mlflow.parentRunId": parent_run_id,
-            "kind": "refit",
-            "trial_number": str(best.number),
-        },
+    trainer.fresh_session(definition.training.precision, definition.study.seed + best.number)
+    with tracking.child_run(
+        parent_run_id,
+        f"refit-trial-{best.number}",
+        {"kind": "refit", "trial_number": str(best.number)},
     ) as run:
         mlflow.log_params(params)
         cnn = model.build_model(params)
-        history = objective.fit(
+        history = trainer.fit(
             cnn,
             params,
             everything,
             epochs,
-            [objective.StopOnRequest(), keras.callbacks.TerminateOnNaN(), tracking.EpochTimer()],
+            [trainer.StopOnRequest(), keras.callbacks.TerminateOnNaN(), records.EpochTimer()],
             steps_per_execution=definition.training.steps_per_execution,
         ).history
-        objective.check_finite(history, params)
-        tracking.log_weights(cnn)
-        float32_model = tune.rebuild(params, run.info.run_id)
+        trainer.check_finite(history, params)
+        records.log_weights(cnn)
+        float32_model = records.load_model(params, run.info.run_id)
         test = evaluate.evaluate(
             float32_model, data.preprocess(mnist.test_images), mnist.test_labels
         )
-        tracking.log_evaluation(test, "test", f"refit of trial {best.number}, MNIST test set")
+        records.log_evaluation(test, "test", f"refit of trial {best.number}, MNIST test set")
         mlflow.log_metrics(
             {"test_accuracy": test.accuracy, "trial_test_accuracy": trial_test_accuracy}
         )

@@ -15,6 +15,7 @@ import json
 
 import mlflow
 import mlflow.keras
+import mlflow.pyfunc
 import numpy as np
 import pandas as pd
 from mlflow.models import ModelSignature
@@ -44,10 +45,10 @@ def pip_requirements() -> list[str]:
 
 
 def register(
-    keras_model,
+    model,
     *,
     study_name: str,
-    trial_number: int,
+    trial_number: int | str,
     params: dict,
     validation_accuracy: float,
     test_accuracy: float,
@@ -56,20 +57,30 @@ def register(
     engine: str = "optuna",
     extra_tags: dict[str, str] | None = None,
     alias: str = config.CHALLENGER_ALIAS,
+    artifacts: dict[str, str] | None = None,
+    description: str | None = None,
 ) -> mlflow.entities.model_registry.ModelVersion:
-    """Log `keras_model` to the active run and register it with `alias` and readable tags."""
-    # Keras's export prints every traced endpoint and captured tensor; users need none of it.
-    with contextlib.redirect_stdout(io.StringIO()):
-        info = mlflow.keras.log_model(
-            keras_model,
-            name="model",
+    """Log `model` to the active run, register it as a new version of `mnist-cnn` with
+    readable tags and a description, and point `alias` at it.
+
+    `model` is a Keras model (logged as an exported SavedModel) or an MLflow `PythonModel`
+    with its `artifacts` (an ensemble); both get the same signature, so serving, promotion
+    and rollback treat every version alike. This is the one place that registers.
+    """
+    common = {
+        "name": "model",
+        "signature": SIGNATURE,
+        "pip_requirements": pip_requirements(),
+        "registered_model_name": config.REGISTERED_MODEL_NAME,
+    }
+    if isinstance(model, mlflow.pyfunc.PythonModel):
+        info = mlflow.pyfunc.log_model(python_model=model, artifacts=artifacts, **common)
+    else:
+        # Keras's export prints every traced endpoint and captured tensor; users need none.
+        with contextlib.redirect_stdout(io.StringIO()):
             # An exported SavedModel: its pyfunc calls the traced serving function directly,
             # about 1 ms an image here, where Keras's `predict` costs some 50 ms a call.
-            save_exported_model=True,
-            signature=SIGNATURE,
-            pip_requirements=pip_requirements(),
-            registered_model_name=config.REGISTERED_MODEL_NAME,
-        )
+            info = mlflow.keras.log_model(model, save_exported_model=True, **common)
     tags = {
         "study": study_name,
         "trial": str(trial_number),
@@ -80,7 +91,9 @@ def register(
         "engine": engine,
         **(extra_tags or {}),
     }
-    return describe_version(info.registered_model_version, tags, describe(tags, params), alias)
+    return describe_version(
+        info.registered_model_version, tags, description or describe(tags, params), alias
+    )
 
 
 def describe_version(
@@ -133,13 +146,6 @@ class RegistryError(RuntimeError):
 HISTORY_TAG = "champion_history"
 # Registered-model tags hold at most a few thousand characters: keep the newest events.
 HISTORY_LIMIT = 40
-
-
-def client_for_registry() -> mlflow.MlflowClient:
-    """A client on the configured store, with a clear error when it cannot be reached."""
-    from digitune import tracking
-
-    return tracking.configure()
 
 
 def version_by_alias(client: mlflow.MlflowClient, alias: str, required: bool = True):

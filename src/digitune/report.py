@@ -22,7 +22,7 @@ import pandas as pd  # noqa: E402
 from optuna.trial import TrialState  # noqa: E402
 from optuna.visualization import matplotlib as optuna_plots  # noqa: E402
 
-from digitune import tracking  # noqa: E402
+from digitune import config, tracking  # noqa: E402
 
 TOP_TRIALS = 10
 
@@ -34,6 +34,8 @@ def trials_table(study: optuna.Study) -> pd.DataFrame:
     )
     if frame.empty:
         return frame
+    # A study with metric names calls its value column value_<name>; the table says value.
+    frame = frame.rename(columns={f"value_{config.OBJECTIVE_METRIC}": "value"})
     frame["seconds"] = frame.pop("duration").dt.total_seconds().round(1)
     frame = frame.rename(columns=lambda c: c.removeprefix("params_"))
     frame["epochs"] = frame.get("user_attrs_epochs", pd.Series(dtype="Int64")).astype("Int64")
@@ -77,8 +79,7 @@ def summary(study: optuna.Study, ranked: dict[str, float] | None = None) -> str:
             f"best trial {best.number}: value {best.value:.4f}, "
             + ", ".join(f"{k}={_short(v)}" for k, v in best.params.items())
         )
-        ascending = study.direction == optuna.study.StudyDirection.MINIMIZE
-        top = table[table["state"] == "COMPLETE"].sort_values("value", ascending=ascending)
+        top = table[table["state"] == "COMPLETE"].sort_values("value", ascending=False)
         lines += ["", f"top {TOP_TRIALS} trials:", top.head(TOP_TRIALS).to_string(index=False)]
     ranked = importances(study) if ranked is None else ranked
     if ranked:

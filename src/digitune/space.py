@@ -48,6 +48,16 @@ class StudyDefinition:
     # Configurations the study tries first, in the file's order (partial: the sampler fills in).
     enqueued: tuple[dict, ...] = ()
 
+    def with_budget(
+        self, n_trials: int | None = None, timeout_minutes: float | None = None
+    ) -> StudyDefinition:
+        """The definition with the command line's budget in place of the file's."""
+        overrides = {"n_trials": n_trials, "timeout_minutes": timeout_minutes}
+        overrides = {key: value for key, value in overrides.items() if value is not None}
+        if not overrides:
+            return self
+        return dataclasses.replace(self, study=dataclasses.replace(self.study, **overrides))
+
     def resolved(self) -> dict:
         """The whole resolved configuration, as one flat dict for logging."""
         flat = {f"study.{k}": v for k, v in dataclasses.asdict(self.study).items()}

@@ -1,4 +1,4 @@
-"""Track a study in MLflow: one experiment and one parent run per study, a child run per trial.
+"""Track a study in MLflow: the only module that knows the run layout.
 
 Layout, as a user sees it in the MLflow UI:
 - experiment `<study name>`;
@@ -6,11 +6,12 @@ Layout, as a user sees it in the MLflow UI:
   name>` for Optuna, `<study name> keras-tuner <algorithm>` for Keras Tuner, reused when the
   study resumes; it holds the resolved configuration, the datasets, and the final test
   evaluation;
-- child runs `trial-<number>` with the sampled params, per-epoch `loss`, `accuracy`,
-  `val_loss`, `val_accuracy` and `epoch_seconds` (step = epoch), tags `trial_number`,
-  `engine` and `state` (COMPLETE, PRUNED, FAIL), and at the end `trial_seconds` and
-  `tracking_seconds`; completed trials also log the validation confusion matrix (PNG and
-  JSON) and their weights, so the best model can be rebuilt without retraining.
+- child runs of the parent: `trial-<number>` with the sampled params, per-epoch `loss`,
+  `accuracy`, `val_loss`, `val_accuracy` and `epoch_seconds` (step = epoch), tags
+  `trial_number`, `engine` and `state` (COMPLETE, PRUNED, FAIL), and at the end
+  `trial_seconds` and `tracking_seconds`; `refit-trial-<n>` and `ensemble-<k>` runs of the
+  models built from the study afterwards. What each run records besides its params and tags
+  (metrics per epoch, confusion matrices, weights) is `digitune.records`'s.
 
 Optuna's own MLflowCallback is deprecated in Optuna 5 and logs only after a trial ends, so
 the tracking is done here, with MLflow's Keras callback doing the per-epoch logging.
@@ -19,23 +20,22 @@ the tracking is done here, with MLflow's Keras callback doing the per-epoch logg
 from __future__ import annotations
 
 import contextlib
-import tempfile
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import mlflow
-import mlflow.keras
 import numpy as np
 import optuna
 from mlflow.entities import RunStatus
 
-from digitune import config, evaluate
+from digitune import config
 
+# Where an Optuna study and its trials keep the ids of their MLflow runs (user attributes).
 PARENT_RUN_ATTR = "mlflow_parent_run_id"
 TRIAL_RUN_ATTR = "mlflow_run_id"
-WEIGHTS_ARTIFACT = "weights/model.weights.h5"
+_PARENT_TAG = "mlflow.parentRunId"
 
 
 class Stopwatch:
@@ -112,19 +112,22 @@ def experiment_id(client: mlflow.MlflowClient, name: str) -> str:
     return experiment_id
 
 
-def open_study_run(
+@contextlib.contextmanager
+def study_run(
     experiment_name: str,
     run_name: str,
     run_id: str | None,
     resolved_config: dict,
     datasets: dict,
     tags: dict[str, str],
-) -> str:
-    """Create a study's parent run, or reopen `run_id`, and return its id, left RUNNING.
+) -> Iterator[str]:
+    """A study's parent run, created or reopened (`run_id`), as a context: yields its id,
+    then ends it FINISHED, or KILLED on Ctrl-C, or FAILED on an error.
 
     The caller keeps the id with the study (Optuna: the study's user attributes; Keras Tuner:
     its project folder), so a resumed study, and every worker on the same storage, logs its
-    trials as children of this one run.
+    trials as children of this one run. The run stays RUNNING, not active in this process,
+    while trials run in any process.
     """
     client = configure()
     experiment = experiment_id(client, experiment_name)
@@ -145,15 +148,42 @@ def open_study_run(
             for context, dataset in datasets.items():
                 mlflow.log_input(dataset, context=context)
         mlflow.log_dict(resolved_config, "config.json")
-    # The block above ended the run; it stays open while trials run, in any process.
-    client.update_run(run.info.run_id, status=RunStatus.to_string(RunStatus.RUNNING))
-    return run.info.run_id
+    run_id = run.info.run_id
+    client.update_run(run_id, status=RunStatus.to_string(RunStatus.RUNNING))
+    try:
+        yield run_id
+    except BaseException as error:
+        client.set_terminated(run_id, _status_for(error))
+        raise
+    client.set_terminated(run_id, RunStatus.to_string(RunStatus.FINISHED))
 
 
-def close_study_run(run_id: str, error: BaseException | None = None) -> None:
-    """End the parent run: FINISHED, or KILLED on Ctrl-C, or FAILED on an error."""
-    status = _status_for(error) if error else RunStatus.to_string(RunStatus.FINISHED)
-    mlflow.MlflowClient().set_terminated(run_id, status)
+def child_run(parent_run_id: str, run_name: str, tags: dict[str, str]) -> mlflow.ActiveRun:
+    """Start a run under the study's parent run, in the parent's experiment."""
+    parent = mlflow.MlflowClient().get_run(parent_run_id)
+    return mlflow.start_run(
+        run_name=run_name,
+        experiment_id=parent.info.experiment_id,
+        parent_run_id=parent_run_id,
+        tags=tags,
+    )
+
+
+def child_runs(parent_run_id: str, filter_string: str = "") -> list[mlflow.entities.Run]:
+    """The runs under a parent run (its trials, refits, ensembles), optionally filtered."""
+    client = mlflow.MlflowClient()
+    parent = client.get_run(parent_run_id)
+    condition = f"tags.`{_PARENT_TAG}` = '{parent_run_id}'"
+    return client.search_runs(
+        [parent.info.experiment_id],
+        f"{condition} and {filter_string}" if filter_string else condition,
+        max_results=10_000,
+    )
+
+
+def parent_of(run: mlflow.entities.Run) -> str | None:
+    """The id of the run a child run belongs to, if any."""
+    return run.data.tags.get(_PARENT_TAG)
 
 
 @contextlib.contextmanager
@@ -174,16 +204,10 @@ def trial_run(
     started = time.perf_counter()
     STOPWATCH.reset()
     with STOPWATCH:
-        parent = mlflow.MlflowClient().get_run(parent_run_id)
-        run = mlflow.start_run(
-            run_name=f"trial-{number}",
-            experiment_id=parent.info.experiment_id,
-            tags={
-                "mlflow.parentRunId": parent_run_id,
-                "trial_number": str(number),
-                "engine": engine,
-                "state": "RUNNING",
-            },
+        run = child_run(
+            parent_run_id,
+            f"trial-{number}",
+            {"trial_number": str(number), "engine": engine, "state": "RUNNING"},
         )
         remember(TRIAL_RUN_ATTR, run.info.run_id)
         mlflow.log_params(params)
@@ -232,65 +256,6 @@ def _status_for(error: BaseException) -> str:
     if isinstance(error, KeyboardInterrupt):
         return RunStatus.to_string(RunStatus.KILLED)
     return RunStatus.to_string(RunStatus.FAILED)
-
-
-class EpochTimer(mlflow.keras.MlflowCallback):
-    """MLflow's Keras callback, plus the wall time of each epoch as `epoch_seconds`.
-
-    Its `on_test_end` is silenced: Keras already hands the validation metrics to
-    `on_epoch_end` as `val_loss` and `val_accuracy`, and logging them twice clutters the UI.
-    """
-
-    def on_train_begin(self, logs=None):
-        with STOPWATCH:
-            super().on_train_begin(logs)
-            # The precision the model really trains in, read off the model itself.
-            mlflow.set_tag("precision", self.model.dtype_policy.name)
-
-    def on_epoch_begin(self, epoch, logs=None):
-        self._epoch_started = time.perf_counter()
-
-    def on_epoch_end(self, epoch, logs=None):
-        if logs is not None:
-            logs["epoch_seconds"] = time.perf_counter() - self._epoch_started
-        with STOPWATCH:
-            super().on_epoch_end(epoch, logs)
-
-    def on_test_end(self, logs=None):
-        pass
-
-
-def log_evaluation(evaluation: evaluate.Evaluation, prefix: str, title: str) -> None:
-    """Log the confusion matrix (PNG and JSON) to the active run, as `<prefix>_confusion_matrix`."""
-    with STOPWATCH:
-        _log_evaluation(evaluation, prefix, title)
-
-
-def _log_evaluation(evaluation: evaluate.Evaluation, prefix: str, title: str) -> None:
-    mlflow.log_dict(evaluation.as_dict(), f"{prefix}_confusion_matrix.json")
-    figure = evaluate.plot_confusion_matrix(evaluation.confusion_matrix, title)
-    mlflow.log_figure(figure, f"{prefix}_confusion_matrix.png")
-    evaluate.plt.close(figure)
-
-
-def log_weights(model) -> None:
-    """Keep a trial's weights cheaply (an .h5 file, not a full MLflow model)."""
-    with STOPWATCH, tempfile.TemporaryDirectory() as scratch:
-        path = Path(scratch) / Path(WEIGHTS_ARTIFACT).name
-        model.save_weights(path)
-        mlflow.log_artifact(str(path), artifact_path=str(Path(WEIGHTS_ARTIFACT).parent))
-
-
-def download_weights(run_id: str, destination: Path) -> Path:
-    """The weights file a completed trial logged."""
-    try:
-        return Path(
-            mlflow.artifacts.download_artifacts(
-                run_id=run_id, artifact_path=WEIGHTS_ARTIFACT, dst_path=str(destination)
-            )
-        )
-    except Exception as error:  # noqa: BLE001 -- missing file, unreachable store, ...
-        raise TrackingError(f"run {run_id} has no readable {WEIGHTS_ARTIFACT}: {error}") from None
 
 
 def dataset(images: np.ndarray, labels: np.ndarray, name: str, source: str, digest: str):

@@ -4,8 +4,8 @@ budget and MLflow layout as the Optuna engine, so the MLflow UI compares the two
     digitune tune --engine keras-tuner                          Hyperband
     digitune tune --engine keras-tuner --algorithm bayesian     Bayesian optimisation
 
-The study's search space becomes Keras Tuner hyperparameters in `hyperparameters()`, the one
-place that translation happens. Keras Tuner keeps its own state (oracle, checkpoints) in
+The study's search space becomes Keras Tuner hyperparameters in `digitune.engines.hypermodel`,
+the one place that translation happens. Keras Tuner keeps its own state (oracle, checkpoints) in
 `studies/<study>-keras-tuner-<algorithm>/`, so running the same command again resumes.
 
 Keras Tuner 1.4.8 imports `tensorboard` in every trial on the TensorFlow backend, and
@@ -16,85 +16,22 @@ every trial would fail.
 from __future__ import annotations
 
 import dataclasses
-import sys
+import logging
 import time
 from pathlib import Path
 
 import keras
 import keras_tuner
 import mlflow
-import optuna
 
-from digitune import config, data, model, objective, space, tracking, tune
+from digitune import config, records, space, tracking, trainer
+from digitune.engines import hypermodel, scaffold
+
+log = logging.getLogger(__name__)
 
 ALGORITHMS = ("hyperband", "bayesian")
 ENGINE = "keras-tuner"
 _PARENT_RUN_FILE = "mlflow_parent_run_id"
-
-
-def hyperparameters(definition: space.StudyDefinition) -> keras_tuner.HyperParameters:
-    """The study's [space] as Keras Tuner hyperparameters (fixed values stay out: the
-    hypermodel adds them to every trial's params, as `space.suggest` does for Optuna)."""
-    hp = keras_tuner.HyperParameters()
-    for name, distribution in definition.distributions.items():
-        if isinstance(distribution, optuna.distributions.CategoricalDistribution):
-            hp.Choice(name, list(distribution.choices), ordered=False)
-        elif isinstance(distribution, optuna.distributions.FloatDistribution):
-            hp.Float(
-                name,
-                distribution.low,
-                distribution.high,
-                step=distribution.step,
-                sampling="log" if distribution.log else "linear",
-            )
-        else:
-            # Keras Tuner reads an int range's step as a factor under log sampling, where
-            # Optuna only allows step 1; so a log range has no step here.
-            hp.Int(
-                name,
-                distribution.low,
-                distribution.high,
-                step=None if distribution.log else distribution.step,
-                sampling="log" if distribution.log else "linear",
-            )
-    return hp
-
-
-class CnnHyperModel(keras_tuner.HyperModel):
-    """Builds with `model.build_model` and trains with `objective.fit`, as Optuna trials do."""
-
-    def __init__(self, definition: space.StudyDefinition, split: data.Split):
-        super().__init__(name="mnist_cnn")
-        self.definition = definition
-        self.split = split
-
-    def params(self, hp: keras_tuner.HyperParameters) -> dict:
-        """The trial's plain params: the file's fixed values plus the sampled ones."""
-        sampled = {name: hp.get(name) for name in self.definition.distributions}
-        return {**self.definition.fixed, **sampled}
-
-    def build(self, hp):
-        # Keras Tuner clears the Keras session before every build, and with it the dtype
-        # policy, so the study's precision is set here.
-        keras.mixed_precision.set_global_policy(
-            objective.precision_policy(self.definition.training.precision)
-        )
-        cnn = model.build_model(self.params(hp))
-        # Hyperband continues a trial from its checkpoint, optimizer state included; a built
-        # optimizer loads that state instead of warning that it skipped it.
-        cnn.optimizer.build(cnn.trainable_variables)
-        return cnn
-
-    def fit(self, hp, cnn, *args, epochs=1, initial_epoch=0, callbacks=(), **kwargs):
-        return objective.fit(
-            cnn,
-            self.params(hp),
-            self.split,
-            epochs,
-            callbacks,
-            initial_epoch=initial_epoch,
-            steps_per_execution=self.definition.training.steps_per_execution,
-        )
 
 
 def _tracked(tuner_class: type[keras_tuner.Tuner]) -> type[keras_tuner.Tuner]:
@@ -117,7 +54,7 @@ def _tracked(tuner_class: type[keras_tuner.Tuner]) -> type[keras_tuner.Tuner]:
                 self.oracle.max_trials = len(self.oracle.trials) or -1
 
         def run_trial(self, trial, *args, **kwargs):
-            if objective.STOP.is_set():
+            if trainer.STOP.is_set():
                 raise KeyboardInterrupt
             number = int(trial.trial_id)
             keras.utils.set_random_seed(self.hypermodel.definition.study.seed + number)
@@ -127,11 +64,12 @@ def _tracked(tuner_class: type[keras_tuner.Tuner]) -> type[keras_tuner.Tuner]:
                 mlflow.set_tags(_hyperband_tags(trial.hyperparameters.values))
                 histories = super().run_trial(trial, *args, **kwargs)
                 history = histories[-1].history
-                objective.check_finite(history, params)
+                trainer.check_finite(history, params)
                 # Early stopping restored the best epoch's weights: the matrix matches the
-                # value, and the weights let `tune.finalize` rebuild the model.
-                objective.track_result(histories[-1].model, self.hypermodel.split, number)
-            _print_trial(number, history, time.perf_counter() - started, trial.hyperparameters)
+                # value, and the weights let `scaffold.finalize` rebuild the model.
+                records.log_trial_result(histories[-1].model, self.hypermodel.split, number)
+            seconds = time.perf_counter() - started
+            log.info(_trial_line(number, history, seconds, trial.hyperparameters))
             return histories
 
     TrackedTuner.__name__ = f"Tracked{tuner_class.__name__}"
@@ -172,7 +110,7 @@ class Outcome:
     study_name: str
     seconds: float
     trials: int
-    best: tune.BestTrial
+    best: scaffold.BestTrial
     test_accuracy: float
     model_version: str | None
     parent_run_id: str
@@ -189,61 +127,53 @@ def run(
 ) -> Outcome:
     """Search the study's space with Keras Tuner's `algorithm` within the study's budget,
     then evaluate the best trial's model on the test set and (with `register`) register it
-    as `challenger`, like `tune.run`."""
+    as `challenger`, like the Optuna engine."""
     started = time.perf_counter()
     if algorithm not in ALGORITHMS:
         raise ValueError(f"--algorithm must be one of {', '.join(ALGORITHMS)}, got {algorithm!r}")
-    if not isinstance(study_file, space.StudyDefinition):
-        study_file = space.load(study_file)
-    definition = tune.with_overrides(study_file, n_trials, timeout_minutes)
+    inputs = scaffold.prepare(study_file, n_trials, timeout_minutes)
+    definition = inputs.definition
     if definition.enqueued:
-        print(
-            f"{definition.path}: its [[enqueue]] warm start is Optuna's; Keras Tuner's "
-            f"{algorithm} starts from its own draws",
-            file=sys.stderr,
+        log.warning(
+            "%s: its [[enqueue]] warm start is Optuna's; Keras Tuner's %s starts from its own "
+            "draws",
+            definition.path,
+            algorithm,
         )
-    training = definition.training
-    tracking.configure()  # Fail before loading data or training if the store is down.
-    mnist = data.load()
-    split = data.split(mnist, training.train_images, training.validation_images)
     study_name = f"{definition.study.name}-{ENGINE}-{algorithm}"
     directory = directory or config.studies_dir() / study_name
     directory.mkdir(parents=True, exist_ok=True)
     parent_file = directory / _PARENT_RUN_FILE
-    timeout = definition.study.timeout_minutes * 60 or None
-    deadline = time.time() + timeout if timeout else None
-
-    parent_run_id = tracking.open_study_run(
-        experiment or definition.study.name,
-        f"{definition.study.name} {ENGINE} {algorithm}",
-        parent_file.read_text().strip() if parent_file.exists() else None,
-        *tune.run_inputs(definition, split, mnist),
-        tags={"study": study_name, "engine": ENGINE, "algorithm": algorithm},
-    )
-    parent_file.write_text(parent_run_id)
-    print(
-        f"study '{study_name}' (Keras Tuner {algorithm}): {len(split.y_train):,} training and "
-        f"{len(split.y_validation):,} validation images; state in {directory}"
+    log.info(
+        "study '%s' (Keras Tuner %s): %s training and %s validation images; state in %s",
+        study_name,
+        algorithm,
+        f"{len(inputs.split.y_train):,}",
+        f"{len(inputs.split.y_validation):,}",
+        directory,
     )
     try:
-        tuner = _make_tuner(definition, split, algorithm, directory, parent_run_id, deadline)
-        tuner.search(
-            epochs=training.max_epochs,
-            callbacks=objective.training_callbacks(training, deadline),
-            verbose=0,
-        )
-        if objective.STOP.is_set():
-            raise KeyboardInterrupt
-        best = _best_trial(tuner, study_name)
-        with mlflow.start_run(run_id=parent_run_id):
-            mlflow.log_metric("trials", len(tuner.oracle.trials))
-            test_accuracy, version = tune.finalize(best, mnist, register)
-    except BaseException as error:
-        tracking.close_study_run(parent_run_id, error)
-        raise
+        with scaffold.parent_run(
+            inputs,
+            experiment=experiment or definition.study.name,
+            run_name=f"{definition.study.name} {ENGINE} {algorithm}",
+            run_id=parent_file.read_text().strip() if parent_file.exists() else None,
+            tags={"study": study_name, "engine": ENGINE, "algorithm": algorithm},
+        ) as parent_run_id:
+            parent_file.write_text(parent_run_id)
+            tuner = _make_tuner(inputs, algorithm, directory, parent_run_id)
+            tuner.search(
+                epochs=definition.training.max_epochs,
+                callbacks=trainer.training_callbacks(definition.training, inputs.deadline),
+                verbose=0,
+            )
+            if trainer.STOP.is_set():
+                raise KeyboardInterrupt
+            best = _best_trial(tuner, study_name)
+            mlflow.MlflowClient().log_metric(parent_run_id, "trials", len(tuner.oracle.trials))
+            test_accuracy, version = scaffold.finalize(best, inputs.mnist, parent_run_id, register)
     finally:
         keras.mixed_precision.set_global_policy("float32")
-    tracking.close_study_run(parent_run_id)
     return Outcome(
         study_name,
         time.perf_counter() - started,
@@ -255,12 +185,13 @@ def run(
     )
 
 
-def _make_tuner(definition, split, algorithm, directory, parent_run_id, deadline):
+def _make_tuner(inputs: scaffold.Inputs, algorithm, directory, parent_run_id):
+    definition = inputs.definition
     settings = definition.study
     common = {
-        "hypermodel": CnnHyperModel(definition, split),
+        "hypermodel": hypermodel.CnnHyperModel(definition, inputs.split),
         "objective": keras_tuner.Objective(config.OBJECTIVE_METRIC, direction="max"),
-        "hyperparameters": hyperparameters(definition),
+        "hyperparameters": hypermodel.hyperparameters(definition),
         "seed": settings.seed,
         "directory": str(directory.parent),
         "project_name": directory.name,
@@ -269,7 +200,7 @@ def _make_tuner(definition, split, algorithm, directory, parent_run_id, deadline
         "max_consecutive_failed_trials": max(3, settings.n_trials),
         "parent_run_id": parent_run_id,
         "n_trials": settings.n_trials,
-        "deadline": deadline,
+        "deadline": inputs.deadline,
     }
     if algorithm == "bayesian":
         return _tracked(keras_tuner.BayesianOptimization)(
@@ -286,20 +217,18 @@ def _make_tuner(definition, split, algorithm, directory, parent_run_id, deadline
     )
 
 
-def _best_trial(tuner, study_name: str) -> tune.BestTrial:
+def _best_trial(tuner, study_name: str) -> scaffold.BestTrial:
     """The best trial whose MLflow run logged its weights."""
     for trial in tuner.oracle.get_best_trials(num_trials=len(tuner.oracle.trials)):
         if trial.status != keras_tuner.engine.trial.TrialStatus.COMPLETED:
             continue
-        runs = mlflow.search_runs(
-            filter_string=f"tags.trial_number = '{int(trial.trial_id)}' "
-            f"and tags.state = 'COMPLETE' and tags.engine = '{ENGINE}' "
-            f"and tags.`mlflow.parentRunId` = '{tuner.parent_run_id}'",
-            search_all_experiments=True,
-            output_format="list",
+        runs = tracking.child_runs(
+            tuner.parent_run_id,
+            f"tags.trial_number = '{int(trial.trial_id)}' and tags.state = 'COMPLETE' "
+            f"and tags.engine = '{ENGINE}'",
         )
         if runs:
-            return tune.BestTrial(
+            return scaffold.BestTrial(
                 study_name,
                 int(trial.trial_id),
                 tuner.hypermodel.params(trial.hyperparameters),
@@ -313,7 +242,7 @@ def _best_trial(tuner, study_name: str) -> tune.BestTrial:
     )
 
 
-def _print_trial(number: int, history: dict, seconds: float, hp) -> None:
+def _trial_line(number: int, history: dict, seconds: float, hp) -> str:
     values = history.get(config.OBJECTIVE_METRIC, [])
     value = f"{max(values):.4f}" if values else "-"
     tuner_epochs = hp.values.get("tuner/epochs")
@@ -323,4 +252,4 @@ def _print_trial(number: int, history: dict, seconds: float, hp) -> None:
         for k, v in hp.values.items()
         if not k.startswith("tuner/")
     )
-    print(f"trial {number:3d} COMPLETE value={value} {seconds:6.1f}s {params}{extra}")
+    return f"trial {number:3d} COMPLETE value={value} {seconds:6.1f}s {params}{extra}"

@@ -1,24 +1,25 @@
-"""The trial function: build a CNN from the trial's params, train it with pruning, track it.
+"""The trainer every engine, the refit and the benchmark share.
 
-Kept thin on purpose: clear the Keras session, turn the trial into plain params, build,
-fit with the pruning, early-stopping and tracking callbacks, and return the best
-validation accuracy. The data is loaded once, outside the trial.
+`fit` trains a model the way every trial does (batch size, learning-rate schedule, batches
+per call into TensorFlow); `training_callbacks` are the callbacks every trial trains with
+besides its engine's pruning; `fresh_session` starts a trial in the study's precision with
+its seed; the first Ctrl-C stops training cleanly at the next batch (`StopOnRequest`).
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import signal
-import sys
 import threading
 import time
 
 import keras
-import optuna
 import tensorflow as tf
-from optuna_integration.keras import KerasPruningCallback
 
-from digitune import config, data, evaluate, model, space, tracking
+from digitune import config, data, model, records
+
+log = logging.getLogger(__name__)
 
 
 class DivergedError(RuntimeError):
@@ -42,7 +43,7 @@ def stop_cleanly_on_ctrl_c() -> None:
         if STOP.is_set():
             raise KeyboardInterrupt
         STOP.set()
-        print("\nstopping after this batch (Ctrl-C again to stop at once)", file=sys.stderr)
+        log.warning("stopping after this batch (Ctrl-C again to stop at once)")
 
     signal.signal(signal.SIGINT, handler)
 
@@ -148,7 +149,7 @@ def training_callbacks(training: config.TrainingSettings, deadline: float | None
     return [
         StopOnRequest(),
         keras.callbacks.TerminateOnNaN(),
-        tracking.EpochTimer(),
+        records.EpochTimer(),
         StopAtDeadline(deadline),
         keras.callbacks.EarlyStopping(
             monitor=config.OBJECTIVE_METRIC,
@@ -166,52 +167,3 @@ def check_finite(history: dict, params: dict) -> None:
             f"the loss became {history['loss'][-1]} at epoch {len(history['loss']) - 1}; "
             f"learning_rate={params.get('learning_rate')} is probably too high"
         )
-
-
-def track_result(cnn: keras.Model, split: data.Split, number: int) -> None:
-    """Log a finished trial's validation confusion matrix and weights to its run."""
-    with tracking.STOPWATCH.evaluating():
-        validation = evaluate.evaluate(cnn, split.x_validation, split.y_validation)
-    tracking.log_evaluation(validation, "val", f"trial {number}, validation set")
-    tracking.log_weights(cnn)
-
-
-def make_objective(
-    definition: space.StudyDefinition,
-    split: data.Split,
-    parent_run_id: str,
-    deadline: float | None = None,
-):
-    """The function `study.optimize` calls once per trial. Trials log as children of
-    `parent_run_id`; `deadline` is when the study's time is up (a `time.time()` value, the
-    same in every worker process), or None."""
-    training = definition.training
-
-    def objective(trial: optuna.Trial) -> float:
-        if STOP.is_set():
-            raise KeyboardInterrupt
-        # One seed per trial: a trial's initial weights and batch order can be reproduced.
-        fresh_session(training.precision, definition.study.seed + trial.number)
-        params = space.suggest(trial, definition)
-        with tracking.trial_run(
-            trial.number, params, parent_run_id, "optuna", remember=trial.set_user_attr
-        ):
-            cnn = model.build_model(params)
-            callbacks = training_callbacks(training, deadline)
-            # After the epoch is logged (EpochTimer), before the deadline and early stopping.
-            callbacks.insert(3, KerasPruningCallback(trial, config.OBJECTIVE_METRIC))
-            history = fit(
-                cnn,
-                params,
-                split,
-                training.max_epochs,
-                callbacks,
-                steps_per_execution=training.steps_per_execution,
-            ).history
-            trial.set_user_attr("epochs", len(history["loss"]))
-            check_finite(history, params)
-            # Early stopping restored the best epoch's weights, so the matrix matches the value.
-            track_result(cnn, split, trial.number)
-            return max(history[config.OBJECTIVE_METRIC])
-
-    return objective

@@ -9,10 +9,14 @@ The launching process registers the best model once, after every worker has stop
 
 from __future__ import annotations
 
+import logging
 import multiprocessing
 import os
+import sys
 
 from digitune import space
+
+log = logging.getLogger(__name__)
 
 
 def thread_share(workers: int) -> int:
@@ -29,7 +33,15 @@ def run_workers(
     processes = [
         context.Process(
             target=work,
-            args=(definition, storage, index, workers, thread_share(workers), deadline),
+            args=(
+                definition,
+                storage,
+                index,
+                workers,
+                thread_share(workers),
+                deadline,
+                logging.getLogger("digitune").getEffectiveLevel(),
+            ),
             name=f"digitune-worker-{index}",
         )
         for index in range(workers)
@@ -37,12 +49,12 @@ def run_workers(
     for process in processes:
         process.start()
     # Ctrl-C reaches the workers too: they stop at their next batch and record their trials;
-    # the launcher's handler only notes it (see objective.stop_cleanly_on_ctrl_c).
+    # the launcher's handler only notes it (see trainer.stop_cleanly_on_ctrl_c).
     for process in processes:
         process.join()
     failed = [p.name for p in processes if p.exitcode not in (0, None)]
     if failed:
-        print(f"warning: {', '.join(failed)} stopped with an error; see its output above")
+        log.warning("%s stopped with an error; see its output above", ", ".join(failed))
 
 
 def work(
@@ -52,8 +64,14 @@ def work(
     workers: int,
     threads: int,
     deadline: float | None,
+    log_level: int = logging.INFO,
 ) -> None:
     """One worker process: join the study and run trials until it has its total."""
+    # A spawned process starts without the launcher's logging: its trial lines go to stdout.
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    logging.getLogger("digitune").addHandler(handler)
+    logging.getLogger("digitune").setLevel(log_level)
     import tensorflow as tf
 
     # Before TensorFlow starts its runtime: a fair share of the CPU, or one GPU each.
@@ -65,19 +83,26 @@ def work(
 
     import optuna
 
-    from digitune import data, objective, tracking, tune
+    from digitune import data, study, tracking, trainer
+    from digitune.engines import objective
 
-    objective.stop_cleanly_on_ctrl_c()  # The terminal's Ctrl-C reaches every worker.
+    trainer.stop_cleanly_on_ctrl_c()  # The terminal's Ctrl-C reaches every worker.
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     tracking.configure()
     mnist = data.load()
     split = data.split(
         mnist, definition.training.train_images, definition.training.validation_images
     )
-    study = tune.load_or_create_study(definition, storage, worker=index + 1, join=True)
-    parent_run_id = study.user_attrs[tracking.PARENT_RUN_ATTR]
+    optuna_study = study.load_or_create(definition, storage, worker=index + 1, join=True)
+    parent_run_id = optuna_study.user_attrs[tracking.PARENT_RUN_ATTR]
     label = f"[worker {index + 1}/{workers}] "
     try:
-        tune.optimize(study, definition, split, parent_run_id, deadline, label=label)
+        study.optimize(
+            optuna_study,
+            definition,
+            objective.make_objective(definition, split, parent_run_id, deadline),
+            deadline,
+            label=label,
+        )
     except KeyboardInterrupt:
         pass  # The trial was recorded as failed; the launcher reports the interruption.

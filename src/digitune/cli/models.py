@@ -1,0 +1,168 @@
+"""The registry and serving stage's commands: promote, rollback, models, export, serve,
+bench-serve, mlflow-server and ui.
+
+Each handler imports what it runs when it runs, so that `digitune --help` answers without
+loading TensorFlow.
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+
+from digitune import config
+
+
+def add_commands(commands) -> None:
+    promote = commands.add_parser(
+        "promote", help="make the challenger champion if it is better on the test set"
+    )
+    promote.add_argument(
+        "--margin",
+        type=float,
+        default=0.0,
+        help="least test-accuracy gain required, as a fraction (default: any gain)",
+    )
+    promote.add_argument(
+        "--force", action="store_true", help="promote even if not better (recorded as forced)"
+    )
+    promote.set_defaults(handler=_promote)
+
+    rollback = commands.add_parser("rollback", help="champion back to the previous one")
+    rollback.set_defaults(handler=_rollback)
+
+    models = commands.add_parser("models", help="list registered versions and aliases")
+    models.set_defaults(handler=_models)
+
+    export = commands.add_parser(
+        "export", help="TensorFlow Lite float16 and int8 files of a registered version"
+    )
+    export_choice = export.add_mutually_exclusive_group()
+    export_choice.add_argument("--version", default=None, help="a version number")
+    export_choice.add_argument("--alias", default=None, help="an alias (default: champion)")
+    export.set_defaults(handler=_export)
+
+    serve = commands.add_parser("serve", help="serve the champion: API and drawing page")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument(
+        "--model-uri",
+        default=f"models:/{config.REGISTERED_MODEL_NAME}@{config.CHAMPION_ALIAS}",
+        help="the model to serve (default: %(default)s)",
+    )
+    serve.add_argument(
+        "--poll-seconds", type=float, default=10.0, help="how often to check the alias (0: never)"
+    )
+    serve.set_defaults(handler=_serve)
+
+    bench_serve = commands.add_parser("bench-serve", help="measure a running service")
+    bench_serve.add_argument("--url", default="http://127.0.0.1:8000")
+    bench_serve.add_argument("--requests", type=int, default=500)
+    bench_serve.add_argument("--batch", type=int, default=64)
+    bench_serve.set_defaults(handler=_bench_serve)
+
+    server = commands.add_parser(
+        "mlflow-server", help="an MLflow tracking server that workers on several machines share"
+    )
+    server.add_argument("--host", default="127.0.0.1")
+    server.add_argument("--port", type=int, default=5000)
+    server.add_argument(
+        "--backend-store-uri",
+        default=None,
+        help="SQL database of runs (default: the project's SQLite store in mlruns/)",
+    )
+    server.set_defaults(handler=_mlflow_server)
+
+    ui = commands.add_parser("ui", help="start the MLflow UI on the project's store")
+    ui.add_argument("--host", default="127.0.0.1")
+    ui.add_argument("--port", type=int, default=5000)
+    ui.set_defaults(handler=_ui)
+
+
+def _promote(args: argparse.Namespace) -> int:
+    from digitune import promote
+
+    decision = promote.promote(margin=args.margin, force=args.force)
+    print(promote.table(decision).to_string())
+    if decision.promoted:
+        forced = " (FORCED)" if decision.forced else ""
+        print(f"\npromoted version {decision.challenger} to @champion{forced}: {decision.reason}")
+        return 0
+    print(f"\nrefused: version {decision.challenger} stays @challenger; {decision.reason}")
+    print("use --force to promote it anyway")
+    return 3
+
+
+def _rollback(args: argparse.Namespace) -> int:
+    from digitune import registry, tracking
+
+    previous, current = registry.rollback(tracking.configure())
+    print(f"@champion moved back from version {previous} to version {current}")
+    return 0
+
+
+def _models(args: argparse.Namespace) -> int:
+    from digitune import registry, tracking
+
+    client = tracking.configure()
+    registry.version_by_alias(client, config.CHALLENGER_ALIAS, required=False)  # model exists?
+    print(registry.versions_table(client).to_string(index=False))
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from digitune import export
+
+    table = export.run(args.version, args.alias)
+    print(table.to_string(index=False))
+    print("logged under tflite/ in the version's run; sizes as version tags")
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from digitune import serve
+
+    print(f"serving {args.model_uri} on http://{args.host}:{args.port} (docs at /docs)")
+    serve.run(args.host, args.port, args.model_uri, args.poll_seconds)
+    return 0
+
+
+def _bench_serve(args: argparse.Namespace) -> int:
+    from digitune.bench import serving
+
+    print(serving.serve_latency(args.url, args.requests, args.batch).to_string(index=False))
+    return 0
+
+
+def _mlflow_server(args: argparse.Namespace) -> int:
+    artifacts = config.mlruns_dir() / "artifacts"
+    command = [
+        sys.executable, "-m", "mlflow", "server",
+        "--backend-store-uri", args.backend_store_uri or config.local_tracking_uri(),
+        # The server stores and serves artifacts itself, so workers need no shared disk.
+        "--artifacts-destination", str(artifacts),
+        "--host", args.host, "--port", str(args.port),
+    ]  # fmt: skip
+    print(
+        f"MLflow tracking server on http://{args.host}:{args.port}; on each worker machine set "
+        f"MLFLOW_TRACKING_URI=http://<this host>:{args.port}"
+    )
+    return subprocess.call(command)
+
+
+def _ui(args: argparse.Namespace) -> int:
+    command = [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "ui",
+        "--backend-store-uri",
+        config.tracking_uri(),
+        "--host",
+        args.host,
+        "--port",
+        str(args.port),
+    ]
+    print(f"MLflow UI on http://{args.host}:{args.port} (Ctrl-C stops it)")
+    return subprocess.call(command)

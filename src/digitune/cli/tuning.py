@@ -1,0 +1,212 @@
+"""The tuning stage's commands: data, tune, report, ensemble and bench.
+
+Each handler imports what it runs when it runs, so that `digitune --help` answers without
+loading TensorFlow.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from digitune import config
+
+
+def add_commands(commands) -> None:
+    data = commands.add_parser("data", help="fetch and verify MNIST")
+    data.set_defaults(handler=_data)
+
+    tune = commands.add_parser("tune", help="run or resume a study")
+    add_study_arguments(tune)
+    tune.add_argument(
+        "--trials", type=int, default=None, help="the study's total trials (overrides the file)"
+    )
+    tune.add_argument("--timeout-minutes", type=float, default=None, help="time limit of this run")
+    tune.add_argument(
+        "--workers", type=int, default=1, help="worker processes sharing the study (default: 1)"
+    )
+    tune.add_argument(
+        "--join",
+        action="store_true",
+        help="only run trials of a study started elsewhere (another machine's `make tune`)",
+    )
+    tune.add_argument(
+        "--refit",
+        action="store_true",
+        help="then retrain the best configuration on all 60,000 training images and register "
+        "it as the challenger",
+    )
+    tune.add_argument(
+        "--engine",
+        choices=("optuna", "keras-tuner"),
+        default="optuna",
+        help="which tuner runs the study (default: %(default)s)",
+    )
+    tune.add_argument(
+        "--algorithm",
+        choices=("hyperband", "bayesian"),
+        default="hyperband",
+        help="Keras Tuner's algorithm, with --engine keras-tuner (default: %(default)s)",
+    )
+    tune.set_defaults(handler=_tune)
+
+    report = commands.add_parser("report", help="summarise a study and log its figures")
+    add_study_arguments(report)
+    report.set_defaults(handler=_report)
+
+    ensemble = commands.add_parser(
+        "ensemble", help="register the average of a study's best trials' models"
+    )
+    add_study_arguments(ensemble)
+    ensemble.add_argument("--top", type=int, default=5, help="members (default: 5)")
+    ensemble.add_argument(
+        "--greedy",
+        action="store_true",
+        help="greedy forward selection on validation accuracy instead of the top K",
+    )
+    ensemble.set_defaults(handler=_ensemble)
+
+    bench = commands.add_parser(
+        "bench",
+        help="training throughput vs plain fit, tuning race vs Keras Tuner, tracking overhead",
+    )
+    bench.add_argument(
+        "--repeats", type=int, default=3, help="rounds of the throughput measurement"
+    )
+    bench.add_argument(
+        "--budget-minutes",
+        type=float,
+        default=10.0,
+        help="wall-clock budget of each tuning-race contender (default: %(default)s)",
+    )
+    bench.add_argument(
+        "--only", choices=("throughput", "race"), default=None, help="run one part only"
+    )
+    bench.set_defaults(handler=_bench)
+
+
+def add_study_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--study",
+        default=str(config.default_study_file()),
+        help="study file (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--storage", default=None, help="Optuna storage URL (default: studies/<name>.db)"
+    )
+
+
+def _data(args: argparse.Namespace) -> int:
+    from digitune import data
+
+    mnist = data.load()
+    state = "the published MNIST" if mnist.canonical else "NOT the published MNIST (a subset?)"
+    print(
+        f"{mnist.source}: {len(mnist.train_labels):,} training and {len(mnist.test_labels):,} "
+        f"test images, SHA-256 verified, {state}; data hash {mnist.digest[:16]}"
+    )
+    return 0
+
+
+def _tune(args: argparse.Namespace) -> int:
+    from digitune import trainer
+    from digitune.engines import optuna as optuna_engine
+
+    trainer.stop_cleanly_on_ctrl_c()
+    if args.engine == "keras-tuner":
+        return _tune_with_keras_tuner(args)
+
+    outcome = optuna_engine.run(
+        args.study,
+        args.storage,
+        args.trials,
+        args.timeout_minutes,
+        args.workers,
+        args.join,
+        refit=args.refit,
+    )
+    if outcome is None:
+        print("this machine's workers are done; the study's own `make tune` registers the best")
+        return 0
+    states = {}
+    for trial in outcome.study.trials:
+        states[trial.state.name] = states.get(trial.state.name, 0) + 1
+    print(
+        f"\nstudy '{outcome.study.study_name}' in {outcome.seconds / 60:.1f} min: "
+        + ", ".join(f"{count} {state.lower()}" for state, count in sorted(states.items()))
+        + f"\nbest trial {outcome.best_trial.number}: validation accuracy "
+        f"{outcome.best_trial.value:.4f}, test accuracy {outcome.test_accuracy:.4f}"
+        f"\nregistered {config.REGISTERED_MODEL_NAME} version {outcome.model_version} "
+        f"(alias @{config.CHALLENGER_ALIAS}); compare trials with `make ui`"
+    )
+    if outcome.refit is not None:
+        print(
+            f"refit on all training images ({outcome.refit.epochs} epochs): test accuracy "
+            f"{outcome.refit.test_accuracy:.4f} (the trial's own model: "
+            f"{outcome.refit.trial_test_accuracy:.4f}); registered as version "
+            f"{outcome.refit.version}, now @{config.CHALLENGER_ALIAS}"
+        )
+    return 0
+
+
+def _tune_with_keras_tuner(args: argparse.Namespace) -> int:
+    from digitune.engines import keras_tuner as keras_tuner_engine
+
+    if args.workers != 1 or args.join or args.storage or args.refit:
+        raise ValueError(
+            "--workers, --join, --storage and --refit are Optuna's; Keras Tuner runs one worker "
+            "and keeps its state in studies/<study>-keras-tuner-<algorithm>/"
+        )
+    outcome = keras_tuner_engine.run(args.study, args.algorithm, args.trials, args.timeout_minutes)
+    print(
+        f"\nstudy '{outcome.study_name}' in {outcome.seconds / 60:.1f} min: "
+        f"{outcome.trials} trials"
+        f"\nbest trial {outcome.best.number}: validation accuracy "
+        f"{outcome.best.validation_accuracy:.4f}, test accuracy {outcome.test_accuracy:.4f}"
+        f"\nregistered {config.REGISTERED_MODEL_NAME} version {outcome.model_version} "
+        f"(alias @{config.CHALLENGER_ALIAS}); compare engines with `make ui`"
+    )
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from digitune import report, study
+
+    _, optuna_study = study.load_existing(args.study, args.storage)
+    print(report.report(optuna_study))
+    return 0
+
+
+def _ensemble(args: argparse.Namespace) -> int:
+    from digitune import ensemble
+
+    outcome = ensemble.run(args.study, args.storage, args.top, args.greedy)
+    print(
+        f"validation accuracy: ensemble {outcome.validation_accuracy:.4f}, best single "
+        f"{outcome.best_member_validation_accuracy:.4f}\n"
+        f"test accuracy:       ensemble {outcome.test_accuracy:.4f}, best single "
+        f"{outcome.best_member_test_accuracy:.4f}\n"
+        f"registered {config.REGISTERED_MODEL_NAME} version {outcome.model_version} "
+        f"(alias @{config.CHALLENGER_ALIAS}); `make promote` compares it with the champion"
+    )
+    return 0
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from digitune import bench
+    from digitune.bench import race, throughput
+
+    if args.budget_minutes <= 0:
+        raise ValueError(f"--budget-minutes must be positive, got {args.budget_minutes}")
+    written = []
+    if args.only in (None, "throughput"):
+        table = throughput.training_throughput(args.repeats)
+        print(table.to_string(index=False))
+        written.append(bench.write_results("training_throughput", table))
+    if args.only in (None, "race"):
+        results, overhead, curves = race.tuning_race(args.budget_minutes)
+        written.append(bench.write_results("tuning_race", results, race.plot_race(curves)))
+        written.append(bench.write_results("tracking_overhead", overhead))
+        print(f"\n{results.to_string(index=False)}\n\n{overhead.to_string(index=False)}")
+        print(race.race_summary(results))
+    print("\nwritten: " + ", ".join(str(path) for path in written))
+    return 0

@@ -1,0 +1,55 @@
+"""The Optuna trial function: build a CNN from the trial's params, train it with pruning,
+track it, return its best validation accuracy.
+
+Kept thin on purpose: a fresh Keras session, the trial as plain params (`space.suggest`),
+`model.build_model`, `trainer.fit` with the pruning, early-stopping and tracking callbacks.
+The data is loaded once, outside the trial.
+"""
+
+from __future__ import annotations
+
+import optuna
+from optuna_integration.keras import KerasPruningCallback
+
+from digitune import config, data, model, records, space, tracking, trainer
+
+
+def make_objective(
+    definition: space.StudyDefinition,
+    split: data.Split,
+    parent_run_id: str,
+    deadline: float | None = None,
+):
+    """The function `study.optimize` calls once per trial. Trials log as children of
+    `parent_run_id`; `deadline` is when the study's time is up (a `time.time()` value, the
+    same in every worker process), or None."""
+    training = definition.training
+
+    def objective(trial: optuna.Trial) -> float:
+        if trainer.STOP.is_set():
+            raise KeyboardInterrupt
+        # One seed per trial: a trial's initial weights and batch order can be reproduced.
+        trainer.fresh_session(training.precision, definition.study.seed + trial.number)
+        params = space.suggest(trial, definition)
+        with tracking.trial_run(
+            trial.number, params, parent_run_id, "optuna", remember=trial.set_user_attr
+        ):
+            cnn = model.build_model(params)
+            callbacks = trainer.training_callbacks(training, deadline)
+            # After the epoch is logged (EpochTimer), before the deadline and early stopping.
+            callbacks.insert(3, KerasPruningCallback(trial, config.OBJECTIVE_METRIC))
+            history = trainer.fit(
+                cnn,
+                params,
+                split,
+                training.max_epochs,
+                callbacks,
+                steps_per_execution=training.steps_per_execution,
+            ).history
+            trial.set_user_attr("epochs", len(history["loss"]))
+            trainer.check_finite(history, params)
+            # Early stopping restored the best epoch's weights, so the matrix matches the value.
+            records.log_trial_result(cnn, split, trial.number)
+            return max(history[config.OBJECTIVE_METRIC])
+
+    return objective

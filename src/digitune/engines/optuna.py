@@ -1,0 +1,128 @@
+"""The Optuna engine: run a study's trials until its budget is spent, then test and register
+the best model.
+
+    digitune tune --study studies/mnist-cnn.toml [--trials N] [--timeout-minutes M]
+                  [--workers N] [--storage URL] [--join] [--refit]
+
+`n_trials` in a study file is the study's total: every finished trial (complete, pruned or
+failed) counts, so running `tune` again after an interruption runs only the rest, and a
+study that already has its trials only re-checks its best model. `timeout_minutes` limits
+one invocation. The test set is touched once, after the study, for the best trial only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from pathlib import Path
+
+import optuna
+from optuna.trial import TrialState
+
+from digitune import refit as refitting
+from digitune import report, space, study, tracking, trainer
+from digitune.engines import objective, scaffold
+from digitune.engines import workers as processes
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class Outcome:
+    """What a finished `tune` reports."""
+
+    study: optuna.Study
+    seconds: float
+    best_trial: optuna.trial.FrozenTrial
+    test_accuracy: float
+    model_version: str | None
+    parent_run_id: str
+    refit: refitting.Refit | None = None
+
+
+def run(
+    study_file: str | Path | space.StudyDefinition,
+    storage: str | None = None,
+    n_trials: int | None = None,
+    timeout_minutes: float | None = None,
+    workers: int = 1,
+    join: bool = False,
+    register: bool = True,
+    experiment: str | None = None,
+    refit: bool = False,
+) -> Outcome | None:
+    """Tune with `workers` processes, then evaluate the best trial's model on the test
+    set and (with `register`) register it as `challenger`. With `join`, only run trials of a
+    study started elsewhere (returns None). `experiment` defaults to the study's name."""
+    started = time.perf_counter()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # Our own line per trial says it.
+    if workers < 1:
+        raise ValueError(f"--workers must be at least 1, got {workers}")
+    inputs = scaffold.prepare(study_file, n_trials, timeout_minutes)
+    definition = inputs.definition
+    optuna_study = study.load_or_create(definition, storage, join=join)
+    log.info(
+        "study '%s': %s training and %s validation images; %d of %d trials done%s",
+        optuna_study.study_name,
+        f"{len(inputs.split.y_train):,}",
+        f"{len(inputs.split.y_validation):,}",
+        study.count(optuna_study),
+        definition.study.n_trials,
+        f"; {workers} workers" if workers > 1 else "",
+    )
+
+    def run_trials(parent_run_id: str) -> None:
+        if workers == 1:
+            study.optimize(
+                optuna_study,
+                definition,
+                objective.make_objective(definition, inputs.split, parent_run_id, inputs.deadline),
+                inputs.deadline,
+                progress_bar=True,
+            )
+        else:
+            processes.run_workers(definition, storage, workers, inputs.deadline)
+        if trainer.STOP.is_set():  # Ctrl-C: the trials stopped cleanly; so does the study.
+            raise KeyboardInterrupt
+
+    if join:
+        # The machine that started the study owns its parent run and the registration.
+        run_trials(optuna_study.user_attrs[tracking.PARENT_RUN_ATTR])
+        return None
+    settings = definition.study
+    with scaffold.parent_run(
+        inputs,
+        experiment=experiment or optuna_study.study_name,
+        run_name=optuna_study.study_name,
+        run_id=optuna_study.user_attrs.get(tracking.PARENT_RUN_ATTR),
+        tags={
+            "study": optuna_study.study_name,
+            "engine": "optuna",
+            "algorithm": f"{settings.sampler}, {settings.pruner} pruner",
+        },
+    ) as parent_run_id:
+        optuna_study.set_user_attr(tracking.PARENT_RUN_ATTR, parent_run_id)
+        run_trials(parent_run_id)
+        if study.count(optuna_study, (TrialState.COMPLETE,)) == 0:
+            raise RuntimeError(
+                f"study '{optuna_study.study_name}' has no completed trial to register; "
+                "see each trial's fail_reason above or in the MLflow UI"
+            )
+        best = scaffold.BestTrial.of(optuna_study)
+        test_accuracy, version = scaffold.finalize(best, inputs.mnist, parent_run_id, register)
+        refitted = (
+            refitting.run(optuna_study, definition, inputs.mnist, parent_run_id, test_accuracy)
+            if refit
+            else None
+        )
+        report.log_to_run(optuna_study, parent_run_id)
+    return Outcome(
+        optuna_study,
+        time.perf_counter() - started,
+        optuna_study.best_trial,
+        test_accuracy,
+        version,
+        parent_run_id,
+        refitted,
+    )

@@ -1,0 +1,136 @@
+"""What every engine does around its trials: the one scaffold of a study run.
+
+1. `prepare`: read the study file, apply the command line's budget, check that the tracking
+   store answers (before anything loads or trains), load MNIST and split it;
+2. `parent_run`: the study's MLflow parent run, opened (or reopened) with the resolved
+   configuration and datasets, and closed FINISHED, KILLED or FAILED as the block ends;
+3. the engine runs its trials as children of that run;
+4. `finalize`: rebuild the best trial's model from its logged weights, evaluate it on the test
+   set (the only time the test set is touched) and register it as `@challenger`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import mlflow
+import optuna
+
+from digitune import data, evaluate, records, registry, space, tracking
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class Inputs:
+    """A study's definition with its budget applied, its data, and when its time is up."""
+
+    definition: space.StudyDefinition
+    mnist: data.Mnist
+    split: data.Split
+    # A `time.time()` value, the same in every worker process, or None.
+    deadline: float | None
+
+
+@dataclasses.dataclass(frozen=True)
+class BestTrial:
+    """The best trial of a study, whichever engine ran it: enough to rebuild its model."""
+
+    study_name: str
+    number: int
+    params: dict
+    run_id: str
+    validation_accuracy: float
+    engine: str = "optuna"
+
+    @classmethod
+    def of(cls, study: optuna.Study) -> BestTrial:
+        best = study.best_trial
+        return cls(
+            study.study_name,
+            best.number,
+            space.params_of(best),
+            best.user_attrs[tracking.TRIAL_RUN_ATTR],
+            best.value,
+        )
+
+
+def prepare(
+    study_file: str | Path | space.StudyDefinition,
+    n_trials: int | None = None,
+    timeout_minutes: float | None = None,
+) -> Inputs:
+    """The study's inputs; fails before loading data or training if the store is down."""
+    if not isinstance(study_file, space.StudyDefinition):
+        study_file = space.load(study_file)
+    definition = study_file.with_budget(n_trials, timeout_minutes)
+    tracking.configure()
+    mnist = data.load()
+    training = definition.training
+    split = data.split(mnist, training.train_images, training.validation_images)
+    timeout = definition.study.timeout_minutes * 60
+    return Inputs(definition, mnist, split, time.time() + timeout if timeout else None)
+
+
+@contextlib.contextmanager
+def parent_run(
+    inputs: Inputs, *, experiment: str, run_name: str, run_id: str | None, tags: dict[str, str]
+) -> Iterator[str]:
+    """The study's parent run (reopened when `run_id` still exists), as a context that
+    yields its id and ends the run with the block."""
+    mnist, split = inputs.mnist, inputs.split
+    source, digest = str(mnist.source), mnist.digest[:16]
+    datasets = {
+        "training": tracking.dataset(split.x_train, split.y_train, "mnist-train", source, digest),
+        "validation": tracking.dataset(
+            split.x_validation, split.y_validation, "mnist-validation", source, digest
+        ),
+    }
+    resolved = {
+        **inputs.definition.resolved(),
+        "data_sha256": mnist.digest,
+        "data_canonical": mnist.canonical,
+    }
+    with tracking.study_run(experiment, run_name, run_id, resolved, datasets, tags) as parent:
+        yield parent
+
+
+def finalize(
+    best: BestTrial, mnist: data.Mnist, parent_run_id: str, register: bool = True
+) -> tuple[float, str | None]:
+    """Rebuild the best trial's model from its params and weights, evaluate it on the test
+    set into the parent run, and (with `register`) register it unless that trial already
+    is. Returns the test accuracy and the registered version."""
+    with mlflow.start_run(run_id=parent_run_id):
+        cnn = records.load_model(best.params, best.run_id)
+        test = evaluate.evaluate(cnn, data.preprocess(mnist.test_images), mnist.test_labels)
+        records.log_evaluation(test, "test", f"best trial {best.number}, MNIST test set")
+        mlflow.log_metrics(
+            {"test_accuracy": test.accuracy, "best_val_accuracy": best.validation_accuracy}
+        )
+        mlflow.set_tags({"best_trial": str(best.number)})
+        if not register:
+            return test.accuracy, None
+        existing = registry.find_version(best.study_name, best.number)
+        if existing is not None:
+            log.info(
+                "best trial %d is already registered as version %s", best.number, existing.version
+            )
+            return test.accuracy, str(existing.version)
+        version = registry.register(
+            cnn,
+            study_name=best.study_name,
+            trial_number=best.number,
+            params=best.params,
+            validation_accuracy=best.validation_accuracy,
+            test_accuracy=test.accuracy,
+            test_images=len(mnist.test_labels),
+            data_sha256=mnist.digest,
+            engine=best.engine,
+        )
+    return test.accuracy, str(version.version)
