@@ -76,6 +76,18 @@ def default_storage(study_name: str) -> str:
     return f"sqlite:///{studies_dir() / (study_name + '.db')}"
 
 
+def forced_precision() -> str | None:
+    """DIGITUNE_PRECISION: the Keras dtype policy that `precision = "auto"` stands for on
+    every machine, or None to choose by hardware. It lets a float32-only CPU run the suite in
+    bfloat16 (emulated, several times slower), as CI meets it on bfloat16 machines."""
+    value = os.environ.get("DIGITUNE_PRECISION") or None
+    if value is not None and value not in PRECISIONS[1:]:
+        raise ValueError(
+            f"DIGITUNE_PRECISION must be one of {', '.join(PRECISIONS[1:])}, got {value!r}"
+        )
+    return value
+
+
 def cpu_has_bfloat16() -> bool:
     """Whether this CPU computes bfloat16 natively (AVX512-BF16 or AMX)."""
     try:
