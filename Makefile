@@ -19,6 +19,7 @@ FORCE ?=
 ENGINE ?= optuna
 ALGORITHM ?= hyperband
 BUDGET ?= 10
+SEEDS ?= 3
 REFIT ?=
 TOP ?= 5
 GREEDY ?=
@@ -75,8 +76,8 @@ models: install ## List the registered versions of mnist-cnn with their aliases
 serve: install ## Serve @champion: API and drawing page on http://127.0.0.1:$(PORT)
 	$(BIN)/digitune serve --port $(PORT)
 
-bench: install ## Throughput vs plain fit, tuning race (BUDGET minutes each), tracking overhead
-	$(BIN)/digitune bench --budget-minutes $(BUDGET)
+bench: install ## Throughput vs plain fit, tuning race (BUDGET minutes, SEEDS seeds each), tracking overhead
+	$(BIN)/digitune bench --budget-minutes $(BUDGET) --seeds $(SEEDS)
 
 bench-serve: install ## Latency of single and batched requests to a running `make serve`
 	$(BIN)/digitune bench-serve --url http://127.0.0.1:$(PORT)

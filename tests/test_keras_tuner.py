@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import mlflow
 import numpy as np
+import pandas as pd
 import pytest
 
 from conftest import TINY_STUDY, write_study
@@ -172,14 +173,19 @@ def test_tuning_race_writes_its_tables_and_plot(project):
     write_study(
         project, HYPERBAND_STUDY.replace('name = "tiny"', 'name = "mnist-cnn"'), "mnist-cnn.toml"
     )
-    race, overhead, curves = racing.tuning_race(budget_minutes=0.15)
+    results = racing.tuning_race(budget_minutes=0.15, seeds=1)
+    race, runs, overhead, curves = results.summary, results.runs, results.overhead, results.curves
 
     assert list(race["contender"]) == [contender.name for contender in racing.CONTENDERS]
-    assert (race["trials_started"] >= 1).all()
-    assert (race["trials_started"] == race[["completed", "pruned", "failed"]].sum(axis=1)).all()
+    assert list(runs["seed"]) == [7, 7, 7]  # the study file's seed
+    assert (runs["trials_started"] >= 1).all()
+    assert (runs["trials_started"] == runs[["completed", "pruned", "failed"]].sum(axis=1)).all()
+    assert (
+        (runs["configurations"] >= 1) & (runs["configurations"] <= runs["trials_started"])
+    ).all()
     assert race["test_accuracy_of_best"].between(0.5, 1.0).all()
     # The best-so-far curve never goes down and ends at the table's best.
-    for contender, curve in curves.groupby("contender"):
+    for (contender, _seed), curve in curves.groupby(["contender", "seed"]):
         assert np.all(np.diff(curve["best_val_accuracy"]) >= 0)
         best = race.set_index("contender").loc[contender, "best_val_accuracy"]
         assert curve["best_val_accuracy"].iloc[-1] == pytest.approx(best, abs=1e-4)
@@ -188,9 +194,46 @@ def test_tuning_race_writes_its_tables_and_plot(project):
     markdown = bench.write_results("tuning_race", race, racing.plot_race(curves))
     assert markdown.read_text().count("\n| ") == 1 + len(race)
     assert (markdown.parent / "tuning_race.png").stat().st_size > 10_000
-    assert "time to 99.0%" in racing.race_summary(race)
+    summary = racing.race_summary(race)
+    assert "time to 99.0%" in summary and "time to 99.3%" in summary
+    assert "configurations (median of 1 seeds)" in summary
+    # Each contender's parent run holds the race's plot.
+    client = mlflow.MlflowClient()
+    experiment = client.get_experiment_by_name(racing.RACE_EXPERIMENT)
+    parents = client.search_runs(
+        [experiment.experiment_id], "tags.`digitune.role` = 'study'", max_results=10
+    )
+    assert len(parents) == 3
+    for parent in parents:
+        assert [a.path for a in client.list_artifacts(parent.info.run_id, "race")] == [
+            "race/best_so_far.png"
+        ]
     # Nothing raced was registered.
     assert not mlflow.MlflowClient().search_registered_models()
+
+
+def test_race_summary_takes_medians_and_ranges_over_seeds():
+    nan = float("nan")
+    runs = pd.DataFrame(
+        {
+            "contender": ["a", "a", "a", "b"],
+            "seed": [0, 1, 2, 0],
+            "configurations": [10, 20, 16, 5],
+            "minutes_to_0.990": [1.0, nan, 3.0, 2.5],
+            "minutes_to_0.993": [nan, nan, 2.0, nan],
+            "best_val_accuracy": [0.99, 0.995, 0.993, 0.98],
+            "test_accuracy_of_best": [0.991, 0.994, 0.992, 0.979],
+        }
+    )
+    summary = racing.summarise(runs).set_index("contender")
+    a, b = summary.loc["a"], summary.loc["b"]
+    assert (a["seeds"], b["seeds"]) == (3, 1)
+    assert (a["configurations"], a["configurations_range"]) == (16, "10-20")
+    # A seed that never reached the target counts as slower than every seed that did.
+    assert (a["minutes_to_0.990"], a["minutes_to_0.990_range"]) == (3.0, "1-not reached")
+    assert np.isnan(a["minutes_to_0.993"]) and a["minutes_to_0.993_range"] == "2-not reached"
+    assert a["best_val_accuracy"] == 0.993 and a["test_accuracy_of_best"] == 0.992
+    assert (b["minutes_to_0.990"], b["minutes_to_0.990_range"]) == (2.5, "2.5-2.5")
 
 
 def test_trials_not_carried_to_the_next_round_count_as_dropped():

@@ -1,10 +1,14 @@
-"""The tuning race: each contender tunes the default study for the same wall-clock budget.
+"""The tuning race: each contender tunes the default study for the same wall-clock budget,
+over several seeds.
 
-    digitune bench --only race --budget-minutes 10
+    digitune bench --only race --budget-minutes 10 --seeds 3
 
-Contenders: Optuna TPE with median pruning (the default study), Optuna's random sampler
-without pruning, and Keras Tuner Hyperband, one after the other on fresh stores. The race's
-table, the tracking overhead and the best-so-far curves are read back from MLflow.
+Contenders: the default study as its file configures it (sampler, pruner, warm start), Optuna's
+random sampler without pruning, and Keras Tuner Hyperband; each seed runs all three, one after
+the other on this machine, on fresh stores, tracked in MLflow's `tuning-race` experiment
+(nothing is registered). Everything is read back from what the contenders logged to MLflow:
+one row per contender and seed, a summary per contender (median and range over seeds), the
+tracking overhead, and the best-so-far curves.
 """
 
 from __future__ import annotations
@@ -26,69 +30,89 @@ from digitune.engines import optuna as optuna_engine
 log = logging.getLogger(__name__)
 
 RACE_EXPERIMENT = "tuning-race"
-RACE_TARGET = 0.99
+RACE_TARGETS = (0.99, 0.993)
 
 
 @dataclasses.dataclass(frozen=True)
 class Contender:
     name: str
     engine: str
-    sampler: str = "tpe"
-    pruner: str = "median"
+    # None: as the study file says.
+    sampler: str | None = None
+    pruner: str | None = None
 
 
 CONTENDERS = (
-    Contender("Optuna TPE + median pruning", "optuna"),
+    Contender("default study", "optuna"),
     Contender("Optuna random, no pruning", "optuna", sampler="random", pruner="none"),
     Contender("Keras Tuner Hyperband", "keras-tuner"),
 )
 
 
+@dataclasses.dataclass(frozen=True)
+class Race:
+    """What a race measured, all read back from MLflow."""
+
+    runs: pd.DataFrame  # one row per contender and seed
+    summary: pd.DataFrame  # one row per contender: medians and ranges over the seeds
+    overhead: pd.DataFrame  # MLflow logging time over trial time, per contender
+    curves: pd.DataFrame  # best validation accuracy so far, per contender and seed
+
+
 def tuning_race(
-    budget_minutes: float = 10.0, study_file: Path | None = None
-) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
-    """Each contender tunes the default study for `budget_minutes` of wall clock, one after
-    the other on this machine, from fresh state, tracked in MLflow's `tuning-race`
-    experiment (nothing is registered). Returns (race table, tracking-overhead table,
-    best-so-far curves), all read back from what the contenders logged to MLflow."""
+    budget_minutes: float = 10.0, seeds: int = 3, study_file: Path | None = None
+) -> Race:
+    """Run every contender for `budget_minutes` of wall clock under each of `seeds` seeds
+    (the study's seed, plus 1, plus 2, ...)."""
+    if seeds < 1:
+        raise ValueError(f"--seeds must be at least 1, got {seeds}")
     definition = space.load(study_file or config.default_study_file())
     folder = config.project_dir() / "bench" / "results" / "race"
     folder.mkdir(parents=True, exist_ok=True)
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     parents = {}
-    for contender in CONTENDERS:
-        # Keras Tuner's study name gets "-keras-tuner-hyperband" added by its engine.
-        suffix = f"-{contender.sampler}" if contender.engine == "optuna" else ""
-        race_definition = dataclasses.replace(
-            definition,
-            study=dataclasses.replace(
-                definition.study,
-                name=f"race-{stamp}{suffix}",
-                sampler=contender.sampler,
-                pruner=contender.pruner,
-                n_trials=10_000,  # The clock is the only budget.
-                timeout_minutes=budget_minutes,
-            ),
-        )
-        log.info("\n== %s: %g minutes ==", contender.name, budget_minutes)
-        if contender.engine == "optuna":
-            outcome = optuna_engine.run(
-                race_definition,
-                storage=f"sqlite:///{folder / (race_definition.study.name + '.db')}",
-                register=False,
-                experiment=RACE_EXPERIMENT,
+    total = seeds * len(CONTENDERS)
+    for index in range(seeds):
+        seed = definition.study.seed + index
+        for contender in CONTENDERS:
+            # Keras Tuner's study name gets "-keras-tuner-hyperband" added by its engine.
+            suffix = f"-{contender.sampler or 'default'}" if contender.engine == "optuna" else ""
+            race_definition = dataclasses.replace(
+                definition,
+                study=dataclasses.replace(
+                    definition.study,
+                    name=f"race-{stamp}-seed{seed}{suffix}",
+                    seed=seed,
+                    sampler=contender.sampler or definition.study.sampler,
+                    pruner=contender.pruner or definition.study.pruner,
+                    n_trials=10_000,  # The clock is the only budget.
+                    timeout_minutes=budget_minutes,
+                ),
             )
-        else:
-            outcome = keras_tuner_engine.run(
-                race_definition,
-                "hyperband",
-                register=False,
-                experiment=RACE_EXPERIMENT,
-                directory=folder / race_definition.study.name,
-            )
-        parents[contender.name] = outcome.parent_run_id
+            count = f"{len(parents) + 1} of {total}"
+            log.info(f"\n== race {count}: {contender.name}, seed {seed}, {budget_minutes:g} min ==")
+            if contender.engine == "optuna":
+                outcome = optuna_engine.run(
+                    race_definition,
+                    storage=f"sqlite:///{folder / (race_definition.study.name + '.db')}",
+                    register=False,
+                    experiment=RACE_EXPERIMENT,
+                )
+            else:
+                outcome = keras_tuner_engine.run(
+                    race_definition,
+                    "hyperband",
+                    register=False,
+                    experiment=RACE_EXPERIMENT,
+                    directory=folder / race_definition.study.name,
+                )
+            parents[contender.name, seed] = outcome.parent_run_id
     trials, curves = _race_trials(parents, definition.training.max_epochs)
-    return _race_table(trials, curves, parents), _overhead_table(trials), curves
+    runs = _runs_table(trials, curves, parents)
+    race = Race(runs, summarise(runs), _overhead_table(trials), curves)
+    for parent_id in parents.values():
+        mlflow.MlflowClient().log_figure(parent_id, plot_race(curves), "race/best_so_far.png")
+    return race
 
 
 def _race_trials(parents: dict, max_epochs: int) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -96,12 +120,12 @@ def _race_trials(parents: dict, max_epochs: int) -> tuple[pd.DataFrame, pd.DataF
     contender's start, from the MLflow store."""
     client = mlflow.MlflowClient()
     rows, points = [], []
-    for contender, parent_id in parents.items():
+    for (contender, seed), parent_id in parents.items():
         parent = client.get_run(parent_id)
         runs = tracking.child_runs(parent_id)
-        dropped = keras_tuner_engine.dropped_by_successive_halving(
-            [run.data.tags for run in runs], max_epochs
-        )
+        tags = [run.data.tags for run in runs]
+        dropped = keras_tuner_engine.dropped_by_successive_halving(tags, max_epochs)
+        continuations = {t["trial_number"] for t in tags if "hyperband_trial_id" in t}
         for run in runs:
             tags, metrics = run.data.tags, run.data.metrics
             number = int(tags["trial_number"])
@@ -109,8 +133,11 @@ def _race_trials(parents: dict, max_epochs: int) -> tuple[pd.DataFrame, pd.DataF
             rows.append(
                 {
                     "contender": contender,
+                    "seed": seed,
                     "trial": number,
                     "state": state,
+                    # A Hyperband trial that continues another is not a new configuration.
+                    "new_configuration": tags["trial_number"] not in continuations,
                     "trial_seconds": metrics.get("trial_seconds", np.nan),
                     "tracking_seconds": metrics.get("tracking_seconds", np.nan),
                     "matrix_evaluation_seconds": metrics.get("matrix_evaluation_seconds", np.nan),
@@ -120,59 +147,106 @@ def _race_trials(parents: dict, max_epochs: int) -> tuple[pd.DataFrame, pd.DataF
                 points.append(
                     {
                         "contender": contender,
+                        "seed": seed,
                         "minutes": (point.timestamp - parent.info.start_time) / 60_000,
                         config.OBJECTIVE_METRIC: point.value,
                     }
                 )
-    curves = pd.DataFrame(points).sort_values(["contender", "minutes"])
-    curves["best_val_accuracy"] = curves.groupby("contender")[config.OBJECTIVE_METRIC].cummax()
+    curves = pd.DataFrame(points).sort_values(["contender", "seed", "minutes"])
+    curves["best_val_accuracy"] = curves.groupby(["contender", "seed"])[
+        config.OBJECTIVE_METRIC
+    ].cummax()
     return pd.DataFrame(rows), curves
 
 
-def _race_table(trials: pd.DataFrame, curves: pd.DataFrame, parents: dict) -> pd.DataFrame:
+def _minutes_column(target: float) -> str:
+    return f"minutes_to_{target:.3f}"
+
+
+def _runs_table(trials: pd.DataFrame, curves: pd.DataFrame, parents: dict) -> pd.DataFrame:
     client = mlflow.MlflowClient()
     rows = []
-    for contender, parent_id in parents.items():
-        states = trials[trials["contender"] == contender]["state"].value_counts()
-        curve = curves[curves["contender"] == contender]
-        reached = curve[curve["best_val_accuracy"] >= RACE_TARGET]
-        metrics = client.get_run(parent_id).data.metrics
-        rows.append(
-            {
-                "contender": contender,
-                "trials_started": int(states.sum()),
-                "completed": int(states.get("COMPLETE", 0)),
-                "pruned": int(states.get("PRUNED", 0)),
-                "failed": int(states.get("FAIL", 0)),
-                "best_val_accuracy": round(float(curve["best_val_accuracy"].max()), 4),
-                f"minutes_to_{RACE_TARGET:.3f}": (
-                    round(float(reached["minutes"].iloc[0]), 2) if len(reached) else np.nan
-                ),
-                "test_accuracy_of_best": round(metrics["test_accuracy"], 4),
-            }
+    for (contender, seed), parent_id in parents.items():
+        own = trials[(trials["contender"] == contender) & (trials["seed"] == seed)]
+        states = own["state"].value_counts()
+        curve = curves[(curves["contender"] == contender) & (curves["seed"] == seed)]
+        row = {
+            "contender": contender,
+            "seed": seed,
+            "configurations": int(own["new_configuration"].sum()),
+            "trials_started": int(states.sum()),
+            "completed": int(states.get("COMPLETE", 0)),
+            "pruned": int(states.get("PRUNED", 0)),
+            "failed": int(states.get("FAIL", 0)),
+            "best_val_accuracy": round(float(curve["best_val_accuracy"].max()), 4),
+        }
+        for target in RACE_TARGETS:
+            reached = curve[curve["best_val_accuracy"] >= target]
+            row[_minutes_column(target)] = (
+                round(float(reached["minutes"].iloc[0]), 2) if len(reached) else np.nan
+            )
+        row["test_accuracy_of_best"] = round(
+            client.get_run(parent_id).data.metrics["test_accuracy"], 4
         )
+        rows.append(row)
     return pd.DataFrame(rows)
 
 
-def race_summary(race: pd.DataFrame) -> str:
-    """The race's targets in words: Optuna's time to the target over Hyperband's, and
-    whether its best model is at least as accurate on the test set."""
-    rows = race.set_index("contender")
-    optuna_row, hyperband_row = rows.loc[CONTENDERS[0].name], rows.loc[CONTENDERS[2].name]
-    column = f"minutes_to_{RACE_TARGET:.3f}"
-    if np.isnan(optuna_row[column]) or np.isnan(hyperband_row[column]):
-        timing = f"time to {RACE_TARGET:.1%}: not reached by both within the budget"
-    else:
-        ratio = optuna_row[column] / hyperband_row[column]
-        timing = (
-            f"time to {RACE_TARGET:.1%}: Optuna {optuna_row[column]:.2f} min, Hyperband "
-            f"{hyperband_row[column]:.2f} min, ratio {ratio:.2f} (target at most 0.7)"
-        )
-    accuracy = (
-        f"test accuracy of the best model: Optuna {optuna_row['test_accuracy_of_best']:.4f}, "
-        f"Hyperband {hyperband_row['test_accuracy_of_best']:.4f}"
+SUMMARISED = (
+    "configurations",
+    *(_minutes_column(target) for target in RACE_TARGETS),
+    "best_val_accuracy",
+    "test_accuracy_of_best",
+)
+
+
+def summarise(runs: pd.DataFrame) -> pd.DataFrame:
+    """Per contender, the median of each measure over its seeds and its range (min-max); a
+    time to a target that some seed never reached counts as not reached (its median too, when
+    half or more of the seeds did not reach it)."""
+    rows = []
+    for contender, own in runs.groupby("contender", sort=False):
+        row = {"contender": contender, "seeds": len(own)}
+        for column in SUMMARISED:
+            values = own[column].to_numpy(dtype=float)
+            # Not reached sorts after every time: infinity, shown as "-".
+            values = np.where(np.isnan(values), np.inf, values)
+            median = float(np.median(values))
+            row[column] = median if np.isfinite(median) else np.nan
+            low, high = values.min(), values.max()
+            row[f"{column}_range"] = "-".join(
+                f"{value:g}" if np.isfinite(value) else "not reached" for value in (low, high)
+            )
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def race_summary(summary: pd.DataFrame) -> str:
+    """The race's targets in words, on the medians: the default study's configurations over
+    Hyperband's (at least 2x), its time to each target over Hyperband's (at most 0.7x), and
+    the test accuracy of each contender's best model."""
+    rows = summary.set_index("contender")
+    ours, hyperband = rows.loc[CONTENDERS[0].name], rows.loc[CONTENDERS[2].name]
+    lines = [
+        f"configurations (median of {int(ours['seeds'])} seeds): default study "
+        f"{ours['configurations']:g}, Hyperband {hyperband['configurations']:g}, ratio "
+        f"{ours['configurations'] / max(hyperband['configurations'], 1):.2f} (target at least 2)"
+    ]
+    for target in RACE_TARGETS:
+        column = _minutes_column(target)
+        if np.isnan(ours[column]) or np.isnan(hyperband[column]):
+            lines.append(f"time to {target:.1%}: not reached by both within the budget (median)")
+        else:
+            lines.append(
+                f"time to {target:.1%}: default study {ours[column]:.2f} min, Hyperband "
+                f"{hyperband[column]:.2f} min, ratio {ours[column] / hyperband[column]:.2f} "
+                "(target at most 0.7)"
+            )
+    lines.append(
+        "test accuracy of the best model (median): "
+        + ", ".join(f"{name} {row['test_accuracy_of_best']:.4f}" for name, row in rows.iterrows())
     )
-    return f"{timing}\n{accuracy}"
+    return "\n".join(lines)
 
 
 def _overhead_table(trials: pd.DataFrame) -> pd.DataFrame:
@@ -199,17 +273,24 @@ def _overhead_table(trials: pd.DataFrame) -> pd.DataFrame:
 
 
 def plot_race(curves: pd.DataFrame) -> Figure:
-    """Best validation accuracy so far against minutes since each contender started."""
-    figure = Figure(figsize=(7, 4.5), layout="constrained")
+    """Best validation accuracy so far against minutes since each contender started: one
+    line per seed, one colour per contender."""
+    figure = Figure(figsize=(8, 5), layout="constrained")
     axes = figure.subplots()
-    for contender, curve in curves.groupby("contender", sort=False):
-        axes.step(curve["minutes"], curve["best_val_accuracy"], where="post", label=contender, lw=2)
-    axes.axhline(RACE_TARGET, color="grey", ls="--", lw=1, label=f"{RACE_TARGET:.1%}")
+    for index, (contender, own) in enumerate(curves.groupby("contender", sort=False)):
+        for number, (_, curve) in enumerate(own.groupby("seed")):
+            label = contender if number == 0 else None
+            x, y = curve["minutes"], curve["best_val_accuracy"]
+            axes.step(x, y, where="post", color=f"C{index}", lw=1.8, alpha=0.85, label=label)
+    for target in RACE_TARGETS:
+        axes.axhline(target, color="grey", ls="--", lw=1)
+        axes.annotate(f"{target:.1%}", (0, target), color="grey", va="bottom", fontsize=8)
     low = max(0.95, float(curves["best_val_accuracy"].min()) - 0.002)
     axes.set_ylim(low, 1.0)
     axes.set_xlabel("minutes since the contender started")
     axes.set_ylabel("best validation accuracy so far")
-    axes.set_title("Tuning race on the default study, equal wall-clock budget")
+    seeds = curves["seed"].nunique()
+    axes.set_title(f"Tuning race on the default study, equal wall-clock budget, {seeds} seed(s)")
     axes.grid(alpha=0.3)
     axes.legend(loc="lower right")
     return figure

@@ -79,6 +79,9 @@ def add_commands(commands) -> None:
         help="wall-clock budget of each tuning-race contender (default: %(default)s)",
     )
     bench.add_argument(
+        "--seeds", type=int, default=3, help="seeds of each race contender (default: 3)"
+    )
+    bench.add_argument(
         "--only", choices=("throughput", "race"), default=None, help="run one part only"
     )
     bench.set_defaults(handler=_bench)
@@ -203,10 +206,15 @@ def _bench(args: argparse.Namespace) -> int:
         print(table.to_string(index=False))
         written.append(bench.write_results("training_throughput", table))
     if args.only in (None, "race"):
-        results, overhead, curves = race.tuning_race(args.budget_minutes)
-        written.append(bench.write_results("tuning_race", results, race.plot_race(curves)))
-        written.append(bench.write_results("tracking_overhead", overhead))
-        print(f"\n{results.to_string(index=False)}\n\n{overhead.to_string(index=False)}")
-        print(race.race_summary(results))
+        results = race.tuning_race(args.budget_minutes, args.seeds)
+        figure = race.plot_race(results.curves)
+        written.append(bench.write_results("tuning_race", results.summary, figure))
+        written.append(bench.write_results("tuning_race_runs", results.runs))
+        written.append(bench.write_results("tracking_overhead", results.overhead))
+        print(f"\n{results.runs.to_string(index=False)}\n")
+        print(
+            f"{results.summary.to_string(index=False)}\n\n{results.overhead.to_string(index=False)}"
+        )
+        print(race.race_summary(results.summary))
     print("\nwritten: " + ", ".join(str(path) for path in written))
     return 0
