@@ -185,6 +185,30 @@ def test_a_bad_trial_is_really_pruned(project):
     assert "pruned at epoch 0" in run.data.tags["pruned_reason"]
 
 
+def test_successive_halving_prunes_a_bad_trial_at_its_first_rung(project):
+    study_file = write_study(
+        project,
+        TINY_STUDY.replace("n_trials = 3", "n_trials = 2")
+        .replace("low = 1e-3", "low = 1e-6")
+        .replace("max_epochs = 2", "max_epochs = 3")
+        .replace(
+            "pruner_warmup_epochs = 0", 'pruner_warmup_epochs = 1\npruner = "successive_halving"'
+        ),
+    )
+    study = studies.load_or_create(space.load(study_file), None)
+    assert isinstance(study.pruner, optuna.pruners.SuccessiveHalvingPruner)
+    study.enqueue_trial({"learning_rate": 3e-3, "num_filters": 16, "dropout_rate": 0.0})
+    study.enqueue_trial({"learning_rate": 1e-6, "num_filters": 8, "dropout_rate": 0.0})
+    outcome = optuna_engine.run(study_file)
+    good, bad = outcome.study.trials
+    # The first trial meets no competitor at its rungs; the second is compared with it after
+    # its second epoch (rung 0, step 1) and, worse, stops there.
+    assert good.state == TrialState.COMPLETE and len(good.intermediate_values) == 3
+    assert bad.state == TrialState.PRUNED
+    assert list(bad.intermediate_values) == [0, 1]
+    assert bad.intermediate_values[1] < good.intermediate_values[1]
+
+
 def test_a_diverging_trial_fails_with_its_reason_and_the_study_goes_on(project):
     study_file = write_study(
         project,

@@ -110,6 +110,8 @@ class StudySettings:
     seed: int = 0
     # Random trials before TPE starts modelling; small budgets want few.
     n_startup_trials: int = 5
+    # median, hyperband, successive_halving (asynchronous, keeps the best third at epochs
+    # 2, 4, 10, ... counted from `pruner_warmup_epochs`) or none.
     pruner: str = "median"
     # Trials that finish before the median pruner starts pruning.
     pruner_startup_trials: int = 3
@@ -144,7 +146,7 @@ class TrainingSettings:
 
 
 SAMPLERS = ("tpe", "random")
-PRUNERS = ("median", "hyperband", "none")
+PRUNERS = ("median", "hyperband", "none", "successive_halving")
 
 PRECISIONS = ("auto", "float32", "mixed_bfloat16", "mixed_float16")
 

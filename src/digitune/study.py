@@ -37,6 +37,11 @@ def make_pruner(definition: space.StudyDefinition) -> optuna.pruners.BasePruner:
         return optuna.pruners.HyperbandPruner(
             min_resource=1, max_resource=definition.training.max_epochs
         )
+    if settings.pruner == "successive_halving":
+        # Steps are epoch indices: rung 0 is judged after epoch min_resource + 1.
+        return optuna.pruners.SuccessiveHalvingPruner(
+            min_resource=max(1, settings.pruner_warmup_epochs), reduction_factor=3
+        )
     if settings.pruner == "none":
         return optuna.pruners.NopPruner()
     return optuna.pruners.MedianPruner(
