@@ -15,6 +15,7 @@ import threading
 import time
 
 import keras
+import numpy as np
 import tensorflow as tf
 
 from digitune import config, data, model, records
@@ -167,5 +168,30 @@ def check_finite(history: dict, params: dict) -> None:
     if not all(math.isfinite(loss) for loss in history["loss"]):
         raise DivergedError(
             f"the loss became {history['loss'][-1]} at epoch {len(history['loss']) - 1}; "
+            f"learning_rate={params.get('learning_rate')} is probably too high"
+        )
+
+
+# A network predicting one class for this share of the validation images has collapsed.
+COLLAPSED_SHARE = 0.99
+
+
+def check_learned(history: dict, params: dict, confusion_matrix: np.ndarray) -> None:
+    """Raise DivergedError if training blew up: a NaN or infinite loss, or a network that
+    collapsed to predicting one class while its loss did not fall (stayed where it started,
+    or far above a uniform guess's). Where the loss overflows to NaN depends on the precision
+    and the processor (bfloat16 on some CPUs never produces one), so collapse is checked too.
+    A trial that learns slowly falls, however little, and is left to the pruner."""
+    check_finite(history, params)
+    predicted = np.asarray(confusion_matrix).sum(axis=0)
+    share = predicted.max() / max(predicted.sum(), 1)
+    losses = history["loss"]
+    guess = math.log(model.NUM_CLASSES)  # the loss of a uniform guess
+    not_falling = min(losses) > 2 * guess or (len(losses) > 1 and min(losses[1:]) >= losses[0])
+    if share >= COLLAPSED_SHARE and not_falling:
+        raise DivergedError(
+            f"the network collapsed to predicting digit {int(predicted.argmax())} for "
+            f"{share:.0%} of the validation images and its loss did not fall "
+            f"({losses[0]:.3g} at the first epoch, {losses[-1]:.3g} at the last); "
             f"learning_rate={params.get('learning_rate')} is probably too high"
         )

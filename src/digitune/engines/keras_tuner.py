@@ -64,10 +64,12 @@ def _tracked(tuner_class: type[keras_tuner.Tuner]) -> type[keras_tuner.Tuner]:
                 mlflow.set_tags(_hyperband_tags(trial.hyperparameters.values))
                 histories = super().run_trial(trial, *args, **kwargs)
                 history = histories[-1].history
-                trainer.check_finite(history, params)
                 # Early stopping restored the best epoch's weights: the matrix matches the
                 # value, and the weights let `scaffold.finalize` rebuild the model.
-                records.log_trial_result(histories[-1].model, self.hypermodel.split, number)
+                cnn = histories[-1].model
+                validation = records.evaluate_validation(cnn, self.hypermodel.split)
+                trainer.check_learned(history, params, validation.confusion_matrix)
+                records.log_trial_result(cnn, validation, number)
             seconds = time.perf_counter() - started
             log.info(_trial_line(number, history, seconds, trial.hyperparameters))
             return histories

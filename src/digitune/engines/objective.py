@@ -47,9 +47,10 @@ def make_objective(
                 steps_per_execution=training.steps_per_execution,
             ).history
             trial.set_user_attr("epochs", len(history["loss"]))
-            trainer.check_finite(history, params)
             # Early stopping restored the best epoch's weights, so the matrix matches the value.
-            records.log_trial_result(cnn, split, trial.number)
+            validation = records.evaluate_validation(cnn, split)
+            trainer.check_learned(history, params, validation.confusion_matrix)
+            records.log_trial_result(cnn, validation, trial.number)
             return max(history[config.OBJECTIVE_METRIC])
 
     return objective
