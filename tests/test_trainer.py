@@ -52,3 +52,44 @@ def test_a_network_collapsed_to_one_class_fails(losses):
 )
 def test_a_slow_or_working_network_is_left_to_the_pruner(losses, matrix):
     trainer.check_learned({"loss": losses}, PARAMS, matrix)
+
+
+def test_endless_batches_cover_each_pass_once_in_a_new_order():
+    import keras
+
+    keras.utils.set_random_seed(0)
+    images = np.arange(10, dtype="float32").reshape(10, 1, 1, 1)
+    labels = np.arange(10)
+    batches = list(trainer.endless_batches(images, labels, batch_size=5).take(4))
+    assert [len(batch_labels) for _, batch_labels in batches] == [5, 5, 5, 5]
+    first = np.concatenate([batch_labels.numpy() for _, batch_labels in batches[:2]])
+    second = np.concatenate([batch_labels.numpy() for _, batch_labels in batches[2:]])
+    assert sorted(first) == sorted(second) == list(range(10))
+    assert list(first) != list(second)  # reshuffled for the second pass
+    for batch_images, batch_labels in batches:  # images stay with their labels
+        assert batch_images.numpy().ravel().tolist() == batch_labels.numpy().tolist()
+
+
+def test_an_epoch_of_epoch_images_trains_that_many_images(fixture_dir):
+    import keras
+
+    from digitune import config, data, model
+
+    split = data.split(data.load_folder(fixture_dir))  # 1,500 training images
+    steps = []
+
+    class LastBatch(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            steps.append(self.last)
+
+        def on_train_batch_end(self, batch, logs=None):
+            self.last = batch
+
+    params = {"batch_size": 64, "dense_units": 16, "num_filters": 8}
+    settings = config.TrainingSettings(epoch_images=600, steps_per_execution=4)
+    history = trainer.fit(model.build_model(params), params, split, 3, [LastBatch()], 0, settings)
+    # 600 images are 9 batches of 64, rounded down to whole calls of 4 batches: 8 batches.
+    assert steps == [7, 7, 7]
+    assert len(history.history["val_accuracy"]) == 3
+    whole = trainer.fit(model.build_model(params), params, split, 1, [LastBatch()])
+    assert steps[-1] == 23 and len(whole.history["loss"]) == 1  # 1,500 / 64: 24 batches

@@ -143,6 +143,10 @@ class TrainingSettings:
     # round trips per epoch, which small batches on a CPU feel most. Callbacks that act per
     # batch (Ctrl-C) see every Nth batch.
     steps_per_execution: int = 8
+    # Training images that make one epoch, the step at which validation accuracy is reported,
+    # pruned on and early-stopped on (0 = a whole pass over the training images). Fewer make
+    # the pruner's first verdicts cheaper; each epoch carries on through the shuffled pass.
+    epoch_images: int = 0
 
 
 SAMPLERS = ("tpe", "random")

@@ -92,7 +92,7 @@ def run(
             everything,
             epochs,
             [trainer.StopOnRequest(), keras.callbacks.TerminateOnNaN(), records.EpochTimer()],
-            steps_per_execution=definition.training.steps_per_execution,
+            settings=definition.training,
         ).history
         trainer.check_finite(history, params)
         records.log_weights(cnn)

@@ -105,17 +105,28 @@ def fit(
     epochs: int,
     callbacks=(),
     initial_epoch: int = 0,
-    steps_per_execution: int = config.TrainingSettings.steps_per_execution,
+    settings: config.TrainingSettings | None = None,
 ) -> keras.callbacks.History:
-    """Train `cnn` the way every trial of either engine does (the benchmark times this)."""
+    """Train `cnn` the way every trial of either engine does (the benchmark times this).
+
+    An epoch is one pass over the training images, or `settings.epoch_images` of them: the
+    next epoch then carries on through the same shuffled pass."""
+    settings = settings or config.TrainingSettings()
     params = model.resolve_params(params)
+    batch_size = int(params["batch_size"])
     # A setting of the training loop, not of the network: read when Keras builds its step.
-    cnn.steps_per_execution = steps_per_execution
+    spe = cnn.steps_per_execution = settings.steps_per_execution
     callbacks = [*learning_rate_schedule(params, epochs), *callbacks]
+    training = {"x": split.x_train, "y": split.y_train, "batch_size": batch_size}
+    if 0 < settings.epoch_images < len(split.y_train):
+        training = {
+            "x": endless_batches(split.x_train, split.y_train, batch_size),
+            "shuffle": False,  # The batches are shuffled already; Keras would warn.
+            # Whole calls into TensorFlow: Keras runs `steps_per_execution` batches a call.
+            "steps_per_epoch": max(1, settings.epoch_images // batch_size // spe) * spe,
+        }
     return cnn.fit(
-        split.x_train,
-        split.y_train,
-        batch_size=int(params["batch_size"]),
+        **training,
         epochs=epochs,
         initial_epoch=initial_epoch,
         # A refit trains on every training image and has nothing to validate on.
@@ -124,6 +135,23 @@ def fit(
         else None,
         verbose=0,
         callbacks=list(callbacks),
+    )
+
+
+def endless_batches(images: np.ndarray, labels: np.ndarray, batch_size: int) -> tf.data.Dataset:
+    """Batches of the training images without end, each pass in a new order, gathered by
+    index as Keras does for arrays, prepared while the model trains."""
+    images, labels = tf.constant(images), tf.constant(labels)
+    count = int(labels.shape[0])
+    return (
+        tf.data.Dataset.range(count)
+        # Without its own seed, the shuffle draws from TensorFlow's global one, which
+        # `keras.utils.set_random_seed` (each trial's seed) sets.
+        .shuffle(count, reshuffle_each_iteration=True)
+        .repeat()
+        .batch(batch_size)
+        .map(lambda index: (tf.gather(images, index), tf.gather(labels, index)))
+        .prefetch(tf.data.AUTOTUNE)
     )
 
 

@@ -65,5 +65,5 @@ class CnnHyperModel(keras_tuner.HyperModel):
             epochs,
             callbacks,
             initial_epoch=initial_epoch,
-            steps_per_execution=self.definition.training.steps_per_execution,
+            settings=self.definition.training,
         )

@@ -44,7 +44,7 @@ def make_objective(
                 split,
                 training.max_epochs,
                 callbacks,
-                steps_per_execution=training.steps_per_execution,
+                settings=training,
             ).history
             trial.set_user_attr("epochs", len(history["loss"]))
             # Early stopping restored the best epoch's weights, so the matrix matches the value.
