@@ -38,13 +38,17 @@ from digitune.cli import models, tuning
 
 def main(argv: list[str] | None = None) -> int:
     # Quieten TensorFlow's start-up chatter (CUDA probing on CPU machines) before it loads.
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    # MLflow announces routine work (creating its tables, say) at INFO; warnings still show.
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
     # One line per trial should show up as it happens, also when piped to a file or `tee`.
     sys.stdout.reconfigure(line_buffering=True)
     _show_library_messages()
     args = parser().parse_args(argv)
     try:
+        if args.handler.__name__ not in ("_ui", "_mlflow_server"):
+            _import_tensorflow_quietly()
         return args.handler(args)
     except KeyboardInterrupt:
         print(
@@ -111,6 +115,23 @@ class _TerminalHandler(logging.Handler):
                 tqdm.tqdm.write(message, file=sys.stdout)
         except Exception:  # noqa: BLE001 -- logging must never break the command.
             self.handleError(record)
+
+
+def _import_tensorflow_quietly() -> None:
+    """Import TensorFlow with the native stderr closed: a CUDA build on a machine without a
+    GPU prints lines about missing drivers before its own log level applies. A failed import
+    still raises, and its Python error is printed as usual."""
+    if "tensorflow" in sys.modules:
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 2)
+            import tensorflow  # noqa: F401
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
 def _show_library_messages() -> None:
