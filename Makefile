@@ -41,7 +41,7 @@ $(BIN)/digitune: pyproject.toml
 	$(BIN)/pip install --quiet -e '.[all,dev]'
 	@touch $@
 
-install: $(BIN)/digitune ## Create .venv and install digitune with its dev tools
+install: $(BIN)/digitune ## Create .venv and install digitune with all its extras and dev tools
 
 data: install ## Fetch and verify MNIST into data/mnist (or check MNIST_DIR)
 	$(BIN)/digitune data
