@@ -66,8 +66,9 @@ def precision_policy(setting: str) -> str:
     """The Keras dtype policy a `precision` setting stands for on this machine."""
     if setting != "auto":
         return setting
-    if config.forced_precision() is not None:
-        return config.forced_precision()
+    forced = config.forced_precision()
+    if forced is not None:
+        return forced
     if tf.config.list_physical_devices("GPU"):
         return "mixed_float16"
     return "mixed_bfloat16" if config.cpu_has_bfloat16() else "float32"

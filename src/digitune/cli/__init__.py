@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     _show_library_messages()
     args = parser().parse_args(argv)
     try:
-        if args.handler.__name__ not in ("_ui", "_mlflow_server"):
+        if args.uses_tensorflow:
             _import_tensorflow_quietly()
         return args.handler(args)
     except KeyboardInterrupt:
@@ -96,6 +96,8 @@ def parser() -> argparse.ArgumentParser:
     command_line.add_argument(
         "--version", action="version", version=f"%(prog)s {digitune.__version__}"
     )
+    # Commands that never load TensorFlow say so (set_defaults(uses_tensorflow=False)).
+    command_line.set_defaults(uses_tensorflow=True)
     commands = command_line.add_subparsers(required=True, metavar="command")
     tuning.add_commands(commands)
     models.add_commands(commands)

@@ -60,7 +60,7 @@ def add_commands(commands) -> None:
     bench_serve.add_argument("--url", default="http://127.0.0.1:8000")
     bench_serve.add_argument("--requests", type=int, default=500)
     bench_serve.add_argument("--batch", type=int, default=64)
-    bench_serve.set_defaults(handler=_bench_serve)
+    bench_serve.set_defaults(handler=_bench_serve, uses_tensorflow=False)
 
     server = commands.add_parser(
         "mlflow-server", help="an MLflow tracking server that workers on several machines share"
@@ -72,12 +72,12 @@ def add_commands(commands) -> None:
         default=None,
         help="SQL database of runs (default: the project's SQLite store in mlruns/)",
     )
-    server.set_defaults(handler=_mlflow_server)
+    server.set_defaults(handler=_mlflow_server, uses_tensorflow=False)
 
     ui = commands.add_parser("ui", help="start the MLflow UI on the project's store")
     ui.add_argument("--host", default="127.0.0.1")
     ui.add_argument("--port", type=int, default=5000)
-    ui.set_defaults(handler=_ui)
+    ui.set_defaults(handler=_ui, uses_tensorflow=False)
 
 
 def _promote(args: argparse.Namespace) -> int:
