@@ -67,3 +67,57 @@ def test_same_params_build_the_same_architecture():
 def test_bad_params_are_refused(params, message):
     with pytest.raises(ValueError, match=message):
         model.build_model(params)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "mixed_bfloat16"])
+def test_fused_batch_normalization_computes_what_keras_batch_normalization_does(dtype):
+    """The fused layer against Keras's own, the trusted reference: same outputs, same
+    moving averages and same gradients, in training and in inference."""
+    import keras
+    import tensorflow as tf
+
+    tolerance = {"float32": 1e-4, "mixed_bfloat16": 3e-2}[dtype]
+    images = np.random.default_rng(0).normal(3.0, 2.0, (16, 7, 7, 5)).astype("float32")
+    reference = keras.layers.BatchNormalization(momentum=0.9, dtype=dtype)
+    fused = model.FusedBatchNormalization(momentum=0.9, dtype=dtype)
+    for layer in (reference, fused):
+        layer.build(images.shape)
+        layer.gamma.assign(np.linspace(0.5, 1.5, 5))
+        layer.beta.assign(np.linspace(-1.0, 1.0, 5))
+
+    def train_step(layer):
+        batch = tf.constant(images)
+        with tf.GradientTape() as tape:
+            tape.watch(batch)
+            outputs = layer(batch, training=True)
+            loss = tf.reduce_sum(tf.cast(outputs, "float32") ** 3)
+        return outputs, tape.gradient(loss, [batch, layer.gamma, layer.beta])
+
+    for _ in range(3):
+        (expected, expected_grads), (actual, actual_grads) = (
+            train_step(reference),
+            train_step(fused),
+        )
+        np.testing.assert_allclose(np.float32(actual), np.float32(expected), atol=tolerance)
+        for got, want in zip(actual_grads, expected_grads, strict=True):
+            np.testing.assert_allclose(got, want, rtol=tolerance, atol=tolerance * 10)
+    assert abs(float(fused.moving_mean[0])) > 0.5  # the averages moved towards the mean, 3
+    np.testing.assert_allclose(fused.moving_mean, reference.moving_mean, rtol=1e-5)
+    np.testing.assert_allclose(fused.moving_variance, reference.moving_variance, rtol=1e-5)
+    np.testing.assert_allclose(
+        np.float32(fused(images, training=False)),
+        np.float32(reference(images, training=False)),
+        atol=tolerance * 10,
+    )
+
+
+def test_a_saved_network_with_batch_normalization_loads_with_its_statistics(tmp_path):
+    import keras
+
+    cnn = model.build_model({"num_conv_blocks": 2, "num_filters": 8, "batch_normalization": True})
+    images = np.random.default_rng(1).random((32, 28, 28, 1), "float32")
+    cnn.fit(images, np.arange(32) % 10, epochs=1, verbose=0)
+    cnn.save(tmp_path / "cnn.keras")
+    loaded = keras.models.load_model(tmp_path / "cnn.keras")
+    assert isinstance(loaded.get_layer("batch_norm_1"), model.FusedBatchNormalization)
+    np.testing.assert_allclose(loaded.predict(images, verbose=0), cnn.predict(images, verbose=0))

@@ -85,7 +85,7 @@ def build_model(params: dict) -> keras.Model:
             name=f"conv_{block + 1}",
         )(features)
         if params["batch_normalization"]:
-            features = layers.BatchNormalization(name=f"batch_norm_{block + 1}")(features)
+            features = FusedBatchNormalization(name=f"batch_norm_{block + 1}")(features)
         features = layers.MaxPooling2D(2, name=f"pool_{block + 1}")(features)
     features = layers.Flatten(name="flatten")(features)
     features = layers.Dropout(float(params["dropout_rate"]), name="dropout_1")(features)
@@ -124,6 +124,55 @@ def augmentation(params: dict) -> keras.Sequential:
     if zoom:
         steps.append(layers.RandomZoom(zoom, zoom, fill_mode="constant", dtype="float32"))
     return keras.Sequential(steps, name="augmentation")
+
+
+@keras.saving.register_keras_serializable(package="digitune")
+class FusedBatchNormalization(layers.BatchNormalization):
+    """Keras's BatchNormalization, computed by TensorFlow's fused kernel.
+
+    Keras 3 normalises with separate reductions and element-wise ops, upcast to float32; on
+    a 2-core CPU that made batch normalisation cost more than the convolutions (the default
+    study's 32-64-128 network trained at 1,214 images/s with it and 4,349 without it, in
+    bfloat16). TensorFlow's fused kernel computes the same function, including the moving
+    averages, at 4,876 images/s (medians of 3, Xeon with AMX, 2026-11-26). Other backends,
+    masks and other axes take Keras's own path. The weights are Keras's, so a model saved
+    with this layer has exactly BatchNormalization's variables.
+    """
+
+    def call(self, inputs, training=None, mask=None):
+        if (
+            keras.backend.backend() != "tensorflow"
+            or mask is not None
+            or len(inputs.shape) != 4
+            or self.axis not in (-1, 3, [3])
+        ):
+            return super().call(inputs, training=training, mask=mask)
+        import tensorflow as tf
+
+        float32 = (self.gamma, self.beta, self.moving_mean, self.moving_variance)
+        gamma, beta, mean, variance = (tf.cast(weight, tf.float32) for weight in float32)
+        features = (
+            inputs if inputs.dtype in (tf.float32, tf.bfloat16) else tf.cast(inputs, "float32")
+        )
+        if training and self.trainable:
+            outputs, batch_mean, batch_variance = tf.compat.v1.nn.fused_batch_norm(
+                features, gamma, beta, epsilon=self.epsilon, is_training=True
+            )
+            # The kernel returns the variance corrected by n / (n - 1); Keras averages the
+            # uncorrected one, and so does this layer.
+            count = tf.cast(tf.size(features) // tf.shape(features)[-1], tf.float32)
+            batch_variance *= (count - 1.0) / count
+            for average, value in (
+                (self.moving_mean, batch_mean),
+                (self.moving_variance, batch_variance),
+            ):
+                average.assign(average * self.momentum + value * (1.0 - self.momentum))
+        else:
+            outputs, _, _ = tf.compat.v1.nn.fused_batch_norm(
+                features, gamma, beta, mean=mean, variance=variance, epsilon=self.epsilon,
+                is_training=False,
+            )  # fmt: skip
+        return tf.cast(outputs, self.compute_dtype)
 
 
 def _optimizer(params: dict) -> keras.optimizers.Optimizer:

