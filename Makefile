@@ -11,7 +11,7 @@ STUDY ?= studies/mnist-cnn.toml
 TRIALS ?=
 TIMEOUT ?=
 STORAGE ?=
-WORKERS ?= 1
+WORKERS ?=
 BACKEND_STORE ?=
 MARGIN ?= 0
 PORT ?= 8000
@@ -27,7 +27,7 @@ VERSION ?=
 
 TUNE_ARGS := --study $(STUDY) $(if $(TRIALS),--trials $(TRIALS)) \
 	$(if $(TIMEOUT),--timeout-minutes $(TIMEOUT)) $(if $(STORAGE),--storage $(STORAGE)) \
-	--workers $(WORKERS) $(if $(REFIT),--refit) $(if $(filter keras-tuner,$(ENGINE)),--engine keras-tuner --algorithm $(ALGORITHM))
+	$(if $(WORKERS),--workers $(WORKERS)) $(if $(REFIT),--refit) $(if $(filter keras-tuner,$(ENGINE)),--engine keras-tuner --algorithm $(ALGORITHM))
 
 help: ## Show this help
 	@echo "Usage: make <target> [STUDY=studies/quick.toml] [TRIALS=N] [TIMEOUT=minutes] [STORAGE=url]"

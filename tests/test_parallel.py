@@ -64,10 +64,13 @@ def assert_one_parent_with_a_child_per_trial(study: optuna.Study) -> None:
 
 
 @pytest.mark.parametrize("storage", ["sqlite", "postgresql"])
-def test_two_workers_share_one_study(project, storage, request):
+def test_two_workers_share_one_study(project, storage, request, capfd):
     url = request.getfixturevalue("postgres_url") if storage == "postgresql" else None
-    study_file = write_study(project, TINY_STUDY.replace("n_trials = 3", "n_trials = 6"))
-    outcome = optuna_engine.run(study_file, storage=url, workers=2)
+    # The study file asks for the two workers.
+    study_file = write_study(
+        project, TINY_STUDY.replace("n_trials = 3", "n_trials = 6\nworkers = 2")
+    )
+    outcome = optuna_engine.run(study_file, storage=url)
 
     trials = outcome.study.trials
     # Six, or seven when both workers finished a trial at the same instant (see study.optimize).
@@ -77,7 +80,14 @@ def test_two_workers_share_one_study(project, storage, request):
         t.user_attrs.get("fail_reason") for t in trials
     ]
     assert_one_parent_with_a_child_per_trial(outcome.study)
-    # Both workers ran trials, and the best model was registered once.
+    # Both workers ran trials, each in a process of its own, and the best model was
+    # registered once.
+    workers = {t.user_attrs["worker"] for t in trials}
+    assert len(workers) == 2 and os.getpid() not in {int(w.split(":")[1]) for w in workers}
+    # The workers start as quietly as the command: no native TensorFlow start-up lines.
+    printed = capfd.readouterr()
+    assert "[worker 1/2] trial" in printed.out + printed.err
+    assert "oneDNN" not in printed.err and "InitializeLog" not in printed.err
     versions = mlflow.MlflowClient().search_model_versions("name = 'mnist-cnn'")
     assert len(versions) == 1
 

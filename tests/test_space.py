@@ -72,6 +72,7 @@ dense_units = 32
         # The objective is val_accuracy, always maximised; "minimize" used to be accepted
         # and quietly minimised accuracy.
         ("[study]\ndirection = 'minimize'", r"'direction' is not a setting: every study maxim"),
+        ("[study]\nworkers = 0", r"\[study\]: 'workers' must be at least 1, got 0"),
         ("[training]\nmax_epochs = 0", r"\[training\]: 'max_epochs' must be at least 1"),
         ("[training]\nmax_epochs = -3", r"'max_epochs' must not be negative"),
         ("[space]\nlearning_rat = 0.1", r"\[space\] 'learning_rat': unknown hyperparameter"),

@@ -93,3 +93,20 @@ def test_an_epoch_of_epoch_images_trains_that_many_images(fixture_dir):
     assert len(history.history["val_accuracy"]) == 3
     whole = trainer.fit(model.build_model(params), params, split, 1, [LastBatch()])
     assert steps[-1] == 23 and len(whole.history["loss"]) == 1  # 1,500 / 64: 24 batches
+
+
+def test_tensorflow_s_retracing_hints_are_dropped_and_its_other_warnings_kept(caplog):
+    import logging
+
+    from digitune import quiet
+
+    quiet.import_tensorflow()
+    tensorflow_log = logging.getLogger("tensorflow")
+    with caplog.at_level(logging.WARNING):
+        tensorflow_log.warning(
+            "5 out of the last 5 calls to <function f> triggered tf.function retracing."
+        )
+        tensorflow_log.warning("Gradients do not exist for variables")
+    assert [record.getMessage() for record in caplog.records] == [
+        "Gradients do not exist for variables"
+    ]

@@ -73,11 +73,14 @@ def register(
         "pip_requirements": pip_requirements(),
         "registered_model_name": config.REGISTERED_MODEL_NAME,
     }
-    if isinstance(model, mlflow.pyfunc.PythonModel):
-        info = mlflow.pyfunc.log_model(python_model=model, artifacts=artifacts, **common)
-    else:
-        # Keras's export prints every traced endpoint and captured tensor; users need none.
-        with contextlib.redirect_stdout(io.StringIO()):
+    # MLflow prints "Successfully registered model" and "Created version" to stderr, and
+    # Keras's export every traced endpoint and captured tensor to stdout; digitune says
+    # which version it registered in one line of its own. Warnings still show: they go
+    # through `logging` and `warnings`, not these streams.
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        if isinstance(model, mlflow.pyfunc.PythonModel):
+            info = mlflow.pyfunc.log_model(python_model=model, artifacts=artifacts, **common)
+        else:
             # An exported SavedModel: its pyfunc calls the traced serving function directly,
             # about 1 ms an image here, where Keras's `predict` costs some 50 ms a call.
             info = mlflow.keras.log_model(model, save_exported_model=True, **common)

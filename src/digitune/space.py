@@ -90,6 +90,8 @@ def load(path: str | Path) -> StudyDefinition:
     training = config.settings_from_table(
         config.TrainingSettings, document.get("training", {}), f"{path} [training]"
     )
+    if study.workers < 1:
+        raise ValueError(f"{path} [study]: 'workers' must be at least 1, got {study.workers}")
     if training.max_epochs < 1:
         raise ValueError(f"{path} [training]: 'max_epochs' must be at least 1")
 

@@ -28,7 +28,10 @@ FINISHED_STATES = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
 def make_sampler(settings: config.StudySettings, seed: int) -> optuna.samplers.BaseSampler:
     if settings.sampler == "random":
         return optuna.samplers.RandomSampler(seed=seed)
-    return optuna.samplers.TPESampler(seed=seed, n_startup_trials=settings.n_startup_trials)
+    # The constant liar makes parallel workers sample away from the trials still running.
+    return optuna.samplers.TPESampler(
+        seed=seed, n_startup_trials=settings.n_startup_trials, constant_liar=True
+    )
 
 
 def make_pruner(definition: space.StudyDefinition) -> optuna.pruners.BasePruner:

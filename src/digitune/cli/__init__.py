@@ -33,6 +33,7 @@ import sys
 import tqdm
 
 import digitune
+from digitune import quiet
 from digitune.cli import models, tuning
 
 
@@ -48,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
         if args.uses_tensorflow:
-            _import_tensorflow_quietly()
+            quiet.import_tensorflow()
         return args.handler(args)
     except KeyboardInterrupt:
         print(
@@ -117,23 +118,6 @@ class _TerminalHandler(logging.Handler):
                 tqdm.tqdm.write(message, file=sys.stdout)
         except Exception:  # noqa: BLE001 -- logging must never break the command.
             self.handleError(record)
-
-
-def _import_tensorflow_quietly() -> None:
-    """Import TensorFlow with the native stderr closed: a CUDA build on a machine without a
-    GPU prints lines about missing drivers before its own log level applies. A failed import
-    still raises, and its Python error is printed as usual."""
-    if "tensorflow" in sys.modules:
-        return
-    sys.stderr.flush()
-    saved = os.dup(2)
-    try:
-        with open(os.devnull, "w") as devnull:
-            os.dup2(devnull.fileno(), 2)
-            import tensorflow  # noqa: F401
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
 
 
 def _show_library_messages() -> None:

@@ -22,7 +22,10 @@ def add_commands(commands) -> None:
     )
     tune.add_argument("--timeout-minutes", type=float, default=None, help="time limit of this run")
     tune.add_argument(
-        "--workers", type=int, default=1, help="worker processes sharing the study (default: 1)"
+        "--workers",
+        type=int,
+        default=None,
+        help="worker processes sharing the study (default: the study file's `workers`, or 1)",
     )
     tune.add_argument(
         "--join",
@@ -154,7 +157,7 @@ def _tune(args: argparse.Namespace) -> int:
 def _tune_with_keras_tuner(args: argparse.Namespace) -> int:
     from digitune.engines import keras_tuner as keras_tuner_engine
 
-    if args.workers != 1 or args.join or args.storage or args.refit:
+    if args.workers not in (None, 1) or args.join or args.storage or args.refit:
         raise ValueError(
             "--workers, --join, --storage and --refit are Optuna's; Keras Tuner runs one worker "
             "and keeps its state in studies/<study>-keras-tuner-<algorithm>/"

@@ -8,6 +8,9 @@ The data is loaded once, outside the trial.
 
 from __future__ import annotations
 
+import os
+import socket
+
 import optuna
 from optuna_integration.keras import KerasPruningCallback
 
@@ -31,6 +34,8 @@ def make_objective(
         # One seed per trial: a trial's initial weights and batch order can be reproduced.
         trainer.fresh_session(training.precision, definition.study.seed + trial.number)
         params = space.suggest(trial, definition)
+        # Which machine and process ran it: workers and machines share a study.
+        trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
         with tracking.trial_run(
             trial.number, params, parent_run_id, "optuna", remember=trial.set_user_attr
         ):

@@ -46,21 +46,23 @@ def run(
     storage: str | None = None,
     n_trials: int | None = None,
     timeout_minutes: float | None = None,
-    workers: int = 1,
+    workers: int | None = None,
     join: bool = False,
     register: bool = True,
     experiment: str | None = None,
     refit: bool = False,
 ) -> Outcome | None:
-    """Tune with `workers` processes, then evaluate the best trial's model on the test
-    set and (with `register`) register it as `challenger`. With `join`, only run trials of a
-    study started elsewhere (returns None). `experiment` defaults to the study's name."""
+    """Tune with `workers` processes (default: the study file's), then evaluate the best
+    trial's model on the test set and (with `register`) register it as `challenger`. With
+    `join`, only run trials of a study started elsewhere (returns None). `experiment`
+    defaults to the study's name."""
     started = time.perf_counter()
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # Our own line per trial says it.
-    if workers < 1:
+    if workers is not None and workers < 1:
         raise ValueError(f"--workers must be at least 1, got {workers}")
     inputs = scaffold.prepare(study_file, n_trials, timeout_minutes)
     definition = inputs.definition
+    workers = workers or definition.study.workers
     optuna_study = study.load_or_create(definition, storage, join=join)
     log.info(
         "study '%s': %s training and %s validation images; %d of %d trials done%s",

@@ -12,9 +12,10 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import os
+import pickle
 import sys
 
-from digitune import space
+from digitune import quiet, space
 
 log = logging.getLogger(__name__)
 
@@ -32,15 +33,23 @@ def run_workers(
     context = multiprocessing.get_context("spawn")
     processes = [
         context.Process(
-            target=work,
+            # Through `quiet.call`, so that the worker loads TensorFlow without its start-up
+            # lines, as the command itself does.
+            target=quiet.call,
             args=(
-                definition,
-                storage,
-                index,
-                workers,
-                thread_share(workers),
-                deadline,
-                logging.getLogger("digitune").getEffectiveLevel(),
+                __name__,
+                work.__name__,
+                pickle.dumps(
+                    (
+                        definition,
+                        storage,
+                        index,
+                        workers,
+                        thread_share(workers),
+                        deadline,
+                        logging.getLogger("digitune").getEffectiveLevel(),
+                    )
+                ),
             ),
             name=f"digitune-worker-{index}",
         )
@@ -80,6 +89,10 @@ def work(
     gpus = tf.config.list_physical_devices("GPU")
     if len(gpus) > 1:
         tf.config.set_visible_devices(gpus[index % len(gpus)], "GPU")
+    if gpus and workers > len(gpus):
+        # Workers that share a GPU take its memory as they need it, not all of it each.
+        for gpu in tf.config.list_physical_devices("GPU"):
+            tf.config.experimental.set_memory_growth(gpu, True)
 
     import optuna
 
