@@ -30,11 +30,40 @@ def tutorial_model() -> keras.Model:
     return model
 
 
-def fit(x_train, y_train, batch_size: int, epochs: int, validation_data=None, callbacks=()):
-    """Train the tutorial's model the tutorial's way, validating after each epoch as it does;
-    returns the trained model."""
+def study_network_model() -> keras.Model:
+    """The default study's 3-block network (32-64-128 filters, batch normalisation, dense 128,
+    dropout 0.2), written with Keras's own layers as a tutorial would: what
+    `digitune.model.build_model` builds for those params, with Keras's BatchNormalization."""
+    blocks = []
+    for filters in (32, 64, 128):
+        blocks += [
+            layers.Conv2D(filters, 3, padding="same", activation="relu"),
+            layers.BatchNormalization(),
+            layers.MaxPooling2D(2),
+        ]
+    model = keras.Sequential(
+        [
+            keras.Input(shape=(28, 28, 1)),
+            *blocks,
+            layers.Flatten(),
+            layers.Dropout(0.2),
+            layers.Dense(128, activation="relu"),
+            layers.Dropout(0.2),
+            layers.Dense(10, activation="softmax"),
+        ]
+    )
+    model.compile(optimizer="adam", loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+    return model
+
+
+def fit(
+    x_train, y_train, batch_size: int, epochs: int, validation_data=None, callbacks=(),
+    network=tutorial_model,
+):  # fmt: skip
+    """Train the tutorial's model (or `network()`) the tutorial's way, validating after each
+    epoch as it does; returns the trained model."""
     keras.mixed_precision.set_global_policy("float32")
-    model = tutorial_model()
+    model = network()
     model.fit(
         x_train, y_train, batch_size=batch_size, epochs=epochs, verbose=0,
         validation_data=validation_data, callbacks=list(callbacks),
