@@ -143,7 +143,7 @@ class FusedBatchNormalization(layers.BatchNormalization):
     a 2-core CPU that made batch normalisation cost more than the convolutions (the default
     study's 32-64-128 network trained at 1,214 images/s with it and 4,349 without it, in
     bfloat16). TensorFlow's fused kernel computes the same function, including the moving
-    averages, at 4,876 images/s (medians of 3, Xeon with AMX, 2026-11-26). Other backends,
+    averages, at 4,876 images/s (a median of 3; Xeon with AMX, 2026-11-26). Other backends,
     masks and other axes take Keras's own path. The weights are Keras's, so a model saved
     with this layer has exactly BatchNormalization's variables.
     """
