@@ -158,8 +158,7 @@ class FusedBatchNormalization(layers.BatchNormalization):
             return super().call(inputs, training=training, mask=mask)
         import tensorflow as tf
 
-        float32 = (self.gamma, self.beta, self.moving_mean, self.moving_variance)
-        gamma, beta, mean, variance = (tf.cast(weight, tf.float32) for weight in float32)
+        gamma, beta = tf.cast(self.gamma, tf.float32), tf.cast(self.beta, tf.float32)
         features = (
             inputs if inputs.dtype in (tf.float32, tf.bfloat16) else tf.cast(inputs, "float32")
         )
@@ -178,8 +177,9 @@ class FusedBatchNormalization(layers.BatchNormalization):
                 average.assign(average * self.momentum + value * (1.0 - self.momentum))
         else:
             outputs, _, _ = tf.compat.v1.nn.fused_batch_norm(
-                features, gamma, beta, mean=mean, variance=variance, epsilon=self.epsilon,
-                is_training=False,
+                features, gamma, beta, epsilon=self.epsilon, is_training=False,
+                mean=tf.cast(self.moving_mean, tf.float32),
+                variance=tf.cast(self.moving_variance, tf.float32),
             )  # fmt: skip
         return tf.cast(outputs, self.compute_dtype)
 

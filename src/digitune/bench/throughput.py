@@ -37,30 +37,18 @@ CASES = (
 
 
 class EpochTimes(keras.callbacks.Callback):
-    """Records each epoch's wall time."""
+    """Records each epoch's wall time and the share of one CPU core the process used in it
+    (2.0 = two cores busy)."""
 
     def on_train_begin(self, logs=None):
-        self.seconds = []
-
-    def on_epoch_begin(self, epoch, logs=None):
-        self._started = time.perf_counter()
-
-    def on_epoch_end(self, epoch, logs=None):
-        self.seconds.append(time.perf_counter() - self._started)
-
-
-class CpuTime(keras.callbacks.Callback):
-    """Records the share of one CPU core the process used in each epoch (2.0 = two cores)."""
-
-    def on_train_begin(self, logs=None):
-        self.busy = []
+        self.seconds, self.busy = [], []
 
     def on_epoch_begin(self, epoch, logs=None):
         self._wall, self._cpu = time.perf_counter(), time.process_time()
 
     def on_epoch_end(self, epoch, logs=None):
-        wall = time.perf_counter() - self._wall
-        self.busy.append((time.process_time() - self._cpu) / wall)
+        self.seconds.append(time.perf_counter() - self._wall)
+        self.busy.append((time.process_time() - self._cpu) / self.seconds[-1])
 
 
 def _baseline():
@@ -74,11 +62,12 @@ def _baseline():
 
 def training_throughput(repeats: int = 3) -> pd.DataFrame:
     """Images per second of one epoch on the 50,000 tuning images, for each of `CASES` (the
-    tutorial's CNN at batch 32 and 128, a default-study network at 128): digitune's trainer (the trials' `trainer.fit` under the study's
-    precision) against the tutorial's plain float32 `model.fit`, both validating on the
-    10,000 validation images after each epoch, as the tutorial does. Each measurement is the
-    second of two epochs (the first traces and warms up), interleaved over `repeats` rounds;
-    validation accuracy after the two epochs checks that speed did not cost accuracy."""
+    tutorial's CNN at batch 32 and 128, a default-study network at 128): digitune's trainer
+    (the trials' `trainer.fit` under the study's precision) against the tutorial's plain
+    float32 `model.fit`, both validating on the 10,000 validation images after each epoch, as
+    the tutorial does. Each measurement is the second of two epochs (the first traces and
+    warms up), interleaved over `repeats` rounds; validation accuracy after the two epochs
+    checks that speed did not cost accuracy."""
     split = data.split(data.load())
     baseline = _baseline()
     policy = trainer.precision_policy("auto")
@@ -91,7 +80,6 @@ def training_throughput(repeats: int = 3) -> pd.DataFrame:
                 keras.utils.clear_session(free_memory=True)
                 keras.utils.set_random_seed(round_number)
                 timer = EpochTimes()
-                cpu = CpuTime()
                 if name.startswith("plain"):
                     cnn = baseline.fit(
                         split.x_train,
@@ -99,13 +87,13 @@ def training_throughput(repeats: int = 3) -> pd.DataFrame:
                         batch_size,
                         2,
                         validation_data=(split.x_validation, split.y_validation),
-                        callbacks=[timer, cpu],
+                        callbacks=[timer],
                         network=getattr(baseline, baseline_network),
                     )
                 else:
                     keras.mixed_precision.set_global_policy(policy)
                     cnn = model.build_model(params)
-                    trainer.fit(cnn, params, split, 2, [timer, cpu])
+                    trainer.fit(cnn, params, split, 2, [timer])
                 accuracy = cnn.evaluate(split.x_validation, split.y_validation, verbose=0)[1]
                 rows.append(
                     {
@@ -114,7 +102,7 @@ def training_throughput(repeats: int = 3) -> pd.DataFrame:
                         "batch_size": batch_size,
                         "round": round_number,
                         "images_per_second": len(split.y_train) / timer.seconds[-1],
-                        "cpu_percent": 100 * cpu.busy[-1],
+                        "cpu_percent": 100 * timer.busy[-1],
                         "val_accuracy": accuracy,
                     }
                 )
