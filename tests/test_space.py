@@ -99,6 +99,42 @@ dense_units = 32
         (f"{_SPACE}[[enqueue]]\n[[enqueue]]\ndense_units = 32", r"#2 'dense_units': fixed"),
         (f"{_SPACE}[[enqueue]]\nlearning_rate = 0.1", r"'learning_rate': not a sampled"),
         (f"enqueue = 5\n{_SPACE}", r"\[\[enqueue\]\]: expected an array of tables"),
+        # Fixed values, choices and range ends are held to what the model takes.
+        (
+            "[space]\noptimizer = 'adamm'",
+            r"\[space\] 'optimizer': must be one of adam, adamw, sgd, rmsprop, got 'adamm'",
+        ),
+        ("[space]\nkernel_size = 4.5", r"'kernel_size': must be an integer from 1 to 28, got 4.5"),
+        (
+            "[space]\nbatch_normalization = 1",
+            r"'batch_normalization': must be true or false, got 1",
+        ),
+        (
+            "[space]\noptimizer = { type = 'categorical', choices = ['adam', 'adamm'] }",
+            r"'optimizer' choice 'adamm': must be one of",
+        ),
+        (
+            "[space]\ndropout_rate = { type = 'float', low = 0.1, high = 1.5 }",
+            r"'dropout_rate' 'high': must be a number in \[0, 1\), got 1.5",
+        ),
+        ("[space]\nnum_filters = { type = 'float', low = 8, high = 16 }", "takes integers"),
+        ("[space]\noptimizer = { type = 'int', low = 1, high = 2 }", "not a range of numbers"),
+        (
+            "[space]\nnum_filters = { type = 'int', low = 8, high = 32, step = 1.5 }",
+            r"'num_filters': an int range takes a whole 'step', got 1.5",
+        ),
+        ("[space]\nnum_filters = { type = 'int', low = 8, high = 32, step = true }", "'step' must"),
+        # Heartbeats: a dead worker is one silent for longer than a heartbeat.
+        ("[study]\nheartbeat_seconds = 0", r"'heartbeat_seconds' must be at least 1, got 0"),
+        (
+            "[study]\nheartbeat_seconds = 30\nheartbeat_grace_seconds = 30",
+            r"'heartbeat_grace_seconds' \(30\) must be longer than 'heartbeat_seconds' \(30\)",
+        ),
+        # A study's name becomes a file under studies/ and a value in registry queries.
+        ("[study]\nname = '../../etc/evil'", r"study name '../../etc/evil' is not allowed"),
+        ("[study]\nname = \"x' OR tags.study_name != '\"", "is not allowed"),
+        ("[study]\nname = ''", "study name '' is not allowed"),
+        ("[study]\nname = 'a..b'", "study name 'a..b' is not allowed"),
     ],
 )
 def test_mistakes_name_the_file_and_the_key(tmp_path, text, message):

@@ -8,9 +8,12 @@ Where the data comes from, in order:
 (`digitune.download` holds the two download sources.) Downloads are verified and cached in
 `data/mnist/` as gzipped IDX files.
 
-Every file is checked against the SHA-256 of its decompressed bytes before it is used: the
-published MNIST sums, or a `SHA256SUMS` file beside the data (as in a test fixture that
-holds a subset). A bad file stops everything with an error naming the file.
+Every file is checked against the SHA-256 of its decompressed bytes before it is used. Only
+the published MNIST sums in this module vouch for MNIST: the cache accepts nothing else. A
+folder the user names with `MNIST_DIR` may hold other data (a test fixture holding a subset)
+with a `SHA256SUMS` file beside it; that file only guards against corruption, and such data
+is never taken for MNIST (`Mnist.canonical` is false, and tuning says so). A bad file stops
+everything with an error naming the file.
 
 Run `digitune data` to fetch and verify without training.
 """
@@ -22,6 +25,7 @@ import gzip
 import hashlib
 import logging
 import tempfile
+import zipfile
 import zlib
 from pathlib import Path
 
@@ -120,18 +124,20 @@ def load() -> Mnist:
     cache = config.data_cache_dir()
     if not _holds_mnist(cache):
         fetch(cache)
-    return load_folder(cache)
+    return load_folder(cache, sums_file=False)
 
 
-def load_folder(folder: Path) -> Mnist:
-    """Read and verify MNIST from a folder of IDX files (raw or .gz) or Keras's mnist.npz."""
+def load_folder(folder: Path, sums_file: bool = True) -> Mnist:
+    """Read and verify MNIST from a folder of IDX files (raw or .gz) or Keras's mnist.npz.
+    With `sums_file`, a `SHA256SUMS` in the folder names the sums to check instead of the
+    published ones (the data is then not canonical MNIST)."""
     folder = Path(folder)
     holds_idx = any(
         (folder / name).exists() or (folder / f"{name}.gz").exists() for name in FILES.values()
     )
     if not holds_idx and (folder / "mnist.npz").exists():
         return _load_npz(folder / "mnist.npz")
-    expected = _expected_sums(folder)
+    expected = _expected_sums(folder) if sums_file else MNIST_SHA256
     arrays, sums = {}, {}
     for key, name in FILES.items():
         path = _find(folder, name)
@@ -234,8 +240,11 @@ def _load_npz(path: Path) -> Mnist:
                 "test_images": archive["x_test"],
                 "test_labels": archive["y_test"],
             }
-    except (OSError, KeyError, ValueError, zlib.error) as error:
-        raise DataError(f"{path}: not a readable Keras mnist.npz ({error})") from None
+    except (OSError, EOFError, KeyError, ValueError, zipfile.BadZipFile, zlib.error) as error:
+        raise DataError(
+            f"{path}: not a readable Keras mnist.npz, truncated or corrupted ({error}); "
+            "delete it, or point MNIST_DIR at a folder holding the four IDX files"
+        ) from None
     sums = {name: hashlib.sha256(to_idx(arrays[key])).hexdigest() for key, name in FILES.items()}
     for name, digest in sums.items():
         if digest != MNIST_SHA256[name]:

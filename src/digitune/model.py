@@ -7,6 +7,9 @@ trial; `digitune.space` turns trials into these dicts.
 
 from __future__ import annotations
 
+import math
+import numbers
+
 import keras
 from keras import layers
 
@@ -39,6 +42,67 @@ HYPERPARAMETER_DEFAULTS: dict[str, object] = {
     # or plateau (halve when validation accuracy stalls for an epoch).
     "lr_schedule": "constant",
 }
+OPTIMIZERS = ("adam", "adamw", "sgd", "rmsprop")
+LR_SCHEDULES = ("constant", "cosine", "plateau")
+# What each hyperparameter may be: its type, a test of its value, and the test in words. A
+# study file's fixed values, categorical choices and range ends are checked against these
+# before anything trains (`digitune.space`), and so is every model `build_model` builds.
+HYPERPARAMETER_LIMITS: dict[str, tuple[type, object, str]] = {
+    "learning_rate": (float, lambda value: value > 0, "greater than 0"),
+    "batch_size": (int, lambda value: 1 <= value <= 50_000, "from 1 to 50,000"),
+    # Four 2x2 poolings take 28x28 down to 1x1; a fifth would leave nothing.
+    "num_conv_blocks": (int, lambda value: 1 <= value <= 4, "from 1 to 4"),
+    "num_filters": (int, lambda value: 1 <= value <= 1024, "from 1 to 1,024"),
+    "kernel_size": (int, lambda value: 1 <= value <= 28, "from 1 to 28"),
+    "dense_units": (int, lambda value: 1 <= value <= 16_384, "from 1 to 16,384"),
+    "dropout_rate": (float, lambda value: 0 <= value < 1, "in [0, 1)"),
+    "batch_normalization": (bool, lambda value: True, ""),
+    "augment_shift": (float, lambda value: 0 <= value < 1, "in [0, 1)"),
+    "augment_rotation_degrees": (float, lambda value: 0 <= value <= 180, "from 0 to 180"),
+    "augment_zoom": (float, lambda value: 0 <= value < 1, "in [0, 1)"),
+    "optimizer": (str, lambda value: value in OPTIMIZERS, f"one of {', '.join(OPTIMIZERS)}"),
+    "weight_decay": (float, lambda value: value >= 0, "0 or more"),
+    "label_smoothing": (float, lambda value: 0 <= value < 1, "in [0, 1)"),
+    "lr_schedule": (
+        str,
+        lambda value: value in LR_SCHEDULES,
+        f"one of {', '.join(LR_SCHEDULES)}",
+    ),
+}
+# The choices of a string say all there is to say.
+_KIND_WORDS = {int: "an integer", float: "a number", bool: "true or false", str: ""}
+
+
+def is_kind(value: object, kind: type) -> bool:
+    """Whether `value` is of the hyperparameter type `kind`: an integer is not a bool, a
+    number is finite (NumPy's scalars count as Python's)."""
+    if kind is bool:
+        return isinstance(value, bool) or type(value).__name__ == "bool_"
+    if isinstance(value, bool) or type(value).__name__ == "bool_":
+        return False
+    if kind is int:
+        return isinstance(value, numbers.Integral)
+    if kind is float:
+        return isinstance(value, numbers.Real) and math.isfinite(value)
+    return isinstance(value, kind)
+
+
+def hyperparameter_problem(name: str, value: object) -> str | None:
+    """What is wrong with `value` for `name`, in words ("must be ..., got ..."), or None."""
+    kind, test, words = HYPERPARAMETER_LIMITS[name]
+    if is_kind(value, kind) and test(value):
+        return None
+    expected = " ".join(part for part in (_KIND_WORDS[kind], words) if part)
+    return f"must be {expected}, got {value!r}"
+
+
+def check_hyperparameter(name: str, value: object) -> None:
+    """A ValueError saying what `name` must be, unless `value` is one of its values."""
+    problem = hyperparameter_problem(name, value)
+    if problem:
+        raise ValueError(f"'{name}' {problem}")
+
+
 # How much of its moving mean and variance batch normalisation keeps at each training batch.
 # Keras's default, 0.99, keeps 14% of the initial statistics after an epoch of 195 batches
 # (50,000 images at batch 256), so the first epochs' validation accuracy measured a network
@@ -46,8 +110,6 @@ HYPERPARAMETER_DEFAULTS: dict[str, object] = {
 # study on 2026-11-26) and pruning had to wait. At 0.9 the statistics follow within an
 # epoch and the first epoch's validation accuracy ranks the trials.
 BATCH_NORM_MOMENTUM = 0.9
-OPTIMIZERS = ("adam", "adamw", "sgd", "rmsprop")
-LR_SCHEDULES = ("constant", "cosine", "plateau")
 
 
 def resolve_params(params: dict) -> dict:
@@ -66,19 +128,8 @@ def build_model(params: dict) -> keras.Model:
     `num_filters`), optional batch normalisation and 2x2 max pooling, then dropout, a dense
     layer of `dense_units`, dropout again and a softmax over the ten digits."""
     params = resolve_params(params)
-    if not 1 <= int(params["num_conv_blocks"]) <= 4:
-        # Four 2x2 poolings take 28x28 down to 1x1; a fifth would leave nothing.
-        raise ValueError(f"num_conv_blocks must be 1 to 4, got {params['num_conv_blocks']}")
-    if not 0.0 <= float(params["dropout_rate"]) < 1.0:
-        raise ValueError(f"dropout_rate must be in [0, 1), got {params['dropout_rate']}")
-    if params["optimizer"] not in OPTIMIZERS:
-        raise ValueError(
-            f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {params['optimizer']!r}"
-        )
-    if params["lr_schedule"] not in LR_SCHEDULES:
-        raise ValueError(
-            f"lr_schedule must be one of {', '.join(LR_SCHEDULES)}, got {params['lr_schedule']!r}"
-        )
+    for name, value in params.items():
+        check_hyperparameter(name, value)
 
     inputs = keras.Input(shape=IMAGE_SHAPE, name="image")
     augment = augmentation(params)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import tomllib
 from pathlib import Path
 
@@ -27,6 +28,9 @@ import optuna
 from digitune import config, model
 
 FIXED_PARAMS_ATTR = "fixed_params"
+# A study's name becomes a file name under studies/, an MLflow run name and a value in registry
+# queries: letters, digits and - _ . only, starting with a letter or digit.
+STUDY_NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")
 _DISTRIBUTION_KEYS = {
     "float": {"type", "low", "high", "log", "step"},
     "int": {"type", "low", "high", "log", "step"},
@@ -90,8 +94,19 @@ def load(path: str | Path) -> StudyDefinition:
     training = config.settings_from_table(
         config.TrainingSettings, document.get("training", {}), f"{path} [training]"
     )
+    check_study_name(study.name, f"{path} [study]")
     if study.workers < 1:
         raise ValueError(f"{path} [study]: 'workers' must be at least 1, got {study.workers}")
+    if study.heartbeat_seconds < 1:
+        raise ValueError(
+            f"{path} [study]: 'heartbeat_seconds' must be at least 1, got {study.heartbeat_seconds}"
+        )
+    if study.heartbeat_grace_seconds <= study.heartbeat_seconds:
+        raise ValueError(
+            f"{path} [study]: 'heartbeat_grace_seconds' ({study.heartbeat_grace_seconds}) must be "
+            f"longer than 'heartbeat_seconds' ({study.heartbeat_seconds}), or every running "
+            "trial would look dead between two heartbeats"
+        )
     if training.max_epochs < 1:
         raise ValueError(f"{path} [training]: 'max_epochs' must be at least 1")
 
@@ -109,12 +124,48 @@ def load(path: str | Path) -> StudyDefinition:
             )
         if isinstance(spec, dict):
             distributions[name] = _distribution(spec, source)
+            _check_distribution(name, distributions[name], source)
         else:
+            _check_value(name, spec, source)
             fixed[name] = spec
     if not distributions:
         raise ValueError(f"{path} [space]: nothing to search; give at least one distribution")
     enqueued = _enqueued(document.get("enqueue", []), distributions, fixed, path)
     return StudyDefinition(path, study, training, distributions, fixed, enqueued)
+
+
+def check_study_name(name: str, source: str) -> None:
+    """A ValueError naming `source` unless `name` is a safe study name."""
+    if not STUDY_NAME_PATTERN.fullmatch(name) or ".." in name:
+        raise ValueError(
+            f"{source}: study name {name!r} is not allowed; use up to 100 letters, digits, "
+            "'-', '_' and '.', starting with a letter or digit (no '..')"
+        )
+
+
+def _check_value(name: str, value: object, source: str) -> None:
+    problem = model.hyperparameter_problem(name, value)
+    if problem:
+        raise ValueError(f"{source}: {problem}")
+
+
+def _check_distribution(name: str, distribution, source: str) -> None:
+    """Every value a distribution can draw must be one the model takes: its choices, or the
+    ends of its range (the limits are intervals), of the hyperparameter's type."""
+    kind = model.HYPERPARAMETER_LIMITS[name][0]
+    if isinstance(distribution, optuna.distributions.CategoricalDistribution):
+        for choice in distribution.choices:
+            _check_value(name, choice, f"{source} choice {choice!r}")
+        return
+    if kind in (bool, str):
+        raise ValueError(
+            f"{source}: takes {'true or false' if kind is bool else 'names'}, not a range of "
+            'numbers; give { type = "categorical", choices = [...] } or a fixed value'
+        )
+    if kind is int and isinstance(distribution, optuna.distributions.FloatDistribution):
+        raise ValueError(f'{source}: takes integers; give type = "int"')
+    for end in ("low", "high"):
+        _check_value(name, getattr(distribution, end), f"{source} '{end}'")
 
 
 def _enqueued(tables: object, distributions: dict, fixed: dict, path: Path) -> tuple[dict, ...]:
@@ -193,13 +244,17 @@ def _distribution(spec: dict, source: str) -> optuna.distributions.BaseDistribut
         raise ValueError(f"{source}: a log range needs 'low' > 0, got {low}")
     if log and step is not None:
         raise ValueError(f"{source}: 'step' cannot be combined with 'log'")
-    if step is not None and (not isinstance(step, (int, float)) or step <= 0):
+    if step is not None and (
+        isinstance(step, bool) or not isinstance(step, (int, float)) or not 0 < step < math.inf
+    ):
         raise ValueError(f"{source}: 'step' must be a positive number, got {step!r}")
+    if step is not None and number is int and not isinstance(step, int):
+        raise ValueError(f"{source}: an int range takes a whole 'step', got {step!r}")
     if not all(math.isfinite(v) for v in (low, high)):
         raise ValueError(f"{source}: 'low' and 'high' must be finite")
     if kind == "float":
         return optuna.distributions.FloatDistribution(low, high, log=log, step=step)
-    return optuna.distributions.IntDistribution(low, high, log=log, step=int(step or 1))
+    return optuna.distributions.IntDistribution(low, high, log=log, step=step or 1)
 
 
 def suggest(trial: optuna.Trial, definition: StudyDefinition) -> dict:

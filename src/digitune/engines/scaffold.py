@@ -71,6 +71,12 @@ def prepare(
     definition = study_file.with_budget(n_trials, timeout_minutes)
     tracking.configure()
     mnist = data.load()
+    if not mnist.canonical:
+        log.warning(
+            "%s is not the published MNIST (only its own SHA256SUMS vouches for it): "
+            "figures from this study are not MNIST figures",
+            mnist.source,
+        )
     training = definition.training
     split = data.split(mnist, training.train_images, training.validation_images)
     timeout = definition.study.timeout_minutes * 60
