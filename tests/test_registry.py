@@ -4,6 +4,8 @@ real models trained on the MNIST fixture."""
 from __future__ import annotations
 
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -185,3 +187,85 @@ def test_store_that_is_down(project, monkeypatch, capsys):
     for command in (["promote"], ["rollback"], ["models"]):
         assert cli.main(command) == 1
         assert "cannot reach the MLflow tracking store" in capsys.readouterr().err
+
+
+def _delete_model_files(client, version: str) -> None:
+    """Delete the files behind a registered version, as a lost disk or a bad copy would."""
+    found = client.get_model_version(config.REGISTERED_MODEL_NAME, version)
+    model_id = found.model_id or found.source.removeprefix("models:/")
+    shutil.rmtree(urlparse(client.get_logged_model(model_id).artifact_location).path)
+
+
+def test_force_replaces_a_champion_that_cannot_be_loaded(project, trained, capsys):
+    client = tracking.configure()
+    broken = register(trained, "good", trial=1)
+    assert promote.promote().promoted
+    _delete_model_files(client, broken)
+    challenger = register(trained, "poor", trial=2)
+    assert cli.main(["promote"]) == 1
+    error = capsys.readouterr().err
+    assert f"cannot load models:/mnist-cnn/{broken}" in error and "--force" in error
+    assert aliases(client)["champion"] == broken
+
+    assert cli.main(["promote", "--force"]) == 0
+    assert aliases(client)["champion"] == challenger
+    last = registry.history(client)[-1]
+    assert last["forced"] is True and last["previous"] == broken
+    assert "could not be loaded" in last["reason"]
+
+
+def test_moving_the_champion_is_compare_and_set(project, trained):
+    client = tracking.configure()
+    first = register(trained, "poor", trial=1)
+    registry.move_champion(client, first, None, "promote", "first")
+    second = register(trained, "good", trial=2)
+    # A promotion that compared against no champion, or against another version, loses.
+    for stale in (None, second):
+        with pytest.raises(registry.RegistryError, match=f"moved to version {first}"):
+            registry.move_champion(client, second, stale, "promote", "stale")
+    assert aliases(client)["champion"] == first
+    assert [event["version"] for event in registry.history(client)] == [first]
+
+
+def test_a_held_champion_lock_makes_others_wait_then_refuse(project, trained, monkeypatch):
+    client = tracking.configure()
+    version = register(trained, "poor", trial=1)
+    monkeypatch.setattr(registry, "LOCK_WAIT_SECONDS", 0.5)
+    with registry.champion_lock(client):
+        with pytest.raises(registry.RegistryError, match="@champion is locked by .*:"):
+            registry.move_champion(client, version, None, "promote", "while locked")
+    assert aliases(client)["champion"] is None and registry.history(client) == []
+    # A lock left behind by a killed process is taken over once it is stale.
+    client.create_registered_model(config.REGISTERED_MODEL_NAME + registry.LOCK_SUFFIX)
+    monkeypatch.setattr(registry, "LOCK_STALE_SECONDS", 0.0)
+    registry.move_champion(client, version, None, "promote", "after a stale lock")
+    assert aliases(client)["champion"] == version
+    lock_names = [m.name for m in client.search_registered_models() if "lock" in m.name]
+    assert lock_names == []
+
+
+def test_two_concurrent_promotions_have_one_winner_and_a_whole_history(project, trained):
+    client = tracking.configure()
+    first = register(trained, "poor", trial=1)
+    assert promote.promote().promoted
+    second = register(trained, "good", trial=2)
+    mlflow.set_tracking_uri(None)
+    command = [sys.executable, "-m", "digitune", "promote"]
+    processes = [
+        subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for _ in range(2)
+    ]
+    outcomes = [(process.wait(timeout=300), *process.communicate()) for process in processes]
+    codes = sorted(code for code, _, _ in outcomes)
+    assert codes == [0, 1], outcomes
+    loser_error = next(error for code, _, error in outcomes if code == 1)
+    assert f"@champion moved to version {second}" in loser_error or (
+        f"version {second} is already @champion" in loser_error
+    )
+    client = tracking.configure()
+    assert aliases(client)["champion"] == second
+    events = registry.history(client)
+    assert [(event["version"], event["previous"]) for event in events] == [
+        (first, None),
+        (second, first),
+    ]

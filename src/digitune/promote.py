@@ -47,15 +47,30 @@ def promote(margin: float = 0.0, force: bool = False) -> Decision:
         )
     mnist = data.load()
     images, labels = data.preprocess(mnist.test_images), mnist.test_labels.astype(int)
-    # Both models load before any alias moves, so missing files change nothing.
+    # Both models load before any alias moves, so missing files change nothing; with
+    # `force`, a champion that cannot be loaded is replaced all the same.
     challenger_model = registry.load_pyfunc(challenger)
-    champion_model = registry.load_pyfunc(champion) if champion is not None else None
+    champion_model, unloadable = None, None
+    if champion is not None:
+        try:
+            champion_model = registry.load_pyfunc(champion)
+        except registry.RegistryError as error:
+            if not force:
+                raise registry.RegistryError(
+                    f"{error}; the champion cannot be compared (--force replaces it anyway)"
+                ) from None
+            unloadable = str(error)
     challenger_probabilities = challenger_model.predict(images)
 
     if champion_model is None:
         comparison = None
         evaluation = evaluate.from_probabilities(challenger_probabilities, labels)
-        better, reason = True, "there was no champion yet"
+        better = champion is None
+        reason = (
+            "there was no champion yet"
+            if champion is None
+            else f"the champion, version {champion_version}, could not be loaded: {unloadable}"
+        )
     else:
         comparison = evaluate.compare(
             challenger_probabilities, champion_model.predict(images), labels
@@ -70,8 +85,8 @@ def promote(margin: float = 0.0, force: bool = False) -> Decision:
         )
     promoted = better or force
     forced = force and not better
-    _tag(client, challenger_version, champion_version, comparison, evaluation, promoted, forced)
     if promoted:
+        # Moves @champion only if it is still the version compared against.
         registry.move_champion(
             client,
             challenger_version,
@@ -81,6 +96,7 @@ def promote(margin: float = 0.0, force: bool = False) -> Decision:
             forced=forced,
             test_accuracy=round(evaluation.accuracy, 6),
         )
+    _tag(client, challenger_version, champion_version, comparison, evaluation, promoted, forced)
     return Decision(
         challenger_version,
         champion_version,

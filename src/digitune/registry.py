@@ -12,6 +12,9 @@ import datetime
 import getpass
 import io
 import json
+import os
+import socket
+import time
 
 import mlflow
 import mlflow.keras
@@ -185,24 +188,84 @@ def history(client: mlflow.MlflowClient) -> list[dict]:
     return json.loads(tags.get(HISTORY_TAG, "[]"))
 
 
+# The lock that makes moving @champion a compare-and-set: a registered model of this name,
+# which the store lets one caller create (names are unique: a database constraint in SQLite
+# and PostgreSQL, the same check behind a tracking server). One left behind by a killed
+# process is taken over once it is this old.
+LOCK_SUFFIX = ".champion-lock"
+LOCK_WAIT_SECONDS = 60.0
+LOCK_STALE_SECONDS = 300.0
+
+
+@contextlib.contextmanager
+def champion_lock(client: mlflow.MlflowClient):
+    """Hold the lock on @champion and its history for the block; waits up to
+    `LOCK_WAIT_SECONDS` for another promote or rollback to finish."""
+    name = config.REGISTERED_MODEL_NAME + LOCK_SUFFIX
+    holder = f"{getpass.getuser()}@{socket.gethostname()}:{os.getpid()}"
+    deadline = time.monotonic() + LOCK_WAIT_SECONDS
+    while True:
+        try:
+            client.create_registered_model(
+                name,
+                tags={"holder": holder},
+                description="Held while digitune moves @champion; deleted when it is done.",
+            )
+            break
+        except mlflow.exceptions.MlflowException as error:
+            if error.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+        with contextlib.suppress(mlflow.exceptions.MlflowException):  # Released meanwhile.
+            lock = client.get_registered_model(name)
+            age = time.time() - lock.creation_timestamp / 1000
+            if age > LOCK_STALE_SECONDS:
+                client.delete_registered_model(name)
+                continue
+            if time.monotonic() > deadline:
+                raise RegistryError(
+                    f"@champion is locked by {lock.tags.get('holder', 'another process')} "
+                    f"since {age:.0f} s (another promote or rollback); nothing changed. Run it "
+                    f"again later, or delete the registered model '{name}' if that process is "
+                    "gone"
+                )
+        time.sleep(0.2)
+    try:
+        yield
+    finally:
+        client.delete_registered_model(name)
+
+
 def move_champion(client, version: str, previous: str | None, action: str, reason: str, **extra):
-    """Point @champion at `version` and record the move in the registered model's tags."""
-    events = history(client)
-    events.append(
-        {
-            "action": action,
-            "version": version,
-            "previous": previous,
-            "at": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-            "by": getpass.getuser(),
-            "reason": reason,
-            **extra,
-        }
-    )
-    client.set_registered_model_alias(config.REGISTERED_MODEL_NAME, config.CHAMPION_ALIAS, version)
-    client.set_registered_model_tag(
-        config.REGISTERED_MODEL_NAME, HISTORY_TAG, json.dumps(events[-HISTORY_LIMIT:])
-    )
+    """Point @champion at `version` and record the move in the registered model's tags, only
+    if @champion still is `previous` (None: no champion): a compare-and-set under the
+    champion lock, so two promotions never both win and no history event is lost."""
+    with champion_lock(client):
+        current = version_by_alias(client, config.CHAMPION_ALIAS, required=False)
+        current_version = str(current.version) if current is not None else None
+        if current_version != previous:
+            raise RegistryError(
+                f"@champion moved to version {current_version} (it was {previous} when this "
+                f"{action} started); nothing changed. Run it again to compare with the new "
+                "champion"
+            )
+        events = history(client)
+        events.append(
+            {
+                "action": action,
+                "version": version,
+                "previous": previous,
+                "at": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+                "by": getpass.getuser(),
+                "reason": reason,
+                **extra,
+            }
+        )
+        client.set_registered_model_alias(
+            config.REGISTERED_MODEL_NAME, config.CHAMPION_ALIAS, version
+        )
+        client.set_registered_model_tag(
+            config.REGISTERED_MODEL_NAME, HISTORY_TAG, json.dumps(events[-HISTORY_LIMIT:])
+        )
 
 
 def champion_stack(events: list[dict]) -> list[str]:
