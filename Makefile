@@ -25,8 +25,17 @@ TOP ?= 5
 GREEDY ?=
 VERSION ?=
 
+# URLs that may hold a password reach digitune and MLflow through the environment, unexpanded:
+# never in a command line that make echoes or `ps` shows, and `$` or `&` in a password work.
+ifneq ($(value STORAGE),)
+export DIGITUNE_STORAGE := $(value STORAGE)
+endif
+ifneq ($(value BACKEND_STORE),)
+export MLFLOW_BACKEND_STORE_URI := $(value BACKEND_STORE)
+endif
+
 TUNE_ARGS := --study $(STUDY) $(if $(TRIALS),--trials $(TRIALS)) \
-	$(if $(TIMEOUT),--timeout-minutes $(TIMEOUT)) $(if $(STORAGE),--storage $(STORAGE)) \
+	$(if $(TIMEOUT),--timeout-minutes $(TIMEOUT)) \
 	$(if $(WORKERS),--workers $(WORKERS)) $(if $(REFIT),--refit) $(if $(filter keras-tuner,$(ENGINE)),--engine keras-tuner --algorithm $(ALGORITHM))
 
 help: ## Show this help
@@ -53,10 +62,10 @@ worker: install ## Join this machine's WORKERS to a study started elsewhere (STO
 	$(BIN)/digitune tune $(TUNE_ARGS) --join
 
 mlflow-server: install ## MLflow tracking server on 127.0.0.1:5000 (BACKEND_STORE=postgresql://...)
-	$(BIN)/digitune mlflow-server $(if $(BACKEND_STORE),--backend-store-uri $(BACKEND_STORE))
+	$(BIN)/digitune mlflow-server
 
 report: install ## Summarise a study and log its figures to MLflow (STUDY, STORAGE)
-	$(BIN)/digitune report --study $(STUDY) $(if $(STORAGE),--storage $(STORAGE))
+	$(BIN)/digitune report --study $(STUDY)
 
 promote: install ## Make @challenger @champion if better on the test set (MARGIN, FORCE=1)
 	$(BIN)/digitune promote --margin $(MARGIN) $(if $(FORCE),--force)

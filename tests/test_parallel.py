@@ -12,7 +12,6 @@ import signal
 import subprocess
 import sys
 import time
-import uuid
 
 import mlflow
 import optuna
@@ -26,28 +25,12 @@ from digitune.engines import optuna as optuna_engine
 
 pytestmark = pytest.mark.slow
 
-POSTGRES = os.environ.get("DIGITUNE_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/test")
-
 # Trials long enough to be caught in the middle, and heartbeats quick enough to test.
 CRASHABLE_STUDY = (
     TINY_STUDY.replace("n_trials = 3", "n_trials = 2")
     .replace("max_epochs = 2", "max_epochs = 40\nearly_stopping_patience = 40")
     .replace("[training]", "heartbeat_seconds = 1\nheartbeat_grace_seconds = 3\n\n[training]")
 )
-
-
-@pytest.fixture
-def postgres_url():
-    psycopg = pytest.importorskip("psycopg")
-    name = f"digitune_test_{uuid.uuid4().hex[:10]}"
-    try:
-        admin = psycopg.connect(POSTGRES, connect_timeout=5, autocommit=True)
-    except psycopg.OperationalError as error:
-        pytest.skip(f"no PostgreSQL server at {POSTGRES}: {error}")
-    admin.execute(f"CREATE DATABASE {name}")
-    yield POSTGRES.rsplit("/", 1)[0] + f"/{name}"
-    admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
-    admin.close()
 
 
 def assert_one_parent_with_a_child_per_trial(study: optuna.Study) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import types
 import typing
 from pathlib import Path
@@ -74,6 +75,32 @@ def artifact_location(experiment_name: str) -> str | None:
 def default_storage(study_name: str) -> str:
     """The Optuna storage of a study when none is given: an SQLite file under studies/."""
     return f"sqlite:///{studies_dir() / (study_name + '.db')}"
+
+
+def storage_url() -> str | None:
+    """DIGITUNE_STORAGE: the Optuna storage URL when `--storage` is not given. The Makefile
+    hands STORAGE over this way, so that a password in it never shows in a command line."""
+    return os.environ.get("DIGITUNE_STORAGE") or None
+
+
+def backend_store_uri() -> str:
+    """MLFLOW_BACKEND_STORE_URI (MLflow's own variable for its server's store), else the
+    local store inside mlruns/."""
+    return os.environ.get("MLFLOW_BACKEND_STORE_URI") or local_tracking_uri()
+
+
+# user:password@ in any URL (the password may hold '@' but not '/' or spaces), and a
+# password=... parameter of a connection string.
+_URL_PASSWORD = re.compile(r"(?P<head>\b[A-Za-z][A-Za-z0-9+.-]*://[^\s/:@]*):[^\s/]*@")
+_PARAMETER_PASSWORD = re.compile(r"(?P<head>\bpassword=)[^\s&]+", re.IGNORECASE)
+REDACTED = "***"
+
+
+def redact(text: str) -> str:
+    """`text` with every password in a URL or connection string replaced by ***: for every
+    line, message, tag and HTTP answer that may quote a storage URL or tracking URI."""
+    text = _URL_PASSWORD.sub(lambda match: f"{match['head']}:{REDACTED}@", str(text))
+    return _PARAMETER_PASSWORD.sub(lambda match: f"{match['head']}{REDACTED}", text)
 
 
 def forced_precision() -> str | None:

@@ -161,7 +161,7 @@ def version_by_alias(client: mlflow.MlflowClient, alias: str, required: bool = T
     except mlflow.exceptions.MlflowException:
         raise RegistryError(
             f"there is no registered model '{config.REGISTERED_MODEL_NAME}' in "
-            f"{mlflow.get_tracking_uri()}; run `make tune` first"
+            f"{config.redact(mlflow.get_tracking_uri())}; run `make tune` first"
         ) from None
     try:
         return client.get_model_version_by_alias(config.REGISTERED_MODEL_NAME, alias)

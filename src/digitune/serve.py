@@ -73,7 +73,7 @@ class ModelHolder:
                     return False
                 model = mlflow.pyfunc.load_model(f"models:/{self.name}/{version.version}")
             except Exception as error:  # noqa: BLE001 -- keep serving what we have.
-                self.last_error = f"cannot load {self.model_uri}: {error}"
+                self.last_error = config.redact(f"cannot load {self.model_uri}: {error}")
                 return False
             signature = model.metadata.signature
             self.served = Served(
@@ -253,7 +253,7 @@ def _identity(served: Served) -> dict:
 
 
 def _error(status: int, message: str) -> JSONResponse:
-    return JSONResponse(status_code=status, content={"detail": message})
+    return JSONResponse(status_code=status, content={"detail": config.redact(message)})
 
 
 def run(host: str, port: int, model_uri: str | None, poll_seconds: float) -> None:

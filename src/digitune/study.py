@@ -93,8 +93,8 @@ def load_or_create(
             )
         except KeyError:
             raise ValueError(
-                f"no study '{definition.study.name}' in {url} to join; start it with "
-                "`make tune` on one machine first"
+                f"no study '{definition.study.name}' in {config.redact(url)} to join; start it "
+                "with `make tune` on one machine first"
             ) from None
         study.pruner = make_pruner(definition)
     else:
@@ -131,7 +131,8 @@ def load_existing(study_file: str | Path, storage: str | None = None):
         study = optuna.load_study(study_name=definition.study.name, storage=url)
     except KeyError:
         raise ValueError(
-            f"no study '{definition.study.name}' in {url}; run `make tune STUDY={study_file}` first"
+            f"no study '{definition.study.name}' in {config.redact(url)}; "
+            f"run `make tune STUDY={study_file}` first"
         ) from None
     return definition, study
 

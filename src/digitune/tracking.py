@@ -89,7 +89,8 @@ def configure() -> mlflow.MlflowClient:
         client.search_experiments(max_results=1)
     except Exception as error:  # noqa: BLE001 -- any failure here means the store is unusable.
         raise TrackingError(
-            f"cannot reach the MLflow tracking store {uri}: {error}\n"
+            f"cannot reach the MLflow tracking store {config.redact(uri)}: "
+            f"{config.redact(str(error))}\n"
             "Check MLFLOW_TRACKING_URI (or start the server); nothing was trained or changed."
         ) from None
     return client

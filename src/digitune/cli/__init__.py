@@ -33,7 +33,7 @@ import sys
 import tqdm
 
 import digitune
-from digitune import quiet
+from digitune import config, quiet
 from digitune.cli import models, tuning
 
 
@@ -68,14 +68,14 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 1
     except (ValueError, RuntimeError, OSError) as error:
-        print(f"error: {error}", file=sys.stderr)
+        print(f"error: {config.redact(str(error))}", file=sys.stderr)
         return 1
     except Exception as error:
         # The stores' own errors (an unreachable database, a refused request) are the user's
         # to act on as well; anything else is a bug and keeps its traceback.
         if not type(error).__module__.startswith(("mlflow", "optuna", "sqlalchemy")):
             raise
-        print(f"error: {type(error).__name__}: {error}", file=sys.stderr)
+        print(f"error: {type(error).__name__}: {config.redact(str(error))}", file=sys.stderr)
         return 1
 
 
@@ -111,7 +111,7 @@ class _TerminalHandler(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
-            message = self.format(record)
+            message = config.redact(self.format(record))
             if record.levelno >= logging.WARNING:
                 print(f"warning: {message}", file=sys.stderr)
             else:

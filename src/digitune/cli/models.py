@@ -8,6 +8,7 @@ loading TensorFlow.
 from __future__ import annotations
 
 import argparse
+import os
 import subprocess
 import sys
 
@@ -69,8 +70,9 @@ def add_commands(commands) -> None:
     server.add_argument("--port", type=int, default=5000)
     server.add_argument(
         "--backend-store-uri",
-        default=None,
-        help="SQL database of runs (default: the project's SQLite store in mlruns/)",
+        default=config.backend_store_uri(),
+        help="SQL database of runs (default: MLFLOW_BACKEND_STORE_URI, else the project's "
+        "SQLite store in mlruns/); prefer the variable when the URI holds a password",
     )
     server.set_defaults(handler=_mlflow_server, uses_tensorflow=False)
 
@@ -139,30 +141,26 @@ def _mlflow_server(args: argparse.Namespace) -> int:
     artifacts = config.mlruns_dir() / "artifacts"
     command = [
         sys.executable, "-m", "mlflow", "server",
-        "--backend-store-uri", args.backend_store_uri or config.local_tracking_uri(),
         # The server stores and serves artifacts itself, so workers need no shared disk.
         "--artifacts-destination", str(artifacts),
         "--host", args.host, "--port", str(args.port),
     ]  # fmt: skip
     print(
-        f"MLflow tracking server on http://{args.host}:{args.port}; on each worker machine set "
+        f"MLflow tracking server on http://{args.host}:{args.port} with the store "
+        f"{config.redact(args.backend_store_uri)}; on each worker machine set "
         f"MLFLOW_TRACKING_URI=http://<this host>:{args.port}"
     )
-    return subprocess.call(command)
+    return _call_with_store(command, args.backend_store_uri)
 
 
 def _ui(args: argparse.Namespace) -> int:
-    command = [
-        sys.executable,
-        "-m",
-        "mlflow",
-        "ui",
-        "--backend-store-uri",
-        config.tracking_uri(),
-        "--host",
-        args.host,
-        "--port",
-        str(args.port),
-    ]
+    command = [sys.executable, "-m", "mlflow", "ui", "--host", args.host, "--port", str(args.port)]
     print(f"MLflow UI on http://{args.host}:{args.port} (Ctrl-C stops it)")
-    return subprocess.call(command)
+    return _call_with_store(command, config.tracking_uri())
+
+
+def _call_with_store(command: list[str], store_uri: str) -> int:
+    """Run MLflow's server with its store given through the environment, where a password in
+    the URI stays out of the process list (`ps` shows every command line)."""
+    environment = {**os.environ, "MLFLOW_BACKEND_STORE_URI": store_uri}
+    return subprocess.call(command, env=environment)

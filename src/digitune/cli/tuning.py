@@ -97,7 +97,10 @@ def add_study_arguments(parser: argparse.ArgumentParser) -> None:
         help="study file (default: %(default)s)",
     )
     parser.add_argument(
-        "--storage", default=None, help="Optuna storage URL (default: studies/<name>.db)"
+        "--storage",
+        default=config.storage_url(),
+        help="Optuna storage URL (default: DIGITUNE_STORAGE, else studies/<name>.db); prefer "
+        "the variable when the URL holds a password",
     )
 
 

@@ -1,0 +1,200 @@
+"""A password in a storage URL or tracking URI never shows: not in a printed line, an MLflow
+param or tag, an HTTP answer, a child process's command line (what `ps` shows) or make's echo.
+
+PostgreSQL here trusts local connections, so a URL with a password works against it as it
+would against a server that checks the password.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import mlflow
+import optuna
+import pytest
+from fastapi.testclient import TestClient
+
+from conftest import TINY_STUDY, write_study
+from digitune import cli, config, serve
+
+pytestmark = pytest.mark.slow
+
+# `$` and `&` are what a shell or make would mangle.
+PASSWORD = "Hunter2$&x"
+REPOSITORY = Path(__file__).resolve().parents[1]
+
+
+def with_password(url: str) -> str:
+    return url.replace("://postgres@", f"://postgres:{PASSWORD}@", 1)
+
+
+def command_lines() -> list[str]:
+    """Every process's command line on this machine, as `ps` shows them."""
+    lines = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                lines.append((entry / "cmdline").read_bytes().replace(b"\0", b" ").decode())
+            except OSError:
+                continue  # Gone meanwhile.
+    return lines
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (
+            "postgresql://postgres:Hunter2$&x@127.0.0.1:5432/db",
+            "postgresql://postgres:***@127.0.0.1:5432/db",
+        ),
+        (
+            "cannot reach http://alice:p@ss@tracking.internal:5000/api: refused",
+            "cannot reach http://alice:***@tracking.internal:5000/api: refused",
+        ),
+        (
+            "postgresql+psycopg://u:pw@h/db?sslmode=require",
+            "postgresql+psycopg://u:***@h/db?sslmode=require",
+        ),
+        ("host=h user=u password=pw dbname=d", "host=h user=u password=*** dbname=d"),
+        (
+            "sqlite:////tmp/x.db and http://127.0.0.1:5000",
+            "sqlite:////tmp/x.db and http://127.0.0.1:5000",
+        ),
+        ("postgresql://postgres@127.0.0.1/db", "postgresql://postgres@127.0.0.1/db"),
+        ("models:/mnist-cnn@champion", "models:/mnist-cnn@champion"),
+    ],
+)
+def test_redact_hides_only_passwords(text, expected):
+    assert config.redact(text) == expected
+
+
+def test_errors_about_a_credentialed_storage_never_print_the_password(
+    project, postgres_url, monkeypatch, capfd
+):
+    study_file = write_study(project, TINY_STUDY)
+    # Given on the command line, and through the variable the Makefile uses.
+    assert (
+        cli.main(["report", "--study", str(study_file), "--storage", with_password(postgres_url)])
+        == 1
+    )
+    monkeypatch.setenv("DIGITUNE_STORAGE", with_password(postgres_url))
+    assert cli.main(["tune", "--study", str(study_file), "--join"]) == 1
+    out, err = capfd.readouterr()
+    assert PASSWORD not in out + err
+    assert err.count("in postgresql://postgres:***@127.0.0.1:5432/") == 2, err
+
+
+def test_a_tune_on_a_credentialed_storage_keeps_the_password_out_of_everything(
+    project, postgres_url
+):
+    study_file = write_study(project, TINY_STUDY.replace("n_trials = 3", "n_trials = 2"))
+    environment = {**os.environ, "DIGITUNE_STORAGE": with_password(postgres_url)}
+    command = [
+        sys.executable,
+        "-m",
+        "digitune",
+        "tune",
+        "--study",
+        str(study_file),
+        "--workers",
+        "2",
+    ]
+    process = subprocess.Popen(
+        command, env=environment, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    leaked = []
+    while process.poll() is None:
+        leaked += [line for line in command_lines() if PASSWORD in line]
+        time.sleep(0.2)
+    printed = process.stdout.read()
+    assert process.returncode == 0, printed
+    assert leaked == []
+    assert PASSWORD not in printed
+    # The study went to PostgreSQL: the URL arrived whole.
+    trials = optuna.load_study(study_name="tiny", storage=postgres_url).trials
+    assert len(trials) == 2
+    client = mlflow.MlflowClient(config.local_tracking_uri())
+    runs = client.search_runs([client.get_experiment_by_name("tiny").experiment_id])
+    assert len(runs) == 3  # The parent and a run per trial.
+    for run in runs:
+        recorded = " ".join(map(str, [*run.data.params.values(), *run.data.tags.values()]))
+        assert PASSWORD not in recorded
+
+
+def test_a_credentialed_tracking_uri_that_is_down_is_reported_without_its_password(
+    project, monkeypatch, capfd
+):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://alice:{PASSWORD}@127.0.0.1:9")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    assert cli.main(["models"]) == 1
+    err = capfd.readouterr().err
+    assert "cannot reach the MLflow tracking store http://alice:***@127.0.0.1:9" in err
+    assert PASSWORD not in err
+    with TestClient(serve.create_app(poll_seconds=0)) as client:
+        answer = client.get("/health")
+    assert answer.status_code == 503
+    assert "alice:***@127.0.0.1:9" in answer.json()["detail"]
+    assert PASSWORD not in answer.text
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_the_mlflow_server_gets_its_store_password_through_the_environment(project, postgres_url):
+    port = _free_port()
+    environment = {**os.environ, "MLFLOW_BACKEND_STORE_URI": with_password(postgres_url)}
+    server = subprocess.Popen(
+        [sys.executable, "-m", "digitune", "mlflow-server", "--port", str(port)],
+        env=environment,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        deadline, leaked = time.monotonic() + 120, []
+        while True:
+            leaked += [line for line in command_lines() if PASSWORD in line]
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as answer:
+                    if answer.status == 200:
+                        break
+            except OSError:
+                pass
+            assert server.poll() is None and time.monotonic() < deadline, "no server"
+            time.sleep(0.5)
+        client = mlflow.MlflowClient(f"http://127.0.0.1:{port}")
+        client.create_experiment("through-the-server")
+    finally:
+        os.killpg(server.pid, 15)
+        printed = server.communicate(timeout=60)[0]
+    assert leaked == []
+    assert PASSWORD not in printed
+    assert "with the store postgresql://postgres:***@127.0.0.1:5432/" in printed
+    # The server kept its runs in PostgreSQL, so it had the whole URL.
+    store = mlflow.MlflowClient(postgres_url)
+    assert store.get_experiment_by_name("through-the-server") is not None
+
+
+def test_make_passes_a_password_with_dollar_and_ampersand_without_echoing_it(project, postgres_url):
+    study_file = write_study(project, TINY_STUDY)
+    environment = {**os.environ, "DIGITUNE_HOME": str(project)}
+    environment.pop("MAKEFLAGS", None)
+    finished = subprocess.run(
+        ["make", "-C", str(REPOSITORY), "report", f"STUDY={study_file}",
+         f"STORAGE={with_password(postgres_url)}"],
+        env=environment, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    printed = finished.stdout + finished.stderr
+    assert PASSWORD not in printed
+    # digitune got the whole URL: it looked in that database, and found no study there.
+    assert "no study 'tiny' in postgresql://postgres:***@127.0.0.1:5432/" in printed, printed
