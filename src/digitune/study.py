@@ -10,6 +10,8 @@ rest. Every study maximises `val_accuracy`.
 from __future__ import annotations
 
 import logging
+import os
+import socket
 import time
 import warnings
 from collections.abc import Callable
@@ -23,6 +25,13 @@ from digitune import config, space, tracking
 log = logging.getLogger(__name__)
 
 FINISHED_STATES = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
+# The user attribute that says which machine and process ran a trial: "<host>:<pid>".
+WORKER_ATTR = "worker"
+
+
+def worker_id(pid: int | None = None) -> str:
+    """This machine and process (or process `pid` on this machine), as WORKER_ATTR says it."""
+    return f"{socket.gethostname()}:{pid or os.getpid()}"
 
 
 def make_sampler(settings: config.StudySettings, seed: int) -> optuna.samplers.BaseSampler:
@@ -65,11 +74,11 @@ def make_storage(url: str, settings: config.StudySettings) -> optuna.storages.Ba
         # Heartbeats have been "experimental" since Optuna 2.8; the warnings say nothing a
         # user can act on.
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=settings.max_retries)
+        retry = _retry_callback(settings)
 
         def on_stale_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
-            tracking.end_stale_trial_run(trial)
-            retry(study, trial)
+            retry(study, trial)  # First: the retry must not wait for MLflow.
+            _close_run_of(trial, "its worker stopped sending heartbeats (killed?)")
 
         return optuna.storages.RDBStorage(
             url,
@@ -78,6 +87,79 @@ def make_storage(url: str, settings: config.StudySettings) -> optuna.storages.Ba
             grace_period=settings.heartbeat_grace_seconds,
             heartbeat_stale_trial_callback=on_stale_trial,
         )
+
+
+def _retry_callback(settings: config.StudySettings):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=settings.max_retries)
+
+
+def _close_run_of(trial: optuna.trial.FrozenTrial, reason: str) -> None:
+    """End a dead trial's MLflow run KILLED; if MLflow cannot be reached now, the run is closed
+    when the study ends (`close_runs_of_failed_trials`)."""
+    try:
+        tracking.end_stale_trial_run(trial, reason)
+    except Exception as error:  # noqa: BLE001 -- MLflow down must not stop the retry.
+        log.warning(
+            "trial %d's MLflow run stays open until the study ends: %s",
+            trial.number,
+            config.redact(str(error)),
+        )
+
+
+def fail_trials_of_dead_workers(
+    optuna_study: optuna.Study, settings: config.StudySettings, pids: list[int] | None = None
+) -> list[int]:
+    """Fail and retry the RUNNING trials of worker processes on this machine that are gone
+    (killed or crashed): at once, rather than after the heartbeat grace period. `pids`: only
+    those processes' trials (known dead); otherwise every local worker not alive. Returns
+    the failed trials' numbers."""
+    host = socket.gethostname()
+    retry = _retry_callback(settings)
+    failed = []
+    for trial in optuna_study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        worker_host, _, pid = str(trial.user_attrs.get(WORKER_ATTR, "")).rpartition(":")
+        if worker_host != host or not pid.isdigit():
+            continue
+        if (int(pid) not in pids) if pids is not None else _alive(int(pid)):
+            continue
+        try:
+            optuna_study.tell(trial.number, state=TrialState.FAIL)
+        except (ValueError, RuntimeError):
+            continue  # Finished meanwhile (by a heartbeat check elsewhere).
+        frozen = optuna_study.get_trials(deepcopy=False)[trial.number]
+        retry(optuna_study, frozen)
+        _close_run_of(frozen, f"its worker process {pid} on {host} died (killed or crashed)")
+        log.warning(
+            "trial %d: its worker process %s died; failed, and queued to run again",
+            trial.number,
+            pid,
+        )
+        failed.append(trial.number)
+    return failed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # Someone else's process.
+    return True
+
+
+def close_runs_of_failed_trials(optuna_study: optuna.Study) -> None:
+    """End the MLflow runs of failed trials that are still RUNNING (their worker died while
+    MLflow could not be reached)."""
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    for trial in optuna_study.get_trials(deepcopy=False, states=(TrialState.FAIL,)):
+        run_id = trial.user_attrs.get(tracking.TRIAL_RUN_ATTR)
+        if run_id and client.get_run(run_id).info.status == "RUNNING":
+            tracking.end_stale_trial_run(trial, "its worker died; closed when the study ended")
 
 
 def load_or_create(
@@ -120,6 +202,28 @@ def load_or_create(
     seed = definition.study.seed + 1000 * worker + len(study.trials)
     study.sampler = make_sampler(definition.study, seed)
     return study
+
+
+# How long a joining worker waits for the machine that started the study to open its
+# MLflow parent run (it does so right after creating the study).
+PARENT_RUN_WAIT_SECONDS = 30.0
+
+
+def parent_run_id(optuna_study: optuna.Study) -> str:
+    """The MLflow parent run of a study started elsewhere, waiting a little for it."""
+    deadline = time.monotonic() + PARENT_RUN_WAIT_SECONDS
+    while True:
+        run_id = optuna_study.user_attrs.get(tracking.PARENT_RUN_ATTR)
+        if run_id is not None:
+            return run_id
+        if time.monotonic() > deadline:
+            raise ValueError(
+                f"study '{optuna_study.study_name}' has no MLflow parent run after "
+                f"{PARENT_RUN_WAIT_SECONDS:.0f} s: the `make tune` that created it has not "
+                "started tracking (is it still loading, or did it fail?). Join once it prints "
+                "its first trial"
+            )
+        time.sleep(1.0)
 
 
 def load_existing(study_file: str | Path, storage: str | None = None):

@@ -240,14 +240,14 @@ def _end_trial_run(started: float, status: str, **tags: str) -> None:
         mlflow.end_run(status)
 
 
-def end_stale_trial_run(trial: optuna.trial.FrozenTrial) -> None:
-    """Mark the run of a trial whose worker died (no heartbeat) as KILLED, not RUNNING."""
+def end_stale_trial_run(trial: optuna.trial.FrozenTrial, reason: str) -> None:
+    """Mark the run of a trial whose worker died as KILLED, not RUNNING, with `reason`."""
     run_id = trial.user_attrs.get(TRIAL_RUN_ATTR)
     if run_id is None:
         return
     client = mlflow.MlflowClient()
     client.set_tag(run_id, "state", "FAIL")
-    client.set_tag(run_id, "fail_reason", "its worker stopped sending heartbeats (killed?)")
+    client.set_tag(run_id, "fail_reason", reason)
     client.set_terminated(run_id, RunStatus.to_string(RunStatus.KILLED))
 
 

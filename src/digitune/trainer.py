@@ -32,26 +32,34 @@ class DivergedError(RuntimeError):
 # 10,000 validation images with the tutorial's CNN, Xeon with AMX, 2026-11-26).
 VALIDATION_BATCH_SIZE = 1024
 
-# Set by the first Ctrl-C; trials stop at the next batch boundary.
+# Set by the first Ctrl-C or SIGTERM; trials stop at the next batch boundary.
 STOP = threading.Event()
+# The signal that set STOP (SIGINT for Ctrl-C, SIGTERM for `kill`, `docker stop`, Kubernetes
+# and Slurm), or None.
+STOP_SIGNAL: int | None = None
 
 
 def stop_cleanly_on_ctrl_c() -> None:
-    """Make the first Ctrl-C stop training at the next batch, the second at once.
+    """Make the first Ctrl-C (or SIGTERM, which schedulers and `docker stop` send) stop
+    training at the next batch, the second at once.
 
     Python raises KeyboardInterrupt wherever the main thread happens to be, which can be in
     the middle of writing to the study's database; a half-written transaction then holds the
-    database's lock while the trial's failure is recorded. Here Ctrl-C only sets a flag, and
-    `StopOnRequest` raises the interrupt between batches, where nothing is being written.
+    database's lock while the trial's failure is recorded. Here the signal only sets a flag,
+    and `StopOnRequest` raises the interrupt between batches, where nothing is being written.
     """
 
     def handler(signum, frame):
+        global STOP_SIGNAL
         if STOP.is_set():
             raise KeyboardInterrupt
+        STOP_SIGNAL = signum
         STOP.set()
-        log.warning("stopping after this batch (Ctrl-C again to stop at once)")
+        name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+        log.warning("%s: stopping after this batch (again to stop at once)", name)
 
     signal.signal(signal.SIGINT, handler)
+    signal.signal(signal.SIGTERM, handler)
 
 
 class StopOnRequest(keras.callbacks.Callback):

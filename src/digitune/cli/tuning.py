@@ -7,6 +7,7 @@ loading TensorFlow.
 from __future__ import annotations
 
 import argparse
+import sys
 
 from digitune import config
 
@@ -154,6 +155,13 @@ def _tune(args: argparse.Namespace) -> int:
             f"{outcome.refit.trial_test_accuracy:.4f}); registered as version "
             f"{outcome.refit.version}, now @{config.CHALLENGER_ALIAS}"
         )
+    if outcome.worker_deaths:
+        print(
+            "error: " + "; ".join(outcome.worker_deaths) + ". Its trials were failed and run "
+            "again by the other workers, and the study finished; look into why it died",
+            file=sys.stderr,
+        )
+        return 1
     return 0
 
 

@@ -8,13 +8,10 @@ The data is loaded once, outside the trial.
 
 from __future__ import annotations
 
-import os
-import socket
-
 import optuna
 from optuna_integration.keras import KerasPruningCallback
 
-from digitune import config, data, model, records, space, tracking, trainer
+from digitune import config, data, model, records, space, study, tracking, trainer
 
 
 def make_objective(
@@ -35,7 +32,7 @@ def make_objective(
         trainer.fresh_session(training.precision, definition.study.seed + trial.number)
         params = space.suggest(trial, definition)
         # Which machine and process ran it: workers and machines share a study.
-        trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
+        trial.set_user_attr(study.WORKER_ATTR, study.worker_id())
         with tracking.trial_run(
             trial.number, params, parent_run_id, "optuna", remember=trial.set_user_attr
         ):

@@ -39,6 +39,13 @@ class Outcome:
     model_version: str | None
     parent_run_id: str
     refit: refitting.Refit | None = None
+    # Worker processes that died (killed, crashed) while the study ran, in words; their
+    # trials were failed and run again by the others.
+    worker_deaths: tuple[str, ...] = ()
+
+
+class WorkerError(RuntimeError):
+    """A worker process died while this machine's workers ran trials."""
 
 
 def run(
@@ -64,6 +71,9 @@ def run(
     definition = inputs.definition
     workers = workers or definition.study.workers
     optuna_study = study.load_or_create(definition, storage, join=join)
+    # Trials left RUNNING by this machine's workers of an earlier run that was killed: failed
+    # and queued again now, not once the heartbeat grace period is over.
+    study.fail_trials_of_dead_workers(optuna_study, definition.study)
     log.info(
         "study '%s': %s training and %s validation images; %d of %d trials done%s",
         optuna_study.study_name,
@@ -74,7 +84,8 @@ def run(
         f"; {workers} workers" if workers > 1 else "",
     )
 
-    def run_trials(parent_run_id: str) -> None:
+    def run_trials(parent_run_id: str) -> tuple[str, ...]:
+        deaths: list[str] = []
         if workers == 1:
             study.optimize(
                 optuna_study,
@@ -84,13 +95,21 @@ def run(
                 progress_bar=True,
             )
         else:
-            processes.run_workers(definition, storage, workers, inputs.deadline)
-        if trainer.STOP.is_set():  # Ctrl-C: the trials stopped cleanly; so does the study.
+            deaths = processes.run_workers(
+                definition, storage, workers, inputs.deadline, optuna_study
+            )
+        # Ctrl-C or SIGTERM: the trials stopped cleanly; so does the study.
+        if trainer.STOP.is_set():
             raise KeyboardInterrupt
+        # Runs of trials whose worker died while MLflow could not be reached.
+        study.close_runs_of_failed_trials(optuna_study)
+        return tuple(deaths)
 
     if join:
         # The machine that started the study owns its parent run and the registration.
-        run_trials(optuna_study.user_attrs[tracking.PARENT_RUN_ATTR])
+        deaths = run_trials(study.parent_run_id(optuna_study))
+        if deaths:
+            raise WorkerError("; ".join(deaths) + "; the other workers' trials are kept")
         return None
     settings = definition.study
     with scaffold.parent_run(
@@ -105,7 +124,7 @@ def run(
         },
     ) as parent_run_id:
         optuna_study.set_user_attr(tracking.PARENT_RUN_ATTR, parent_run_id)
-        run_trials(parent_run_id)
+        deaths = run_trials(parent_run_id)
         if study.count(optuna_study, (TrialState.COMPLETE,)) == 0:
             raise RuntimeError(
                 f"study '{optuna_study.study_name}' has no completed trial to register; "
@@ -127,4 +146,5 @@ def run(
         version,
         parent_run_id,
         refitted,
+        deaths,
     )

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
+import multiprocessing.connection
 import os
 import pickle
+import signal
 import sys
 
 from digitune import quiet, space
@@ -26,9 +28,17 @@ def thread_share(workers: int) -> int:
 
 
 def run_workers(
-    definition: space.StudyDefinition, storage: str | None, workers: int, deadline: float | None
-) -> None:
-    """Run `workers` processes on the study and wait for all of them."""
+    definition: space.StudyDefinition,
+    storage: str | None,
+    workers: int,
+    deadline: float | None,
+    optuna_study,
+) -> list[str]:
+    """Run `workers` processes on the study and wait for all of them. A worker that dies
+    (killed, crashed) has its running trial failed and queued again at once, for the others
+    to take; returns what happened to each such worker, in words."""
+    from digitune import study, trainer
+
     # Spawned, not forked: TensorFlow's runtime does not survive a fork.
     context = multiprocessing.get_context("spawn")
     processes = [
@@ -51,19 +61,47 @@ def run_workers(
                     )
                 ),
             ),
-            name=f"digitune-worker-{index}",
+            name=f"worker {index + 1} of {workers}",
         )
         for index in range(workers)
     ]
     for process in processes:
         process.start()
-    # Ctrl-C reaches the workers too: they stop at their next batch and record their trials;
-    # the launcher's handler only notes it (see trainer.stop_cleanly_on_ctrl_c).
-    for process in processes:
-        process.join()
-    failed = [p.name for p in processes if p.exitcode not in (0, None)]
-    if failed:
-        log.warning("%s stopped with an error; see its output above", ", ".join(failed))
+    # Ctrl-C reaches the workers too (the terminal signals the whole process group): they
+    # stop at their next batch and record their trials, and the launcher's handler only
+    # notes it (trainer.stop_cleanly_on_ctrl_c). SIGTERM reaches the launcher alone, so it
+    # passes it on.
+    deaths: dict[str, str] = {}
+    passed_on = False
+    while any(process.is_alive() for process in processes):
+        multiprocessing.connection.wait([p.sentinel for p in processes if p.is_alive()], 0.5)
+        if trainer.STOP_SIGNAL == signal.SIGTERM and not passed_on:
+            for process in processes:
+                if process.is_alive():
+                    process.terminate()
+            passed_on = True
+        for process in processes:
+            stopped = trainer.STOP.is_set() and process.exitcode in (
+                -signal.SIGINT,
+                -signal.SIGTERM,
+            )
+            if process.exitcode not in (0, None) and not stopped and process.name not in deaths:
+                deaths[process.name] = _death(process)
+                log.warning("%s", deaths[process.name])
+                study.fail_trials_of_dead_workers(
+                    optuna_study, definition.study, pids=[process.pid]
+                )
+    return list(deaths.values())
+
+
+def _death(process: multiprocessing.process.BaseProcess) -> str:
+    code = process.exitcode
+    how = (
+        f"was killed by {signal.Signals(-code).name}"
+        if code < 0
+        else f"stopped with exit status {code} (its error is above)"
+    )
+    return f"{process.name} (process {process.pid}) {how}"
 
 
 def work(
@@ -107,7 +145,7 @@ def work(
         mnist, definition.training.train_images, definition.training.validation_images
     )
     optuna_study = study.load_or_create(definition, storage, worker=index + 1, join=True)
-    parent_run_id = optuna_study.user_attrs[tracking.PARENT_RUN_ATTR]
+    parent_run_id = study.parent_run_id(optuna_study)
     label = f"[worker {index + 1}/{workers}] "
     try:
         study.optimize(
