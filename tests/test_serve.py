@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import threading
@@ -17,9 +18,18 @@ from digitune import config, data, imaging, registry, serve, tracking
 pytestmark = pytest.mark.slow
 
 
+@contextlib.contextmanager
+def started(app):
+    """A client of `app` once its first model load has been tried (it loads in the
+    background: the server listens at once)."""
+    with TestClient(app) as test_client:
+        assert app.state.holder.first_attempt.wait(120), "the model never finished loading"
+        yield test_client
+
+
 @pytest.fixture
 def client(serving):
-    with TestClient(serve.create_app(poll_seconds=0)) as test_client:
+    with started(serve.create_app(poll_seconds=0)) as test_client:
         yield test_client
 
 
@@ -135,7 +145,10 @@ def test_raw_jpeg_body(client, mnist):
         ({"content": b"{not json", "headers": {"Content-Type": "application/json"}}, 422, "JSON"),
         ({"content": b"x" * 10, "headers": {"Content-Type": "text/plain"}}, 422, "content type"),
         (
-            {"content": b"x" * (2 * 1024 * 1024 + 1), "headers": {"Content-Type": "image/png"}},
+            {
+                "content": b"x" * (serve.MAX_BODY_BYTES + 1),
+                "headers": {"Content-Type": "image/png"},
+            },
             413,
             "limit",
         ),
@@ -159,7 +172,7 @@ def test_nan_in_json(client):
 
 def test_no_model_is_503_not_a_crash(project):
     app = serve.create_app("models:/no-such-model@champion", poll_seconds=0)
-    with TestClient(app) as client:
+    with started(app) as client:
         assert client.get("/health").status_code == 503
         answer = client.post("/predict", json={"image": [[0] * 28] * 28})
         assert answer.status_code == 503 and "no-such-model" in answer.json()["detail"]
@@ -175,6 +188,15 @@ def crown_a_new_version(mlflow_client):
     return new
 
 
+def wait_until(condition, seconds: float = 60) -> None:
+    import time
+
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "waited in vain"
+        time.sleep(0.01)
+
+
 def test_alias_move_is_picked_up_without_failing_requests(project, champion_home, mnist):
     """A copy of the champion store; a new version becomes champion while requests flow."""
     import shutil
@@ -182,7 +204,7 @@ def test_alias_move_is_picked_up_without_failing_requests(project, champion_home
     shutil.copytree(champion_home / "mlruns", project / "mlruns")
     app = serve.create_app(poll_seconds=0)
     image = {"image": mnist.test_images[0].tolist()}
-    with TestClient(app) as client:
+    with started(app) as client:
         assert client.post("/predict", json=image).json()["version"] == "1"
         failures, versions, stop = [], set(), threading.Event()
 
@@ -195,16 +217,16 @@ def test_alias_move_is_picked_up_without_failing_requests(project, champion_home
 
         worker = threading.Thread(target=keep_asking)
         worker.start()
+        wait_until(lambda: "1" in versions)  # Requests are flowing before the swap...
         mlflow_client = tracking.configure()
         new = crown_a_new_version(mlflow_client)
         reloaded = client.post("/reload").json()
         assert reloaded["reloaded"] is True and reloaded["version"] == str(new.version)
-        for _ in range(5):
-            assert client.post("/predict", json=image).json()["version"] == str(new.version)
+        wait_until(lambda: str(new.version) in versions)  # ... and after it, on the new one.
         stop.set()
         worker.join()
     assert failures == []
-    assert versions <= {"1", str(new.version)}
+    assert versions == {"1", str(new.version)}
     assert registry.versions_table(mlflow_client)["version"].tolist() == [1, int(new.version)]
 
 
@@ -213,7 +235,7 @@ def test_poller_follows_the_alias(project, champion_home):
     import time
 
     shutil.copytree(champion_home / "mlruns", project / "mlruns")
-    with TestClient(serve.create_app(poll_seconds=0.2)) as client:
+    with started(serve.create_app(poll_seconds=0.2)) as client:
         assert client.get("/health").json()["version"] == "1"
         mlflow_client = tracking.configure()
         new = crown_a_new_version(mlflow_client)
@@ -221,3 +243,209 @@ def test_poller_follows_the_alias(project, champion_home):
         while client.get("/health").json()["version"] != str(new.version):
             assert time.monotonic() < deadline, "the poller never picked up the new champion"
             time.sleep(0.1)
+
+
+# Bounded work per request: what a hostile or unlucky client sends.
+def png_with_huge_text_chunk() -> bytes:
+    """A small PNG whose compressed text chunk inflates to 20 MB."""
+    from PIL import PngImagePlugin
+
+    info = PngImagePlugin.PngInfo()
+    info.add_text("comment", "0" * 20_000_000, zip=True)
+    buffer = io.BytesIO()
+    Image.fromarray(np.zeros((28, 28), np.uint8)).save(buffer, "PNG", pnginfo=info)
+    return buffer.getvalue()
+
+
+def huge_blank_png(side: int) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("L", (side, side), 255).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize(
+    ("content", "content_type", "message"),
+    [
+        # 25 megapixels in 30 KB: refused from its header, before decoding.
+        (huge_blank_png(5000), "image/png", "5000x5000 pixels; the limit is 16,777,216"),
+        (png_with_huge_text_chunk(), "image/png", "not a readable PNG or JPEG"),
+        (b"[" * 200_000, "application/json", "nests too deeply"),
+        (
+            b'{"image": [' + b",".join([b"[" + b",".join([b"9" * 4000] * 28) + b"]"] * 28) + b"]}",
+            "application/json",
+            "array of numbers",
+        ),  # fmt: skip
+        (
+            b'{"image": ' + json.dumps([[0] * 28] * 28).encode() + b', "prepare": "yes"}',
+            "application/json",
+            "'prepare' must be true or false",
+        ),  # fmt: skip
+        (json.dumps({"image": "a" * 100_000}).encode(), "application/json", "28x28"),
+        (b'{"image": [[Infinity]]}', "application/json", "28x28"),
+    ],
+    ids=["pixels", "zTXt", "nesting", "huge-numbers", "prepare", "string", "infinity"],
+)
+def test_hostile_bodies_get_a_4xx_in_bounded_time(client, content, content_type, message):
+    import time
+
+    started = time.perf_counter()
+    answer = client.post("/predict", content=content, headers={"Content-Type": content_type})
+    assert answer.status_code == 422 and message in answer.json()["detail"], answer.text
+    assert time.perf_counter() - started < 5
+    assert client.get("/health").status_code == 200
+
+
+def test_a_chunked_body_over_the_limit_is_refused_as_it_streams(client):
+    sent = []
+
+    def chunks():
+        for _ in range(serve.MAX_BODY_BYTES // 65536 + 10):
+            sent.append(65536)
+            yield b"\0" * 65536
+
+    answer = client.post("/predict", content=chunks(), headers={"Content-Type": "image/png"})
+    assert answer.status_code == 413 and "over the limit" in answer.json()["detail"]
+    assert "content-length" not in {k.lower() for k in answer.request.headers}
+
+
+def test_a_phone_s_multi_picture_jpeg_is_read(client, mnist):
+    drawing = Image.fromarray(
+        as_a_person_would_draw_it(mnist.test_images[0], np.random.default_rng(0))
+    )
+    buffer = io.BytesIO()
+    drawing.convert("RGB").save(
+        buffer, "MPO", save_all=True, append_images=[drawing.convert("RGB")]
+    )
+    assert Image.open(io.BytesIO(buffer.getvalue())).format == "MPO"
+    answer = client.post(
+        "/predict", content=buffer.getvalue(), headers={"Content-Type": "image/jpeg"}
+    )
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["predictions"][0]["digit"] == mnist.test_labels[0]
+
+
+def test_health_answers_at_once_while_a_big_picture_is_worked_on(client):
+    import time
+
+    picture = np.full((4096, 4096), 255, np.uint8)
+    picture[1000:3000, 1800:2200] = 0
+    buffer = io.BytesIO()
+    Image.fromarray(picture).save(buffer, "PNG")
+    durations = []
+
+    def send_big_pictures():
+        for _ in range(3):
+            started = time.perf_counter()
+            answer = client.post(
+                "/predict", content=buffer.getvalue(), headers={"Content-Type": "image/png"}
+            )
+            durations.append(time.perf_counter() - started)
+            assert answer.status_code == 200
+
+    sender = threading.Thread(target=send_big_pictures)
+    sender.start()
+    latencies = []
+    while sender.is_alive():
+        started = time.perf_counter()
+        assert client.get("/health").status_code == 200
+        latencies.append(time.perf_counter() - started)
+        time.sleep(0.01)
+    sender.join()
+    # Were the picture worked on in the event loop, /health would wait for it.
+    assert len(latencies) >= 10
+    assert max(latencies) < 0.5 * min(durations), (max(latencies), durations)
+
+
+def test_the_server_says_it_is_loading_until_the_model_is_ready(serving):
+    app = serve.create_app(poll_seconds=0)
+    with TestClient(app) as client:
+        first = client.get("/health")
+        assert first.status_code == 503 and first.json()["detail"].startswith("loading models:/")
+        assert app.state.holder.first_attempt.wait(120)
+        assert client.get("/health").status_code == 200
+
+
+def test_a_version_whose_probe_fails_is_not_swapped_in(project, champion_home):
+    import shutil
+
+    shutil.copytree(champion_home / "mlruns", project / "mlruns")
+    with started(serve.create_app(poll_seconds=0)) as client:
+        # A champion whose weights are all NaN: it loads, but predicts nothing usable.
+        from digitune import model
+
+        broken = model.build_model({"num_conv_blocks": 2, "num_filters": 16, "dense_units": 64})
+        broken.set_weights([np.full_like(w, np.nan) for w in broken.get_weights()])
+        mlflow_client = tracking.configure()
+        with mlflow.start_run():
+            version = registry.register(
+                broken,
+                study_name="served", trial_number=1, params={}, validation_accuracy=0.0,
+                test_accuracy=0.0, test_images=300, data_sha256="0" * 64,
+                alias=config.CHAMPION_ALIAS,
+            )  # fmt: skip
+        reloaded = client.post("/reload").json()
+        assert reloaded["reloaded"] is False and reloaded["version"] == "1"
+        assert "probe prediction" in reloaded["error"] and "NaN" in reloaded["error"]
+        assert client.post("/predict", json={"image": [[0] * 28] * 28}).json()["version"] == "1"
+        # Pointing the alias back clears the error: things are fine again.
+        mlflow_client.set_registered_model_alias(config.REGISTERED_MODEL_NAME, "champion", "1")
+        assert client.post("/reload").json()["error"] is None
+        assert str(version.version) == "2"
+
+
+def test_the_poller_survives_a_reload_that_raises(project, champion_home, monkeypatch):
+    import shutil
+
+    shutil.copytree(champion_home / "mlruns", project / "mlruns")
+    app = serve.create_app(poll_seconds=0.1)
+    with started(app) as client:
+        holder = app.state.holder
+        original, calls = holder.reload, []
+
+        def reload_that_raises():
+            calls.append(1)
+            if len(calls) == 1:
+                raise RuntimeError("anything at all")
+            return original()
+
+        monkeypatch.setattr(holder, "reload", reload_that_raises)
+        wait_until(lambda: len(calls) >= 3)
+        poller = [t for t in threading.enumerate() if t.name == "loader"]
+        assert poller and poller[0].is_alive()
+        assert client.get("/health").status_code == 200
+
+
+def test_a_registry_that_is_down_at_start_up_is_reported_within_seconds(project, tmp_path):
+    import os
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.error
+    import urllib.request
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    environment = {**os.environ, "MLFLOW_TRACKING_URI": "http://127.0.0.1:9"}
+    environment.pop("MLFLOW_HTTP_REQUEST_MAX_RETRIES", None)
+    server = subprocess.Popen(
+        [sys.executable, "-m", "digitune", "serve", "--port", str(port)],
+        env=environment, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        started, detail = time.monotonic(), ""
+        while "cannot reach" not in detail:
+            assert server.poll() is None and time.monotonic() - started < 60, detail
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
+            except urllib.error.HTTPError as error:  # 503, as it should be.
+                detail = json.loads(error.read())["detail"]
+            except OSError:
+                pass  # Not listening yet.
+            time.sleep(0.2)
+        listening_and_reported = time.monotonic() - started
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    assert listening_and_reported < 30

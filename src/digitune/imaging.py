@@ -12,10 +12,20 @@ from __future__ import annotations
 import io
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, PngImagePlugin, UnidentifiedImageError
 
 SIZE = 28
 DIGIT_BOX = 20
+# The most pixels a picture may have: a 16-megapixel photo. Checked from the header, before
+# anything is decoded, so a small file that claims a huge image costs nothing.
+MAX_PIXELS = 4096 * 4096
+# Compressed text and colour-profile chunks of a PNG inflate to at most this much in all
+# (Pillow's defaults allow 64 MB per picture).
+PngImagePlugin.MAX_TEXT_CHUNK = 256 * 1024
+PngImagePlugin.MAX_TEXT_MEMORY = 1024 * 1024
+# Pillow's readers tried on an upload. Phones and cameras save JPEGs as MPO (several pictures
+# in one file, the first being the photo), which the JPEG reader opens too.
+FORMATS = ("PNG", "JPEG")
 # Pixels at least this bright (on a 0-1 scale, after inversion) count as ink when cropping.
 INK_THRESHOLD = 0.2
 
@@ -33,16 +43,27 @@ def decode(data: bytes) -> np.ndarray:
     if not data:
         raise ImageError("the image is empty")
     try:
-        with Image.open(io.BytesIO(data)) as image:
-            if image.format not in ("PNG", "JPEG"):
-                raise ImageError(f"expected a PNG or JPEG image, got {image.format}")
+        with Image.open(io.BytesIO(data), formats=FORMATS) as image:
+            width, height = image.size
+            if width * height > MAX_PIXELS:
+                raise ImageError(
+                    f"the picture is {width}x{height} pixels; the limit is {MAX_PIXELS:,} "
+                    "pixels (a 16-megapixel photo): send a smaller one"
+                )
+            if image.format in ("JPEG", "MPO") and min(width, height) >= 512:
+                # JPEG decodes at 1/2 to 1/8 scale for almost nothing: a photo's digit is
+                # still far bigger than 28x28 after it.
+                scale = min(8, min(width, height) // 256)
+                image.draft("L", (width // scale, height // scale))
             image.load()
             if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
                 rgba = image.convert("RGBA")
                 paper = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
                 image = Image.alpha_composite(paper, rgba)
             grey = image.convert("L")
-    except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as error:
+    except ImageError:
+        raise
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as error:
         raise ImageError(f"not a readable PNG or JPEG image ({error})") from None
     return np.asarray(grey, dtype=np.float32) / 255.0
 
@@ -93,7 +114,7 @@ def from_array(values: object) -> np.ndarray:
     """
     try:
         array = np.asarray(values, dtype=np.float64)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         raise ImageError("the image must be a 28x28 array of numbers") from None
     if array.shape != (SIZE, SIZE):
         raise ImageError(f"the image must be a 28x28 array, got shape {array.shape}")

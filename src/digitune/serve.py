@@ -8,9 +8,15 @@
   JSON arrays are taken as MNIST-like already (add `"prepare": true` to prepare them too).
 - `GET /health`, `GET /metadata`, `POST /reload`, OpenAPI docs at `/docs`, the page at `/`.
 
-The model loads once at start-up; a background thread polls the alias and swaps in a new
-version when it moves, so `make promote` or `make rollback` take effect without a restart and
-requests in flight finish on the model they started with.
+The server listens at once and loads the model in the background (`/health` answers 503
+"loading" until it is ready); a background thread polls the alias and swaps in a new version
+when it moves, once a probe prediction on it succeeds, so `make promote` or `make rollback`
+take effect without a restart and requests in flight finish on the model they started with.
+
+Every request does bounded work: bodies over `MAX_BODY_BYTES` are refused as they stream in
+(with or without a length, chunked included), pictures over `imaging.MAX_PIXELS` before they
+are decoded, batches over `MAX_BATCH` before they are converted; decoding and prediction run
+in a worker thread, never on the event loop. Every error is a JSON body with a `detail`.
 """
 
 from __future__ import annotations
@@ -26,11 +32,103 @@ import mlflow
 import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
+from starlette.formparsers import MultiPartException
 
 from digitune import config, imaging, tracking
 
-MAX_BODY_BYTES = 2 * 1024 * 1024
+# A phone's photo of a digit is a few megabytes.
+MAX_BODY_BYTES = 8 * 1024 * 1024
 MAX_BATCH = 256
+# What every model version must answer before it serves: one blank image.
+_PROBE = np.zeros((1, imaging.SIZE, imaging.SIZE, 1), dtype=np.float32)
+
+
+class BodyTooLarge(Exception):
+    """The request body is over MAX_BODY_BYTES."""
+
+
+# The API's answers, for the OpenAPI schema (the `/docs` page) and for clients.
+class _Answer(BaseModel):
+    model_config = ConfigDict(protected_namespaces=())
+
+
+class Prediction(_Answer):
+    digit: int = Field(ge=0, le=9)
+    probabilities: list[float] = Field(min_length=10, max_length=10)
+
+
+class PredictionAnswer(_Answer):
+    model: str
+    version: str
+    alias: str | None
+    milliseconds: float
+    predictions: list[Prediction]
+
+
+class HealthAnswer(_Answer):
+    status: str
+    model: str
+    version: str
+
+
+class MetadataAnswer(_Answer):
+    model: str
+    version: str
+    alias: str | None
+    model_uri: str
+    signature: dict | None
+    test_accuracy: str | None
+    study: str | None
+    trial: str | None
+
+
+class ReloadAnswer(_Answer):
+    reloaded: bool
+    model: str
+    version: str
+    alias: str | None
+    error: str | None
+
+
+class ErrorAnswer(_Answer):
+    detail: str = Field(description="what is wrong, in words")
+
+
+def _errors(*statuses: int) -> dict:
+    words = {
+        413: "the body is over the size limit",
+        422: "the request is not an image or batch the model can take",
+        503: "no model is loaded yet (loading, or the registry cannot be reached)",
+    }
+    return {status: {"model": ErrorAnswer, "description": words[status]} for status in statuses}
+
+
+# The JSON forms of /predict: one 28x28 image, or a batch, of 0-255 or 0-1 values.
+_ROW = {"type": "array", "items": {"type": "number", "minimum": 0, "maximum": 255},
+        "minItems": imaging.SIZE, "maxItems": imaging.SIZE}  # fmt: skip
+_IMAGE = {"type": "array", "items": _ROW, "minItems": imaging.SIZE, "maxItems": imaging.SIZE}
+_PREDICT_JSON = {
+    "oneOf": [
+        {
+            "type": "object",
+            "properties": {"image": _IMAGE, "prepare": {"type": "boolean"}},
+            "required": ["image"],
+            "additionalProperties": False,
+        },
+        {
+            "type": "object",
+            "properties": {
+                "images": {"type": "array", "items": _IMAGE, "minItems": 1, "maxItems": MAX_BATCH},
+                "prepare": {"type": "boolean"},
+            },
+            "required": ["images"],
+            "additionalProperties": False,
+        },
+    ]
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,6 +156,8 @@ class ModelHolder:
             self.name, self.alias = name_and_ref.split("/", 1)[0], None
         self.served: Served | None = None
         self.last_error: str | None = None
+        # Set once the first load has been tried, whatever came of it.
+        self.first_attempt = threading.Event()
         self._lock = threading.Lock()
 
     def reload(self) -> bool:
@@ -70,11 +170,21 @@ class ModelHolder:
                 else:
                     version = client.get_model_version(self.name, self.model_uri.rsplit("/", 1)[1])
                 if self.served is not None and self.served.version == str(version.version):
+                    self.last_error = None
                     return False
                 model = mlflow.pyfunc.load_model(f"models:/{self.name}/{version.version}")
+                probe = np.asarray(model.predict(_PROBE))
+                if probe.shape != (1, 10) or not np.isfinite(probe).all():
+                    raise ValueError(
+                        f"its probe prediction gave shape {probe.shape}"
+                        + ("" if np.isfinite(probe).all() else " with NaN or infinity")
+                        + ", expected 10 finite probabilities"
+                    )
             except Exception as error:  # noqa: BLE001 -- keep serving what we have.
                 self.last_error = config.redact(f"cannot load {self.model_uri}: {error}")
                 return False
+            finally:
+                self.first_attempt.set()
             signature = model.metadata.signature
             self.served = Served(
                 model=model,
@@ -103,12 +213,11 @@ def create_app(model_uri: str | None = None, poll_seconds: float = 10.0) -> Fast
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
-        # A missing model is not a crash: /health and /predict answer 503 until one loads.
-        holder.reload()
-        if poll_seconds > 0:
-            threading.Thread(
-                target=_poll, args=(holder, stop, poll_seconds), name="alias-poller", daemon=True
-            ).start()
+        # The server listens at once; the model loads in the background. A missing model is
+        # not a crash: /health and /predict answer 503 until one loads.
+        threading.Thread(
+            target=_load_and_poll, args=(holder, stop, poll_seconds), name="loader", daemon=True
+        ).start()
         yield
         stop.set()
 
@@ -129,22 +238,27 @@ def create_app(model_uri: str | None = None, poll_seconds: float = 10.0) -> Fast
             )
         return await call_next(request)
 
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, error: HTTPException):
+        # Starlette's own errors (404, 405, ...) as JSON with a message, as every other error.
+        return _error(error.status_code, str(error.detail))
+
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     def page() -> str:
         return importlib.resources.files("digitune").joinpath("page.html").read_text()
 
-    @app.get("/health")
+    @app.get("/health", response_model=HealthAnswer, responses=_errors(503))
     def health():
         served = holder.served
         if served is None:
-            return _error(503, holder.last_error or "no model loaded yet")
+            return _error(503, _not_ready(holder))
         return {"status": "ready", "model": served.name, "version": served.version}
 
-    @app.get("/metadata")
+    @app.get("/metadata", response_model=MetadataAnswer, responses=_errors(503))
     def metadata():
         served = holder.served
         if served is None:
-            return _error(503, holder.last_error or "no model loaded yet")
+            return _error(503, _not_ready(holder))
         return {
             **_identity(served),
             "model_uri": holder.model_uri,
@@ -154,7 +268,7 @@ def create_app(model_uri: str | None = None, poll_seconds: float = 10.0) -> Fast
             "trial": served.tags.get("trial"),
         }
 
-    @app.post("/reload")
+    @app.post("/reload", response_model=ReloadAnswer, responses=_errors(503))
     def reload():
         swapped = holder.reload()
         if holder.served is None:
@@ -163,32 +277,42 @@ def create_app(model_uri: str | None = None, poll_seconds: float = 10.0) -> Fast
 
     @app.post(
         "/predict",
+        response_model=PredictionAnswer,
+        responses=_errors(413, 422, 503),
         openapi_extra={
             "requestBody": {
                 "content": {
-                    "application/json": {"example": {"image": [[0] * 28] * 28}},
-                    "multipart/form-data": {
-                        "schema": {
-                            "type": "object",
-                            "properties": {"file": {"type": "string", "format": "binary"}},
-                        }
+                    "application/json": {
+                        "schema": _PREDICT_JSON,
+                        "example": {"image": [[0] * imaging.SIZE] * imaging.SIZE},
                     },
-                    "image/png": {"schema": {"type": "string", "format": "binary"}},
                 },
                 "required": True,
+                "description": "JSON as below; or a PNG or JPEG picture, as the raw body "
+                "(Content-Type image/png or image/jpeg) or as the multipart field `file`, "
+                "prepared as MNIST was.",
             }
         },
     )
     async def predict(request: Request):
+        content_type = request.headers.get("content-type", "")
         try:
-            images = await _images_from(request)
+            body = await _read_body(request)
+            if content_type.startswith("multipart/form-data"):
+                body = await _file_from_form(request, body)
+            # Decoding and preparing take a thread of their own, not the event loop.
+            images = await run_in_threadpool(_images_from, content_type, body)
+        except BodyTooLarge as error:
+            return _error(413, str(error))
         except imaging.ImageError as error:
             return _error(422, str(error))
         served = holder.served  # One reference for the whole request, whatever reloads.
         if served is None:
-            return _error(503, holder.last_error or "no model loaded yet")
+            return _error(503, _not_ready(holder))
         started = time.perf_counter()
-        probabilities = np.asarray(served.model.predict(images[..., np.newaxis]))
+        probabilities = np.asarray(
+            await run_in_threadpool(served.model.predict, images[..., np.newaxis])
+        )
         return {
             **_identity(served),
             "milliseconds": round((time.perf_counter() - started) * 1000, 3),
@@ -201,27 +325,46 @@ def create_app(model_uri: str | None = None, poll_seconds: float = 10.0) -> Fast
     return app
 
 
-async def _images_from(request: Request) -> np.ndarray:
+async def _read_body(request: Request) -> bytes:
+    """The body, refused as soon as it is over MAX_BODY_BYTES, whether or not it said its
+    length (a chunked body does not)."""
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > MAX_BODY_BYTES:
+            raise BodyTooLarge(f"the body is over the limit of {MAX_BODY_BYTES:,} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def _file_from_form(request: Request, body: bytes) -> bytes:
+    """The bytes of the multipart field `file`, parsed from the body already read."""
+
+    async def replay():
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    try:
+        form = await Request(request.scope, replay).form(max_files=1, max_fields=8)
+    except (HTTPException, MultiPartException) as error:
+        detail = error.detail if isinstance(error, HTTPException) else error.message
+        raise imaging.ImageError(f"not a readable multipart form ({detail})") from None
+    upload = form.get("file")
+    if upload is None or isinstance(upload, str):
+        raise imaging.ImageError("the form has no file field named 'file'")
+    return await upload.read()
+
+
+def _images_from(content_type: str, body: bytes) -> np.ndarray:
     """The request's images as a float32 (N, 28, 28) batch in [0, 1]."""
-    content_type = request.headers.get("content-type", "")
-    body = await request.body()
-    if len(body) > MAX_BODY_BYTES:  # A body sent without a length header.
-        raise imaging.ImageError(f"the body is over the limit of {MAX_BODY_BYTES:,} bytes")
     if not body:
         raise imaging.ImageError("the body is empty; send an image or JSON")
     if content_type.startswith("application/json"):
         try:
-            payload = await request.json()
-        except ValueError:
-            raise imaging.ImageError("the body is not valid JSON") from None
+            payload = json.loads(body)
+        except (ValueError, RecursionError):
+            raise imaging.ImageError("the body is not valid JSON (or nests too deeply)") from None
         return _images_from_json(payload)
-    if content_type.startswith("multipart/form-data"):
-        form = await request.form()
-        upload = form.get("file")
-        if upload is None or isinstance(upload, str):
-            raise imaging.ImageError("the form has no file field named 'file'")
-        body = await upload.read()
-    elif not content_type.startswith("image/"):
+    if not content_type.startswith(("image/", "multipart/form-data")):
         raise imaging.ImageError(
             f"unsupported content type '{content_type}'; send image/png, image/jpeg, "
             "multipart/form-data or application/json"
@@ -237,15 +380,40 @@ def _images_from_json(payload: object) -> np.ndarray:
         raise imaging.ImageError("'images' must be a non-empty list of 28x28 arrays")
     if len(arrays) > MAX_BATCH:
         raise imaging.ImageError(f"a batch holds at most {MAX_BATCH} images, got {len(arrays)}")
+    prepare = payload.get("prepare", False)
+    if not isinstance(prepare, bool):
+        raise imaging.ImageError(f"'prepare' must be true or false, got {prepare!r}")
     images = [imaging.from_array(array) for array in arrays]
-    if payload.get("prepare") is True:
+    if prepare:
         images = [imaging.prepare(image) for image in images]
     return np.stack(images)
 
 
+def _not_ready(holder: ModelHolder) -> str:
+    if holder.last_error:
+        return holder.last_error
+    if not holder.first_attempt.is_set():
+        return f"loading {holder.model_uri}"
+    return "no model loaded yet"
+
+
+def _load_and_poll(holder: ModelHolder, stop: threading.Event, seconds: float) -> None:
+    _reload_whatever_happens(holder)
+    if seconds > 0:
+        _poll(holder, stop, seconds)
+
+
+def _reload_whatever_happens(holder: ModelHolder) -> None:
+    """A reload that never raises: the poller must outlive anything a reload meets."""
+    try:
+        holder.reload()
+    except Exception as error:  # noqa: BLE001
+        holder.last_error = config.redact(f"reloading {holder.model_uri} failed: {error}")
+
+
 def _poll(holder: ModelHolder, stop: threading.Event, seconds: float) -> None:
     while not stop.wait(seconds):
-        holder.reload()
+        _reload_whatever_happens(holder)
 
 
 def _identity(served: Served) -> dict:

@@ -125,6 +125,10 @@ def _export(args: argparse.Namespace) -> int:
 def _serve(args: argparse.Namespace) -> int:
     from digitune import serve
 
+    # A registry that is down is reported in seconds (on /health), not after MLflow's minutes
+    # of retries; the poller tries again every --poll-seconds anyway.
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
     print(f"serving {args.model_uri} on http://{args.host}:{args.port} (docs at /docs)")
     serve.run(args.host, args.port, args.model_uri, args.poll_seconds)
     return 0
