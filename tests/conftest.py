@@ -80,6 +80,9 @@ pruner_warmup_epochs = 0
 
 [training]
 max_epochs = 2
+# Pinned, as the pruner's settings above are: the same figures on every machine, whatever
+# precision "auto" would pick there. Tests about precision replace it.
+precision = "float32"
 
 [space]
 learning_rate = { type = "float", low = 1e-3, high = 3e-3, log = true }

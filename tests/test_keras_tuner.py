@@ -121,18 +121,28 @@ def test_hyperband_search_is_tracked_like_optuna_and_registered(project):
     )
     assert outcome.best.validation_accuracy == pytest.approx(best_value)
 
-    # Running it again resumes: Keras Tuner's state and the same parent run.
+    # Running it again resumes: Keras Tuner's state and the same parent run; the four trials
+    # run so far are not run again, only a fifth one is.
     again = keras_tuner_engine.run(study_file, n_trials=5)
     assert again.trials == 5 and again.parent_run_id == parent.info.run_id
+    after = [
+        (r.info.run_name, r.info.run_id)
+        for r in client.search_runs([experiment.experiment_id])
+        if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id
+    ]
+    assert sorted(name for name, _ in after) == [f"trial-{n}" for n in range(5)]
+    assert {name: run_id for name, run_id in after if name != "trial-4"} == {
+        name: child.info.run_id for name, child in children.items()
+    }
 
 
 @pytest.mark.slow
 def test_bayesian_optimization_is_selectable(project, capsys):
     study_file = write_study(
         project,
-        TINY_STUDY.replace("n_trials = 3", "n_trials = 2").replace(
-            "= 2\n\n[space]", '= 1\nprecision = "mixed_bfloat16"\n\n[space]'
-        ),
+        TINY_STUDY.replace("n_trials = 3", "n_trials = 2")
+        .replace("max_epochs = 2", "max_epochs = 1")
+        .replace('precision = "float32"', 'precision = "mixed_bfloat16"'),
     )
     assert (
         cli.main(

@@ -44,3 +44,42 @@ def test_pruning_curves_keep_a_trial_that_ended_low_in_view():
     low, high = report.figures(study, {})["intermediate_values.png"].axes[0].get_ylim()
     assert low < 0.3 and high > 0.95
     assert low == pytest.approx(0.3 - 0.065)
+
+
+def _study_where_only_the_learning_rate_matters() -> optuna.Study:
+    """30 recorded trials whose value is a function of the learning rate alone: dropout is
+    noise. Any sound importance measure ranks the learning rate first, by far."""
+    import math
+
+    import numpy as np
+
+    study = optuna.create_study(study_name="known", direction="maximize")
+    rng = np.random.default_rng(0)
+    distributions = {
+        "learning_rate": optuna.distributions.FloatDistribution(1e-4, 1e-2, log=True),
+        "dropout_rate": optuna.distributions.FloatDistribution(0.0, 0.5),
+    }
+    for _ in range(30):
+        learning_rate, dropout_rate = 10 ** rng.uniform(-4, -2), rng.uniform(0.0, 0.5)
+        study.add_trial(
+            optuna.trial.create_trial(
+                params={"learning_rate": learning_rate, "dropout_rate": dropout_rate},
+                distributions=distributions,
+                value=0.9 + 0.02 * math.log10(learning_rate),
+            )
+        )
+    return study
+
+
+def test_importances_rank_the_parameter_that_decides_the_value():
+    study = _study_where_only_the_learning_rate_matters()
+    ranked = report.importances(study)
+    assert list(ranked) == ["learning_rate", "dropout_rate"]
+    assert ranked["learning_rate"] > 0.9
+    printed = report.summary(study, ranked).splitlines()
+    section = printed[printed.index("parameter importances (fANOVA):") + 1 :]
+    assert section[0].split()[0] == "learning_rate" and section[1].split()[0] == "dropout_rate"
+    # The figure shows the same ranking: its bars are labelled with the parameters.
+    figure = report.figures(study, ranked)["param_importances.png"]
+    labels = [label.get_text() for label in figure.axes[0].get_yticklabels()]
+    assert set(labels) == {"learning_rate", "dropout_rate"}

@@ -13,7 +13,7 @@ import pytest
 from optuna.trial import TrialState
 
 from conftest import TINY_STUDY, write_study
-from digitune import cli, config, space, tracking
+from digitune import cli, config, data, space, tracking
 from digitune import study as studies
 from digitune.engines import optuna as optuna_engine
 
@@ -130,9 +130,14 @@ def test_tiny_study_is_tracked_and_registered(project):
     assert float(version.tags["test_accuracy"]) == pytest.approx(outcome.test_accuracy, abs=1e-4)
     assert len(version.tags["data_sha256"]) == 64
     assert "test accuracy" in version.description
+    # It predicts the fixture's test set with the accuracy its tag claims, counted here.
     loaded = mlflow.pyfunc.load_model("models:/mnist-cnn@challenger")
-    probabilities = loaded.predict(np.zeros((2, 28, 28, 1), dtype="float32"))
-    assert np.asarray(probabilities).shape == (2, 10)
+    mnist = data.load()
+    probabilities = np.asarray(loaded.predict(data.preprocess(mnist.test_images)))
+    assert probabilities.shape == (300, 10)
+    accuracy = np.mean(probabilities.argmax(1) == mnist.test_labels)
+    assert float(version.tags["test_accuracy"]) == pytest.approx(accuracy, abs=1e-4)
+    assert accuracy > 0.5  # Far above the 0.1 of a guess: it learned digits.
 
     # Resuming with a larger budget adds trials under the same parent and registers once more
     # only if the best trial changed.
@@ -153,9 +158,13 @@ def test_report_summarises_a_study(project, capsys):
     printed = capsys.readouterr().out
     assert "study 'tiny': 3 trials" in printed
     assert "top 10 trials:" in printed and "parameter importances (fANOVA):" in printed
-    study = optuna.load_study(study_name="tiny", storage=config.default_storage("tiny"))
-    importances = optuna.importance.get_param_importances(study)
-    assert f"{next(iter(importances)):20s}" in printed
+    # Every sampled hyperparameter is ranked (three trials say little about the order; the
+    # ranking itself is checked on a study of known importances in test_report.py).
+    lines = printed.splitlines()
+    ranked = lines[lines.index("parameter importances (fANOVA):") + 1 :][:3]
+    assert sorted(line.split()[0] for line in ranked) == [
+        "dropout_rate", "learning_rate", "num_filters"
+    ]  # fmt: skip
 
 
 def test_report_of_a_study_that_was_never_run(project, capsys):
@@ -281,8 +290,10 @@ def test_enqueued_configurations_run_first_and_once(project):
 def test_every_trial_trains_in_the_study_precision(project):
     # Keras's clear_session between trials also resets the dtype policy to float32; the
     # policy each trial's model really had is recorded on its run.
-    study = TINY_STUDY.replace("n_trials = 3", "n_trials = 2").replace(
-        "max_epochs = 2", 'max_epochs = 1\nprecision = "mixed_bfloat16"'
+    study = (
+        TINY_STUDY.replace("n_trials = 3", "n_trials = 2")
+        .replace("max_epochs = 2", "max_epochs = 1")
+        .replace('precision = "float32"', 'precision = "mixed_bfloat16"')
     )
     optuna_engine.run(write_study(project, study), register=False)
     runs = mlflow.search_runs(experiment_names=["tiny"], output_format="list")
