@@ -250,6 +250,61 @@ def test_join_adds_trials_to_a_running_study_without_registering(project, postgr
     assert len(mlflow.MlflowClient().search_model_versions("name = 'mnist-cnn'")) == 1
 
 
+def test_four_workers_on_sqlite_lose_nothing_and_never_error(project, capfd):
+    """Optuna's documentation warns about SQLite under parallel workers; with its busy
+    timeout (study.make_storage) four workers on one file lose no trial and no run."""
+    study_file = write_study(
+        project, TINY_STUDY.replace("n_trials = 3", "n_trials = 8\nworkers = 4")
+    )
+    outcome = optuna_engine.run(study_file)
+    trials = outcome.study.trials
+    assert len(trials) >= 8
+    assert all(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in trials), [
+        t.user_attrs.get("fail_reason") for t in trials
+    ]
+    # Four processes ran; a slow starter may have found no trial left to take.
+    assert len({t.user_attrs["worker"] for t in trials}) >= 3
+    assert_one_parent_with_a_child_per_trial(outcome.study)
+    printed = capfd.readouterr()
+    assert "locked" not in printed.out + printed.err
+    assert "Traceback" not in printed.err
+
+
+def test_a_stale_trial_is_retried_while_mlflow_is_down_and_its_run_closed_later(
+    project, monkeypatch
+):
+    """A worker on another machine stops sending heartbeats while MLflow cannot be reached:
+    the retry must not wait for MLflow, and the trial's run is closed once it is back."""
+    from digitune import space
+
+    study_file = write_study(project, CRASHABLE_STUDY)  # Heartbeat 1 s, grace 3 s.
+    client = tracking.configure()
+    run = client.create_run(tracking.experiment_id(client, "tiny"), run_name="trial-0")
+    optuna_study = studies.load_or_create(space.load(study_file), None)
+    trial = optuna_study.ask()
+    trial.suggest_float("learning_rate", 1e-3, 3e-3, log=True)
+    trial.set_user_attr(studies.WORKER_ATTR, "another-machine:12345")
+    trial.set_user_attr(tracking.TRIAL_RUN_ATTR, run.info.run_id)
+    optuna_study._storage.record_heartbeat(trial._trial_id)
+    time.sleep(3 + 1.5)
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")  # MLflow is down.
+    mlflow.set_tracking_uri("http://127.0.0.1:9")
+    optuna.storages.fail_stale_trials(optuna_study)
+    trials = optuna_study.trials
+    assert trials[0].state == TrialState.FAIL
+    (retry,) = [t for t in trials if t.system_attrs.get("failed_trial") == 0]
+    assert retry.state == TrialState.WAITING and retry.params == trials[0].params
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    client = tracking.configure()  # MLflow is back: the study's end closes the run.
+    assert client.get_run(run.info.run_id).info.status == "RUNNING"
+    studies.close_runs_of_failed_trials(optuna_study)
+    closed = client.get_run(run.info.run_id)
+    assert closed.info.status == "KILLED" and closed.data.tags["state"] == "FAIL"
+
+
 def test_join_without_a_study_says_how_to_start_one(project, capsys):
     from digitune import cli
 
