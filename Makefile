@@ -2,7 +2,7 @@
 # Every target is a thin call of the `digitune` command, so everything works without make.
 
 .DEFAULT_GOAL := help
-.PHONY: help install data tune worker mlflow-server report promote ensemble tflite rollback models serve bench bench-serve ui test lint clean
+.PHONY: help install data tune worker mlflow-server report promote ensemble tflite rollback models gc serve bench bench-serve ui test lint clean
 
 PYTHON ?= python3
 VENV := .venv
@@ -24,6 +24,8 @@ REFIT ?=
 TOP ?= 5
 GREEDY ?=
 VERSION ?=
+KEEP ?= 5
+DRY_RUN ?=
 
 # URLs that may hold a password reach digitune and MLflow through the environment, unexpanded:
 # never in a command line that make echoes or `ps` shows, and `$` or `&` in a password work.
@@ -81,6 +83,9 @@ rollback: install ## Move @champion back to the previous champion
 
 models: install ## List the registered versions of mnist-cnn with their aliases
 	$(BIN)/digitune models
+
+gc: install ## Free disk: artifacts of trials outside each study's KEEP=5 best (DRY_RUN=1 to look first)
+	$(BIN)/digitune gc --keep $(KEEP) $(if $(DRY_RUN),--dry-run)
 
 serve: install ## Serve @champion: API and drawing page on http://127.0.0.1:$(PORT)
 	$(BIN)/digitune serve --port $(PORT)

@@ -1,4 +1,4 @@
-"""The registry and serving stage's commands: promote, rollback, models, export, serve,
+"""The registry and serving stage's commands: promote, rollback, models, gc, export, serve,
 bench-serve, mlflow-server and ui.
 
 Each handler imports what it runs when it runs, so that `digitune --help` answers without
@@ -35,6 +35,15 @@ def add_commands(commands) -> None:
 
     models = commands.add_parser("models", help="list registered versions and aliases")
     models.set_defaults(handler=_models)
+
+    collect = commands.add_parser(
+        "gc", help="free disk: delete the artifacts of trials outside each study's best"
+    )
+    collect.add_argument(
+        "--keep", type=int, default=5, help="best completed trials kept per study (default: 5)"
+    )
+    collect.add_argument("--dry-run", action="store_true", help="say what would go; delete none")
+    collect.set_defaults(handler=_collect, uses_tensorflow=False)
 
     export = commands.add_parser(
         "export", help="TensorFlow Lite float16 and int8 files of a registered version"
@@ -119,6 +128,13 @@ def _export(args: argparse.Namespace) -> int:
     table = export.run(args.version, args.alias)
     print(table.to_string(index=False))
     print("logged under tflite/ in the version's run; sizes as version tags")
+    return 0
+
+
+def _collect(args: argparse.Namespace) -> int:
+    from digitune import cleanup
+
+    print(cleanup.summary(cleanup.collect(args.keep, args.dry_run)))
     return 0
 
 
