@@ -269,3 +269,45 @@ def test_two_concurrent_promotions_have_one_winner_and_a_whole_history(project, 
         (first, None),
         (second, first),
     ]
+
+
+def test_loading_from_a_tracking_server_leaves_no_temporary_folder(
+    project, trained, tmp_path, monkeypatch
+):
+    import os
+    import socket
+    import tempfile
+    import time
+    import urllib.request
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = subprocess.Popen(
+        [sys.executable, "-m", "digitune", "mlflow-server", "--port", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2):
+                    break
+            except OSError:
+                assert server.poll() is None and time.monotonic() < deadline, "no server"
+                time.sleep(0.5)
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{port}")
+        version = register(trained, "good", trial=1)
+        # Every temporary folder this process makes from here on lands in `private`.
+        private = tmp_path / "private-tmp"
+        private.mkdir()
+        monkeypatch.setattr(tempfile, "tempdir", str(private))
+        client = tracking.configure()
+        loaded = registry.load_pyfunc(client.get_model_version("mnist-cnn", version))
+        assert np.asarray(loaded.predict(np.zeros((1, 28, 28, 1), np.float32))).shape == (1, 10)
+        assert os.listdir(private) == []
+    finally:
+        os.killpg(server.pid, 15)
+        server.wait(timeout=60)

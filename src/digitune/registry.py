@@ -14,6 +14,7 @@ import io
 import json
 import os
 import socket
+import tempfile
 import time
 
 import mlflow
@@ -177,9 +178,17 @@ def load_pyfunc(version) -> mlflow.pyfunc.PyFuncModel:
     """Load a registered version as a pyfunc model, naming it when its files are missing."""
     uri = f"models:/{config.REGISTERED_MODEL_NAME}/{version.version}"
     try:
-        return mlflow.pyfunc.load_model(uri)
+        return load_without_leftovers(uri)
     except Exception as error:  # noqa: BLE001 -- missing files, unreadable model, ...
         raise RegistryError(f"cannot load {uri} (source {version.source}): {error}") from None
+
+
+def load_without_leftovers(uri: str) -> mlflow.pyfunc.PyFuncModel:
+    """`mlflow.pyfunc.load_model`, downloading into a folder that is removed once the model is
+    in memory. From a tracking server MLflow otherwise leaves every download in a temporary
+    folder for good, and a service that reloads would leave one per version."""
+    with tempfile.TemporaryDirectory(prefix="digitune-model-") as scratch:
+        return mlflow.pyfunc.load_model(uri, dst_path=scratch)
 
 
 def history(client: mlflow.MlflowClient) -> list[dict]:

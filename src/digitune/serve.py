@@ -28,7 +28,6 @@ import json
 import threading
 import time
 
-import mlflow
 import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse
@@ -37,7 +36,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 from starlette.formparsers import MultiPartException
 
-from digitune import config, imaging, tracking
+from digitune import config, imaging, registry, tracking
 
 # A phone's photo of a digit is a few megabytes.
 MAX_BODY_BYTES = 8 * 1024 * 1024
@@ -172,7 +171,7 @@ class ModelHolder:
                 if self.served is not None and self.served.version == str(version.version):
                     self.last_error = None
                     return False
-                model = mlflow.pyfunc.load_model(f"models:/{self.name}/{version.version}")
+                model = registry.load_without_leftovers(f"models:/{self.name}/{version.version}")
                 probe = np.asarray(model.predict(_PROBE))
                 if probe.shape != (1, 10) or not np.isfinite(probe).all():
                     raise ValueError(
