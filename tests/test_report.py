@@ -83,3 +83,16 @@ def test_importances_rank_the_parameter_that_decides_the_value():
     figure = report.figures(study, ranked)["param_importances.png"]
     labels = [label.get_text() for label in figure.axes[0].get_yticklabels()]
     assert set(labels) == {"learning_rate", "dropout_rate"}
+
+
+def test_the_history_figure_shows_every_trial_and_the_best_so_far():
+    study = _study_where_only_the_learning_rate_matters()
+    figure = report.figures(study, report.importances(study))["optimization_history.png"]
+    axes = figure.axes[0]
+    points = [collection.get_offsets() for collection in axes.collections]
+    values = sorted(trial.value for trial in study.trials)
+    # One point per trial, at its value; and a line that climbs to the best value.
+    assert any(sorted(p[:, 1].tolist()) == pytest.approx(values) for p in points if len(p) == 30)
+    best_line = [line.get_ydata() for line in axes.get_lines() if len(line.get_ydata()) == 30]
+    assert best_line and max(best_line[0]) == pytest.approx(values[-1])
+    assert list(best_line[0]) == sorted(best_line[0])
