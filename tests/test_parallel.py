@@ -86,19 +86,23 @@ def start_tune(project, study_file) -> subprocess.Popen:
     )
 
 
-def wait_for_a_trial_in_training(study_name: str, process: subprocess.Popen) -> None:
-    """Until the first trial has reported an epoch (bounded: a minute)."""
-    deadline = time.monotonic() + 60
+def wait_for_a_trial_in_training(
+    study_name: str, process: subprocess.Popen, in_a_worker: bool = False
+) -> int:
+    """Until a trial has reported an epoch (bounded: two minutes); returns the pid of the
+    process training it. `in_a_worker`: a worker process's trial, not the launcher's."""
+    deadline = time.monotonic() + 120
     while True:
         assert process.poll() is None, process.stdout.read()
-        assert time.monotonic() < deadline, "no trial started training within a minute"
+        assert time.monotonic() < deadline, "no trial started training within two minutes"
         try:
             study = optuna.load_study(
                 study_name=study_name, storage=config.default_storage(study_name)
             )
-            running = study.get_trials(states=(TrialState.RUNNING,))
-            if running and running[0].intermediate_values:
-                return
+            for trial in study.get_trials(states=(TrialState.RUNNING,)):
+                pid = int(trial.user_attrs.get("worker", ":0").rsplit(":", 1)[1])
+                if trial.intermediate_values and pid and not (in_a_worker and pid == process.pid):
+                    return pid
         except KeyError:
             pass  # The study is not created yet.
         time.sleep(0.2)
@@ -139,31 +143,12 @@ def test_a_killed_tune_s_trial_is_retried_by_a_rerun_within_the_grace_period(pro
     assert_nothing_left_running(outcome.study)
 
 
-def running_trial_of_a_worker(study_name: str, process: subprocess.Popen) -> int:
-    """The pid of a worker process (not the launcher) with a trial in training."""
-    deadline = time.monotonic() + 120
-    while True:
-        assert process.poll() is None, process.stdout.read()
-        assert time.monotonic() < deadline, "no worker trained a trial within two minutes"
-        try:
-            study = optuna.load_study(
-                study_name=study_name, storage=config.default_storage(study_name)
-            )
-            for trial in study.get_trials(states=(TrialState.RUNNING,)):
-                pid = int(trial.user_attrs.get("worker", ":0").rsplit(":", 1)[1])
-                if trial.intermediate_values and pid not in (0, process.pid):
-                    return pid
-        except KeyError:
-            pass  # The study is not created yet.
-        time.sleep(0.2)
-
-
 def test_a_worker_killed_mid_trial_has_its_trial_retried_and_tune_says_so(project):
     study_file = write_study(
         project, CRASHABLE_STUDY.replace("n_trials = 2", "n_trials = 3\nworkers = 2")
     )
     launcher = start_tune(project, study_file)
-    victim = running_trial_of_a_worker("tiny", launcher)
+    victim = wait_for_a_trial_in_training("tiny", launcher, in_a_worker=True)
     os.kill(victim, signal.SIGKILL)
     output, _ = launcher.communicate(timeout=300)
 
@@ -186,7 +171,7 @@ def test_sigterm_stops_every_worker_cleanly_like_ctrl_c(project):
         project, CRASHABLE_STUDY.replace("n_trials = 2", "n_trials = 2\nworkers = 2")
     )
     launcher = start_tune(project, study_file)
-    running_trial_of_a_worker("tiny", launcher)
+    wait_for_a_trial_in_training("tiny", launcher, in_a_worker=True)
     launcher.send_signal(signal.SIGTERM)  # To the launcher alone, as `docker stop` does.
     output, _ = launcher.communicate(timeout=120)
     assert launcher.returncode == 130, output
