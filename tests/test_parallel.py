@@ -28,7 +28,7 @@ pytestmark = pytest.mark.slow
 # Trials long enough to be caught in the middle, and heartbeats quick enough to test.
 CRASHABLE_STUDY = (
     TINY_STUDY.replace("n_trials = 3", "n_trials = 2")
-    .replace("max_epochs = 2", "max_epochs = 40\nearly_stopping_patience = 40")
+    .replace("max_epochs = 2", "max_epochs = 20\nearly_stopping_patience = 20")
     .replace("[training]", "heartbeat_seconds = 1\nheartbeat_grace_seconds = 3\n\n[training]")
 )
 

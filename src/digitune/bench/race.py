@@ -98,6 +98,7 @@ def tuning_race(
                     register=False,
                     experiment=RACE_EXPERIMENT,
                 )
+                trials, best = len(outcome.study.trials), outcome.best_trial.value
             else:
                 outcome = keras_tuner_engine.run(
                     race_definition,
@@ -106,6 +107,12 @@ def tuning_race(
                     experiment=RACE_EXPERIMENT,
                     directory=folder / race_definition.study.name,
                 )
+                trials, best = outcome.trials, outcome.best.validation_accuracy
+            log.info(
+                f"== {contender.name}, seed {seed}: {trials} trials in "
+                f"{outcome.seconds / 60:.1f} min, best validation accuracy {best:.4f}, "
+                f"test accuracy of its model {outcome.test_accuracy:.4f}"
+            )
             parents[contender.name, seed] = outcome.parent_run_id
     trials, curves = _race_trials(parents, definition.training.max_epochs)
     runs = _runs_table(trials, curves, parents)
