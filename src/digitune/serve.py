@@ -163,44 +163,48 @@ class ModelHolder:
         """Load the version the URI points at if it is not the one served; True if swapped."""
         with self._lock:
             try:
-                client = tracking.configure()
-                if self.alias is not None:
-                    version = client.get_model_version_by_alias(self.name, self.alias)
-                else:
-                    version = client.get_model_version(self.name, self.model_uri.rsplit("/", 1)[1])
-                if self.served is not None and self.served.version == str(version.version):
-                    self.last_error = None
-                    return False
-                model = registry.load_without_leftovers(f"models:/{self.name}/{version.version}")
-                probe = np.asarray(model.predict(_PROBE))
-                if probe.shape != (1, 10) or not np.isfinite(probe).all():
-                    raise ValueError(
-                        f"its probe prediction gave shape {probe.shape}"
-                        + ("" if np.isfinite(probe).all() else " with NaN or infinity")
-                        + ", expected 10 finite probabilities"
-                    )
-            except Exception as error:  # noqa: BLE001 -- keep serving what we have.
-                self.last_error = config.redact(f"cannot load {self.model_uri}: {error}")
-                return False
+                return self._reload()
             finally:
                 self.first_attempt.set()
-            signature = model.metadata.signature
-            self.served = Served(
-                model=model,
-                name=self.name,
-                version=str(version.version),
-                alias=self.alias,
-                tags=dict(version.tags),
-                # MLflow keeps each part of a signature as a JSON string; serve it as JSON.
-                signature={
-                    part: json.loads(value) if isinstance(value, str) else value
-                    for part, value in signature.to_dict().items()
-                }
-                if signature
-                else None,
-            )
-            self.last_error = None
-            return True
+
+    def _reload(self) -> bool:
+        try:
+            client = tracking.configure()
+            if self.alias is not None:
+                version = client.get_model_version_by_alias(self.name, self.alias)
+            else:
+                version = client.get_model_version(self.name, self.model_uri.rsplit("/", 1)[1])
+            if self.served is not None and self.served.version == str(version.version):
+                self.last_error = None
+                return False
+            model = registry.load_without_leftovers(f"models:/{self.name}/{version.version}")
+            probe = np.asarray(model.predict(_PROBE))
+            if probe.shape != (1, 10) or not np.isfinite(probe).all():
+                raise ValueError(
+                    f"its probe prediction gave shape {probe.shape}"
+                    + ("" if np.isfinite(probe).all() else " with NaN or infinity")
+                    + ", expected 10 finite probabilities"
+                )
+        except Exception as error:  # noqa: BLE001 -- keep serving what we have.
+            self.last_error = config.redact(f"cannot load {self.model_uri}: {error}")
+            return False
+        signature = model.metadata.signature
+        self.served = Served(
+            model=model,
+            name=self.name,
+            version=str(version.version),
+            alias=self.alias,
+            tags=dict(version.tags),
+            # MLflow keeps each part of a signature as a JSON string; serve it as JSON.
+            signature={
+                part: json.loads(value) if isinstance(value, str) else value
+                for part, value in signature.to_dict().items()
+            }
+            if signature
+            else None,
+        )
+        self.last_error = None
+        return True
 
 
 def create_app(model_uri: str | None = None, poll_seconds: float = 10.0) -> FastAPI:
