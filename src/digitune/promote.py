@@ -14,7 +14,7 @@ import dataclasses
 
 import pandas as pd
 
-from digitune import config, data, evaluate, registry, tracking
+from digitune import champion, config, data, evaluate, registry, tracking
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,10 +36,10 @@ def promote(margin: float = 0.0, force: bool = False) -> Decision:
         raise ValueError(f"--margin must not be negative, got {margin}")
     client = tracking.configure()
     challenger = registry.version_by_alias(client, config.CHALLENGER_ALIAS)
-    champion = registry.version_by_alias(client, config.CHAMPION_ALIAS, required=False)
+    current = registry.version_by_alias(client, config.CHAMPION_ALIAS, required=False)
     # MLflow hands versions back as numbers or strings depending on the call; compare strings.
     challenger_version = str(challenger.version)
-    champion_version = str(champion.version) if champion is not None else None
+    champion_version = str(current.version) if current is not None else None
     if champion_version == challenger_version:
         raise registry.RegistryError(
             f"version {challenger_version} is already @champion; "
@@ -51,9 +51,9 @@ def promote(margin: float = 0.0, force: bool = False) -> Decision:
     # `force`, a champion that cannot be loaded is replaced all the same.
     challenger_model = registry.load_pyfunc(challenger)
     champion_model, unloadable = None, None
-    if champion is not None:
+    if current is not None:
         try:
-            champion_model = registry.load_pyfunc(champion)
+            champion_model = registry.load_pyfunc(current)
         except registry.RegistryError as error:
             if not force:
                 raise registry.RegistryError(
@@ -65,10 +65,10 @@ def promote(margin: float = 0.0, force: bool = False) -> Decision:
     if champion_model is None:
         comparison = None
         evaluation = evaluate.from_probabilities(challenger_probabilities, labels)
-        better = champion is None
+        better = current is None
         reason = (
             "there was no champion yet"
-            if champion is None
+            if current is None
             else f"the champion, version {champion_version}, could not be loaded: {unloadable}"
         )
     else:
@@ -87,7 +87,7 @@ def promote(margin: float = 0.0, force: bool = False) -> Decision:
     forced = force and not better
     if promoted:
         # Moves @champion only if it is still the version compared against.
-        registry.move_champion(
+        champion.move_champion(
             client,
             challenger_version,
             champion_version,

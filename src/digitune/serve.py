@@ -13,10 +13,11 @@ The server listens at once and loads the model in the background (`/health` answ
 when it moves, once a probe prediction on it succeeds, so `make promote` or `make rollback`
 take effect without a restart and requests in flight finish on the model they started with.
 
-Every request does bounded work: bodies over `MAX_BODY_BYTES` are refused as they stream in
-(with or without a length, chunked included), pictures over `imaging.MAX_PIXELS` before they
-are decoded, batches over `MAX_BATCH` before they are converted; decoding and prediction run
-in a worker thread, never on the event loop. Every error is a JSON body with a `detail`.
+Every request does bounded work (`digitune.payloads`): bodies over `MAX_BODY_BYTES` are
+refused as they stream in (with or without a length, chunked included), pictures over
+`imaging.MAX_PIXELS` before they are decoded, batches over `MAX_BATCH` before they are
+converted; decoding and prediction run in a worker thread, never on the event loop. Every
+error is a JSON body with a `detail`.
 """
 
 from __future__ import annotations
@@ -31,103 +32,13 @@ import time
 import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse
-from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
-from starlette.formparsers import MultiPartException
 
-from digitune import config, imaging, registry, tracking
+from digitune import config, imaging, payloads, registry, tracking
 
-# A phone's photo of a digit is a few megabytes.
-MAX_BODY_BYTES = 8 * 1024 * 1024
-MAX_BATCH = 256
 # What every model version must answer before it serves: one blank image.
 _PROBE = np.zeros((1, imaging.SIZE, imaging.SIZE, 1), dtype=np.float32)
-
-
-class BodyTooLarge(Exception):
-    """The request body is over MAX_BODY_BYTES."""
-
-
-# The API's answers, for the OpenAPI schema (the `/docs` page) and for clients.
-class _Answer(BaseModel):
-    model_config = ConfigDict(protected_namespaces=())
-
-
-class Prediction(_Answer):
-    digit: int = Field(ge=0, le=9)
-    probabilities: list[float] = Field(min_length=10, max_length=10)
-
-
-class PredictionAnswer(_Answer):
-    model: str
-    version: str
-    alias: str | None
-    milliseconds: float
-    predictions: list[Prediction]
-
-
-class HealthAnswer(_Answer):
-    status: str
-    model: str
-    version: str
-
-
-class MetadataAnswer(_Answer):
-    model: str
-    version: str
-    alias: str | None
-    model_uri: str
-    signature: dict | None
-    test_accuracy: str | None
-    study: str | None
-    trial: str | None
-
-
-class ReloadAnswer(_Answer):
-    reloaded: bool
-    model: str
-    version: str
-    alias: str | None
-    error: str | None
-
-
-class ErrorAnswer(_Answer):
-    detail: str = Field(description="what is wrong, in words")
-
-
-def _errors(*statuses: int) -> dict:
-    words = {
-        413: "the body is over the size limit",
-        422: "the request is not an image or batch the model can take",
-        503: "no model is loaded yet (loading, or the registry cannot be reached)",
-    }
-    return {status: {"model": ErrorAnswer, "description": words[status]} for status in statuses}
-
-
-# The JSON forms of /predict: one 28x28 image, or a batch, of 0-255 or 0-1 values.
-_ROW = {"type": "array", "items": {"type": "number", "minimum": 0, "maximum": 255},
-        "minItems": imaging.SIZE, "maxItems": imaging.SIZE}  # fmt: skip
-_IMAGE = {"type": "array", "items": _ROW, "minItems": imaging.SIZE, "maxItems": imaging.SIZE}
-_PREDICT_JSON = {
-    "oneOf": [
-        {
-            "type": "object",
-            "properties": {"image": _IMAGE, "prepare": {"type": "boolean"}},
-            "required": ["image"],
-            "additionalProperties": False,
-        },
-        {
-            "type": "object",
-            "properties": {
-                "images": {"type": "array", "items": _IMAGE, "minItems": 1, "maxItems": MAX_BATCH},
-                "prepare": {"type": "boolean"},
-            },
-            "required": ["images"],
-            "additionalProperties": False,
-        },
-    ]
-}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -235,9 +146,9 @@ def create_app(model_uri: str | None = None, poll_seconds: float = 10.0) -> Fast
     @app.middleware("http")
     async def limit_body_size(request: Request, call_next):
         length = request.headers.get("content-length")
-        if length is not None and length.isdigit() and int(length) > MAX_BODY_BYTES:
+        if length is not None and length.isdigit() and int(length) > payloads.MAX_BODY_BYTES:
             return _error(
-                413, f"the body is {int(length):,} bytes; the limit is {MAX_BODY_BYTES:,}"
+                413, f"the body is {int(length):,} bytes; the limit is {payloads.MAX_BODY_BYTES:,}"
             )
         return await call_next(request)
 
@@ -250,14 +161,18 @@ def create_app(model_uri: str | None = None, poll_seconds: float = 10.0) -> Fast
     def page() -> str:
         return importlib.resources.files("digitune").joinpath("page.html").read_text()
 
-    @app.get("/health", response_model=HealthAnswer, responses=_errors(503))
+    @app.get(
+        "/health", response_model=payloads.HealthAnswer, responses=payloads.error_responses(503)
+    )
     def health():
         served = holder.served
         if served is None:
             return _error(503, _not_ready(holder))
         return {"status": "ready", "model": served.name, "version": served.version}
 
-    @app.get("/metadata", response_model=MetadataAnswer, responses=_errors(503))
+    @app.get(
+        "/metadata", response_model=payloads.MetadataAnswer, responses=payloads.error_responses(503)
+    )
     def metadata():
         served = holder.served
         if served is None:
@@ -271,7 +186,9 @@ def create_app(model_uri: str | None = None, poll_seconds: float = 10.0) -> Fast
             "trial": served.tags.get("trial"),
         }
 
-    @app.post("/reload", response_model=ReloadAnswer, responses=_errors(503))
+    @app.post(
+        "/reload", response_model=payloads.ReloadAnswer, responses=payloads.error_responses(503)
+    )
     def reload():
         swapped = holder.reload()
         if holder.served is None:
@@ -280,13 +197,13 @@ def create_app(model_uri: str | None = None, poll_seconds: float = 10.0) -> Fast
 
     @app.post(
         "/predict",
-        response_model=PredictionAnswer,
-        responses=_errors(413, 422, 503),
+        response_model=payloads.PredictionAnswer,
+        responses=payloads.error_responses(413, 422, 503),
         openapi_extra={
             "requestBody": {
                 "content": {
                     "application/json": {
-                        "schema": _PREDICT_JSON,
+                        "schema": payloads.PREDICT_JSON_SCHEMA,
                         "example": {"image": [[0] * imaging.SIZE] * imaging.SIZE},
                     },
                 },
@@ -300,12 +217,12 @@ def create_app(model_uri: str | None = None, poll_seconds: float = 10.0) -> Fast
     async def predict(request: Request):
         content_type = request.headers.get("content-type", "")
         try:
-            body = await _read_body(request)
+            body = await payloads.read_body(request)
             if content_type.startswith("multipart/form-data"):
-                body = await _file_from_form(request, body)
+                body = await payloads.file_from_form(request, body)
             # Decoding and preparing take a thread of their own, not the event loop.
-            images = await run_in_threadpool(_images_from, content_type, body)
-        except BodyTooLarge as error:
+            images = await run_in_threadpool(payloads.images_from, content_type, body)
+        except payloads.BodyTooLarge as error:
             return _error(413, str(error))
         except imaging.ImageError as error:
             return _error(422, str(error))
@@ -326,70 +243,6 @@ def create_app(model_uri: str | None = None, poll_seconds: float = 10.0) -> Fast
         }
 
     return app
-
-
-async def _read_body(request: Request) -> bytes:
-    """The body, refused as soon as it is over MAX_BODY_BYTES, whether or not it said its
-    length (a chunked body does not)."""
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > MAX_BODY_BYTES:
-            raise BodyTooLarge(f"the body is over the limit of {MAX_BODY_BYTES:,} bytes")
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
-async def _file_from_form(request: Request, body: bytes) -> bytes:
-    """The bytes of the multipart field `file`, parsed from the body already read."""
-
-    async def replay():
-        return {"type": "http.request", "body": body, "more_body": False}
-
-    try:
-        form = await Request(request.scope, replay).form(max_files=1, max_fields=8)
-    except (HTTPException, MultiPartException) as error:
-        detail = error.detail if isinstance(error, HTTPException) else error.message
-        raise imaging.ImageError(f"not a readable multipart form ({detail})") from None
-    upload = form.get("file")
-    if upload is None or isinstance(upload, str):
-        raise imaging.ImageError("the form has no file field named 'file'")
-    return await upload.read()
-
-
-def _images_from(content_type: str, body: bytes) -> np.ndarray:
-    """The request's images as a float32 (N, 28, 28) batch in [0, 1]."""
-    if not body:
-        raise imaging.ImageError("the body is empty; send an image or JSON")
-    if content_type.startswith("application/json"):
-        try:
-            payload = json.loads(body)
-        except (ValueError, RecursionError):
-            raise imaging.ImageError("the body is not valid JSON (or nests too deeply)") from None
-        return _images_from_json(payload)
-    if not content_type.startswith(("image/", "multipart/form-data")):
-        raise imaging.ImageError(
-            f"unsupported content type '{content_type}'; send image/png, image/jpeg, "
-            "multipart/form-data or application/json"
-        )
-    return imaging.prepare(imaging.decode(body))[np.newaxis]
-
-
-def _images_from_json(payload: object) -> np.ndarray:
-    if not isinstance(payload, dict) or not ({"image", "images"} & set(payload)):
-        raise imaging.ImageError('send {"image": <28x28 array>} or {"images": [<28x28>, ...]}')
-    arrays = [payload["image"]] if "image" in payload else payload["images"]
-    if not isinstance(arrays, list) or not arrays:
-        raise imaging.ImageError("'images' must be a non-empty list of 28x28 arrays")
-    if len(arrays) > MAX_BATCH:
-        raise imaging.ImageError(f"a batch holds at most {MAX_BATCH} images, got {len(arrays)}")
-    prepare = payload.get("prepare", False)
-    if not isinstance(prepare, bool):
-        raise imaging.ImageError(f"'prepare' must be true or false, got {prepare!r}")
-    images = [imaging.from_array(array) for array in arrays]
-    if prepare:
-        images = [imaging.prepare(image) for image in images]
-    return np.stack(images)
 
 
 def _not_ready(holder: ModelHolder) -> str:

@@ -108,11 +108,8 @@ def tuning_race(
                     directory=folder / race_definition.study.name,
                 )
                 trials, best = outcome.trials, outcome.best.validation_accuracy
-            log.info(
-                f"== {contender.name}, seed {seed}: {trials} trials in "
-                f"{outcome.seconds / 60:.1f} min, best validation accuracy {best:.4f}, "
-                f"test accuracy of its model {outcome.test_accuracy:.4f}"
-            )
+            done = f"{trials} trials, best validation {best:.4f}, test {outcome.test_accuracy:.4f}"
+            log.info(f"== {contender.name}, seed {seed}: {done}")
             parents[contender.name, seed] = outcome.parent_run_id
     trials, curves = _race_trials(parents, definition.training.max_epochs)
     runs = _runs_table(trials, curves, parents)

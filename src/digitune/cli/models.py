@@ -106,9 +106,9 @@ def _promote(args: argparse.Namespace) -> int:
 
 
 def _rollback(args: argparse.Namespace) -> int:
-    from digitune import registry, tracking
+    from digitune import champion, tracking
 
-    previous, current = registry.rollback(tracking.configure())
+    previous, current = champion.rollback(tracking.configure())
     print(f"@champion moved back from version {previous} to version {current}")
     return 0
 
