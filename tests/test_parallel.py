@@ -47,8 +47,10 @@ def assert_one_parent_with_a_child_per_trial(study: optuna.Study) -> None:
 
 
 @pytest.mark.parametrize("storage", ["sqlite", "postgresql"])
-def test_two_workers_share_one_study(project, storage, request, capfd):
+def test_two_workers_share_one_study(project, storage, request, capfd, caplog):
     url = request.getfixturevalue("postgres_url") if storage == "postgresql" else None
+    # Workers log at the launcher's level: INFO, as the command line sets it.
+    caplog.set_level("INFO", logger="digitune")
     # The study file asks for the two workers.
     study_file = write_study(
         project, TINY_STUDY.replace("n_trials = 3", "n_trials = 6\nworkers = 2")

@@ -29,9 +29,9 @@ FINISHED_STATES = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
 WORKER_ATTR = "worker"
 
 
-def worker_id(pid: int | None = None) -> str:
-    """This machine and process (or process `pid` on this machine), as WORKER_ATTR says it."""
-    return f"{socket.gethostname()}:{pid or os.getpid()}"
+def worker_id() -> str:
+    """This machine and process, as WORKER_ATTR says it."""
+    return f"{socket.gethostname()}:{os.getpid()}"
 
 
 def make_sampler(settings: config.StudySettings, seed: int) -> optuna.samplers.BaseSampler:
