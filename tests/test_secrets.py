@@ -18,10 +18,10 @@ from pathlib import Path
 import mlflow
 import optuna
 import pytest
-from fastapi.testclient import TestClient
 
 from conftest import TINY_STUDY, write_study
 from digitune import cli, config, serve
+from test_serve import started
 
 pytestmark = pytest.mark.slow
 
@@ -136,7 +136,7 @@ def test_a_credentialed_tracking_uri_that_is_down_is_reported_without_its_passwo
     err = capfd.readouterr().err
     assert "cannot reach the MLflow tracking store http://alice:***@127.0.0.1:9" in err
     assert PASSWORD not in err
-    with TestClient(serve.create_app(poll_seconds=0)) as client:
+    with started(serve.create_app(poll_seconds=0)) as client:  # Once the load was tried.
         answer = client.get("/health")
     assert answer.status_code == 503
     assert "alice:***@127.0.0.1:9" in answer.json()["detail"]
