@@ -50,9 +50,24 @@ def server(serving):
     while not instance.started:
         assert time.monotonic() < deadline and thread.is_alive(), "the server did not start"
         time.sleep(0.05)
+    # It listens at once and loads the model in the background: ready once /health says so.
+    while not _healthy(port):
+        assert time.monotonic() < deadline, "the model did not load within a minute"
+        time.sleep(0.1)
     yield f"http://127.0.0.1:{port}/"
     instance.should_exit = True
     thread.join(timeout=10)
+
+
+def _healthy(port: int) -> bool:
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as answer:
+            return answer.status == 200
+    except (urllib.error.URLError, OSError):
+        return False
 
 
 @pytest.fixture
