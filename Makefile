@@ -25,6 +25,8 @@ TOP ?= 5
 GREEDY ?=
 VERSION ?=
 KEEP ?= 5
+# A registered model other than mnist-cnn: a study's [registry] model_name, as `make tune` printed.
+MODEL ?=
 DRY_RUN ?=
 
 # URLs that may hold a password reach digitune and MLflow through the environment, unexpanded:
@@ -36,6 +38,7 @@ ifneq ($(value BACKEND_STORE),)
 export MLFLOW_BACKEND_STORE_URI := $(value BACKEND_STORE)
 endif
 
+MODEL_ARG = $(if $(MODEL),--model $(MODEL))
 TUNE_ARGS := --study $(STUDY) $(if $(TRIALS),--trials $(TRIALS)) \
 	$(if $(TIMEOUT),--timeout-minutes $(TIMEOUT)) \
 	$(if $(WORKERS),--workers $(WORKERS)) $(if $(REFIT),--refit) $(if $(filter keras-tuner,$(ENGINE)),--engine keras-tuner --algorithm $(ALGORITHM))
@@ -54,8 +57,8 @@ $(BIN)/digitune: pyproject.toml
 
 install: $(BIN)/digitune ## Create .venv and install digitune with all its extras and dev tools
 
-data: install ## Fetch and verify MNIST into data/mnist (or check MNIST_DIR)
-	$(BIN)/digitune data
+data: install ## Fetch and verify MNIST into data/mnist (or check MNIST_DIR); STUDY=... its [data]
+	$(BIN)/digitune data $(if $(filter-out $(origin STUDY),file),--study $(STUDY))
 
 tune: install ## Run or resume a study (STUDY TRIALS TIMEOUT STORAGE WORKERS REFIT=1 ENGINE=keras-tuner)
 	$(BIN)/digitune tune $(TUNE_ARGS)
@@ -69,26 +72,26 @@ mlflow-server: install ## MLflow tracking server on 127.0.0.1:5000 (BACKEND_STOR
 report: install ## Summarise a study and log its figures to MLflow (STUDY, STORAGE)
 	$(BIN)/digitune report --study $(STUDY)
 
-promote: install ## Make @challenger @champion if better on the test set (MARGIN, FORCE=1)
-	$(BIN)/digitune promote --margin $(MARGIN) $(if $(FORCE),--force)
+promote: install ## Make @challenger @champion if better on the test set (MARGIN, FORCE=1, MODEL)
+	$(BIN)/digitune promote --margin $(MARGIN) $(if $(FORCE),--force) $(MODEL_ARG)
 
 ensemble: install ## Register the average of the study's TOP best trials (STUDY, TOP=5, GREEDY=1)
 	$(BIN)/digitune ensemble --study $(STUDY) --top $(TOP) $(if $(GREEDY),--greedy)
 
-tflite: install ## TFLite float16/int8 files of @champion (or VERSION=N), logged to its run
-	$(BIN)/digitune export $(if $(VERSION),--version $(VERSION))
+tflite: install ## TFLite float16/int8 files of @champion (or VERSION=N), logged to its run (MODEL)
+	$(BIN)/digitune export $(if $(VERSION),--version $(VERSION)) $(MODEL_ARG)
 
-rollback: install ## Move @champion back to the previous champion
-	$(BIN)/digitune rollback
+rollback: install ## Move @champion back to the previous champion (MODEL)
+	$(BIN)/digitune rollback $(MODEL_ARG)
 
-models: install ## List the registered versions of mnist-cnn with their aliases
-	$(BIN)/digitune models
+models: install ## List the registered versions of mnist-cnn (or MODEL) with their aliases
+	$(BIN)/digitune models $(MODEL_ARG)
 
 gc: install ## Free disk: artifacts of trials outside each study's KEEP=5 best (DRY_RUN=1 to look first)
 	$(BIN)/digitune gc --keep $(KEEP) $(if $(DRY_RUN),--dry-run)
 
-serve: install ## Serve @champion: API and drawing page on http://127.0.0.1:$(PORT)
-	$(BIN)/digitune serve --port $(PORT)
+serve: install ## Serve @champion (of MODEL): API and page on http://127.0.0.1:$(PORT)
+	$(BIN)/digitune serve --port $(PORT) $(MODEL_ARG)
 
 bench: install ## Throughput vs plain fit, tuning race (BUDGET minutes, SEEDS seeds each), tracking overhead
 	$(BIN)/digitune bench --budget-minutes $(BUDGET) --seeds $(SEEDS)

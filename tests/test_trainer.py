@@ -37,7 +37,7 @@ def test_a_non_finite_loss_fails_with_the_learning_rate():
 )
 def test_a_network_collapsed_to_one_class_fails(losses):
     # What bfloat16 on an AMX Xeon gave for learning_rate=1e30: no NaN, one digit predicted.
-    with pytest.raises(trainer.DivergedError, match="collapsed to predicting digit 1 for 100%"):
+    with pytest.raises(trainer.DivergedError, match="collapsed to predicting class 1 for 100%"):
         trainer.check_learned({"loss": losses}, PARAMS, ONE_CLASS)
 
 

@@ -25,9 +25,9 @@ HISTORY_TAG = "champion_history"
 HISTORY_LIMIT = 40
 
 
-def history(client: mlflow.MlflowClient) -> list[dict]:
+def history(client: mlflow.MlflowClient, model_name: str = registry.MODEL_NAME) -> list[dict]:
     """The champion's history, oldest first: who became champion when, and why."""
-    tags = client.get_registered_model(config.REGISTERED_MODEL_NAME).tags
+    tags = client.get_registered_model(model_name).tags
     return json.loads(tags.get(HISTORY_TAG, "[]"))
 
 
@@ -41,10 +41,10 @@ LOCK_STALE_SECONDS = 300.0
 
 
 @contextlib.contextmanager
-def champion_lock(client: mlflow.MlflowClient):
-    """Hold the lock on @champion and its history for the block; waits up to
+def champion_lock(client: mlflow.MlflowClient, model_name: str = registry.MODEL_NAME):
+    """Hold the lock on the model's @champion and its history for the block; waits up to
     `LOCK_WAIT_SECONDS` for another promote or rollback to finish."""
-    name = config.REGISTERED_MODEL_NAME + LOCK_SUFFIX
+    name = model_name + LOCK_SUFFIX
     holder = f"{getpass.getuser()}@{socket.gethostname()}:{os.getpid()}"
     deadline = time.monotonic() + LOCK_WAIT_SECONDS
     while True:
@@ -78,12 +78,22 @@ def champion_lock(client: mlflow.MlflowClient):
         client.delete_registered_model(name)
 
 
-def move_champion(client, version: str, previous: str | None, action: str, reason: str, **extra):
+def move_champion(
+    client,
+    version: str,
+    previous: str | None,
+    action: str,
+    reason: str,
+    model_name: str = registry.MODEL_NAME,
+    **extra,
+):
     """Point @champion at `version` and record the move in the registered model's tags, only
     if @champion still is `previous` (None: no champion): a compare-and-set under the
     champion lock, so two promotions never both win and no history event is lost."""
-    with champion_lock(client):
-        current = registry.version_by_alias(client, config.CHAMPION_ALIAS, required=False)
+    with champion_lock(client, model_name):
+        current = registry.version_by_alias(
+            client, config.CHAMPION_ALIAS, required=False, model_name=model_name
+        )
         current_version = str(current.version) if current is not None else None
         if current_version != previous:
             raise registry.RegistryError(
@@ -91,7 +101,7 @@ def move_champion(client, version: str, previous: str | None, action: str, reaso
                 f"{action} started); nothing changed. Run it again to compare with the new "
                 "champion"
             )
-        events = history(client)
+        events = history(client, model_name)
         events.append(
             {
                 "action": action,
@@ -103,11 +113,9 @@ def move_champion(client, version: str, previous: str | None, action: str, reaso
                 **extra,
             }
         )
-        client.set_registered_model_alias(
-            config.REGISTERED_MODEL_NAME, config.CHAMPION_ALIAS, version
-        )
+        client.set_registered_model_alias(model_name, config.CHAMPION_ALIAS, version)
         client.set_registered_model_tag(
-            config.REGISTERED_MODEL_NAME, HISTORY_TAG, json.dumps(events[-HISTORY_LIMIT:])
+            model_name, HISTORY_TAG, json.dumps(events[-HISTORY_LIMIT:])
         )
 
 
@@ -123,16 +131,16 @@ def champion_stack(events: list[dict]) -> list[str]:
     return stack
 
 
-def rollback(client: mlflow.MlflowClient) -> tuple[str, str]:
+def rollback(client: mlflow.MlflowClient, model_name: str = registry.MODEL_NAME) -> tuple[str, str]:
     """Move @champion back to the previous champion; returns (from, to) versions."""
-    current = registry.version_by_alias(client, config.CHAMPION_ALIAS)
-    stack = champion_stack(history(client))
+    current = registry.version_by_alias(client, config.CHAMPION_ALIAS, model_name=model_name)
+    stack = champion_stack(history(client, model_name))
     if len(stack) < 2 or stack[-1] != str(current.version):
         raise registry.RegistryError(
             f"no previous champion to roll back to (the history holds {stack or 'nothing'}, "
             f"@champion is version {current.version})"
         )
-    target = client.get_model_version(config.REGISTERED_MODEL_NAME, stack[-2])
+    target = client.get_model_version(model_name, stack[-2])
     registry.load_pyfunc(target)  # Refuse to roll back onto a version whose files are gone.
     move_champion(
         client,
@@ -140,5 +148,6 @@ def rollback(client: mlflow.MlflowClient) -> tuple[str, str]:
         str(current.version),
         "rollback",
         f"rollback of version {current.version}",
+        model_name,
     )
     return str(current.version), str(target.version)

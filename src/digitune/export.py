@@ -22,7 +22,7 @@ import numpy as np
 import pandas as pd
 import tensorflow as tf
 
-from digitune import config, data, registry, tracking
+from digitune import config, data, datasets, registry, tracking
 
 CALIBRATION_IMAGES = 500
 LATENCY_REPEATS = 300
@@ -53,7 +53,8 @@ class Interpreter:
             self.interpreter = tf.lite.Interpreter(model_content=flatbuffer)
         self.input = self.interpreter.get_input_details()[0]
         self.output = self.interpreter.get_output_details()[0]
-        self.interpreter.resize_tensor_input(self.input["index"], [batch, 28, 28, 1])
+        shape = [batch, *self.input["shape"][1:]]  # the model's own image shape
+        self.interpreter.resize_tensor_input(self.input["index"], shape)
         self.interpreter.allocate_tensors()
         self.batch = batch
 
@@ -97,35 +98,37 @@ def _size(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
-def run(version: str | None = None, alias: str | None = None) -> pd.DataFrame:
+def run(
+    version: str | None = None, alias: str | None = None, model_name: str = registry.MODEL_NAME
+) -> pd.DataFrame:
     """Export a version (default: @champion), measure it, log the files and the table."""
     client = tracking.configure()
     if version is not None:
         try:
-            model_version = client.get_model_version(config.REGISTERED_MODEL_NAME, version)
+            model_version = client.get_model_version(model_name, version)
         except mlflow.exceptions.MlflowException:
             raise registry.RegistryError(
-                f"'{config.REGISTERED_MODEL_NAME}' has no version {version}; see `make models`"
+                f"'{model_name}' has no version {version}; see `make models`"
             ) from None
     else:
-        model_version = registry.version_by_alias(client, alias or config.CHAMPION_ALIAS)
+        model_version = registry.version_by_alias(
+            client, alias or config.CHAMPION_ALIAS, model_name=model_name
+        )
     number = str(model_version.version)
     if model_version.tags.get("kind") == "ensemble":
         raise ValueError(
             f"version {number} is an ensemble (a Python model of several networks); TFLite "
             "exports one network: export one of its members' versions instead"
         )
-    mnist = data.load()
-    calibration = data.split(mnist).x_train[:CALIBRATION_IMAGES]
-    test_images = data.preprocess(mnist.test_images)
-    labels = mnist.test_labels
+    dataset = datasets.from_spec(model_version.tags.get("data_spec"))
+    calibration = data.split(dataset).x_train[:CALIBRATION_IMAGES]
+    test_images = data.preprocess(dataset.test_images)
+    labels = dataset.test_labels
     keras_model = registry.load_pyfunc(model_version)
 
     with tempfile.TemporaryDirectory() as scratch:
         folder = Path(
-            mlflow.artifacts.download_artifacts(
-                f"models:/{config.REGISTERED_MODEL_NAME}/{number}", dst_path=scratch
-            )
+            mlflow.artifacts.download_artifacts(f"models:/{model_name}/{number}", dst_path=scratch)
         )
         saved_model = folder / "data" / "model"
         if not (saved_model / "saved_model.pb").exists():
@@ -146,7 +149,7 @@ def run(version: str | None = None, alias: str | None = None) -> pd.DataFrame:
         files = []
         for kind in ("float32", "float16", "int8"):
             flatbuffer = convert(saved_model, kind, calibration)
-            path = Path(scratch) / f"mnist-cnn-v{number}-{kind}.tflite"
+            path = Path(scratch) / f"{model_name}-v{number}-{kind}.tflite"
             path.write_bytes(flatbuffer)
             files.append(path)
             batched, single = Interpreter(flatbuffer, 500), Interpreter(flatbuffer, 1)
@@ -174,7 +177,7 @@ def run(version: str | None = None, alias: str | None = None) -> pd.DataFrame:
         )
         markdown = Path(scratch) / "tflite.md"
         markdown.write_text(
-            f"mnist-cnn version {number}, MNIST test set ({len(labels):,} images)\n\n"
+            f"{model_name} version {number}, {dataset.name} test set ({len(labels):,} images)\n\n"
             f"{table.to_markdown(index=False)}\n"
         )
         table.to_csv(Path(scratch) / "tflite.csv", index=False)
@@ -183,11 +186,9 @@ def run(version: str | None = None, alias: str | None = None) -> pd.DataFrame:
     for row in table.itertuples():
         key = row.format.split(" ")[-1].strip("()")
         if row.format.startswith("TFLite"):
+            client.set_model_version_tag(model_name, number, f"tflite_{key}_bytes", str(row.bytes))
             client.set_model_version_tag(
-                config.REGISTERED_MODEL_NAME, number, f"tflite_{key}_bytes", str(row.bytes)
-            )
-            client.set_model_version_tag(
-                config.REGISTERED_MODEL_NAME,
+                model_name,
                 number,
                 f"tflite_{key}_test_accuracy",
                 f"{row.test_accuracy:.4f}",

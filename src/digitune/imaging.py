@@ -1,4 +1,5 @@
-"""Turn an arbitrary picture of a digit into an MNIST-like 28x28 image.
+"""Turn an arbitrary picture of a digit into an MNIST-like 28x28 image (`prepare`), or any
+picture into a model's input by resizing it (`fit`, for models of other pictures).
 
 MNIST's digits were size-normalised to fit a 20x20 box (keeping their aspect ratio) and
 placed in a 28x28 image so that their centre of mass sits at the centre, white ink on black.
@@ -34,8 +35,9 @@ class ImageError(ValueError):
     """The input is not an image of a digit that can be prepared."""
 
 
-def decode(data: bytes) -> np.ndarray:
-    """Decode PNG or JPEG bytes into a float greyscale array in [0, 1] (0 = black).
+def decode(data: bytes, colour: bool = False) -> np.ndarray:
+    """Decode PNG or JPEG bytes into a float greyscale array in [0, 1] (0 = black), or with
+    `colour` an (H, W, 3) RGB one.
 
     Transparent pixels are laid on white first: a canvas exported as PNG has a transparent
     background, which is the paper, not ink.
@@ -54,13 +56,13 @@ def decode(data: bytes) -> np.ndarray:
                 # JPEG decodes at 1/2 to 1/8 scale for almost nothing: a photo's digit is
                 # still far bigger than 28x28 after it.
                 scale = min(8, min(width, height) // 256)
-                image.draft("L", (width // scale, height // scale))
+                image.draft("RGB" if colour else "L", (width // scale, height // scale))
             image.load()
             if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
                 rgba = image.convert("RGBA")
                 paper = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
                 image = Image.alpha_composite(paper, rgba)
-            grey = image.convert("L")
+            grey = image.convert("RGB" if colour else "L")
     except ImageError:
         raise
     except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as error:
@@ -107,17 +109,43 @@ def prepare(image: np.ndarray) -> np.ndarray:
     return canvas
 
 
-def from_array(values: object) -> np.ndarray:
-    """A (28, 28) float32 image in [0, 1] from a nested list of 0-255 or 0-1 numbers.
+def fit(image: np.ndarray, shape: tuple[int, int, int]) -> np.ndarray:
+    """A picture in [0, 1], (H, W) or (H, W, 3), resized to a model's (height, width,
+    channels) input: how pictures are prepared for models of other things than MNIST's
+    digits, which were trained on pictures resized the same way."""
+    height, width, channels = shape
+    array = np.asarray(image, dtype=np.float32)
+    if array.ndim == 3 and channels == 1:
+        array = array.mean(axis=2)
+    planes = [array] if array.ndim == 2 else [array[..., index] for index in range(3)]
+    if array.shape[:2] != (height, width):
+        planes = [
+            np.asarray(
+                Image.fromarray(plane, mode="F").resize((width, height), Image.Resampling.BILINEAR)
+            )
+            for plane in planes
+        ]
+    if channels == 3 and len(planes) == 1:
+        planes = planes * 3
+    return np.clip(np.stack(planes, axis=-1), 0.0, 1.0).astype(np.float32)
 
-    Such an array is taken to be MNIST-like already, as MNIST's own images are.
+
+def from_array(values: object, shape: tuple[int, int, int] = (SIZE, SIZE, 1)) -> np.ndarray:
+    """An (H, W, C) float32 image in [0, 1] from a nested list of 0-255 or 0-1 numbers, of
+    the model's shape ((28, 28) or (28, 28, 1) for MNIST's).
+
+    Such an array is taken to be prepared already, as MNIST's own images are.
     """
+    height, width, channels = shape
+    words = f"{height}x{width}" + (f"x{channels}" if channels > 1 else "")
     try:
         array = np.asarray(values, dtype=np.float64)
     except (TypeError, ValueError, OverflowError):
-        raise ImageError("the image must be a 28x28 array of numbers") from None
-    if array.shape != (SIZE, SIZE):
-        raise ImageError(f"the image must be a 28x28 array, got shape {array.shape}")
+        raise ImageError(f"the image must be a {words} array of numbers") from None
+    if channels == 1 and array.shape == (height, width):
+        array = array[..., np.newaxis]
+    if array.shape != (height, width, channels):
+        raise ImageError(f"the image must be a {words} array, got shape {array.shape}")
     if not np.isfinite(array).all():
         raise ImageError("the image holds NaN or infinite values")
     if array.min() < 0 or array.max() > 255:

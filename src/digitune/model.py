@@ -1,4 +1,4 @@
-"""Build a compiled Keras CNN for MNIST from a plain dict of hyperparameters.
+"""Build a compiled Keras CNN from a plain dict of hyperparameters and the data's shape.
 
 `build_model(params)` is a pure function of plain values: a test, the registry or a refit
 can rebuild any trial's model from the params that trial logged. It never sees an Optuna
@@ -15,6 +15,14 @@ from keras import layers
 
 IMAGE_SHAPE = (28, 28, 1)
 NUM_CLASSES = 10
+# What the dataset decides, not the search (MNIST's by default): a study adds its dataset's to
+# every trial's params, so that a trial's params alone still rebuild its model.
+DATA_PARAMS: dict[str, int] = {
+    "image_height": IMAGE_SHAPE[0],
+    "image_width": IMAGE_SHAPE[1],
+    "image_channels": IMAGE_SHAPE[2],
+    "num_classes": NUM_CLASSES,
+}
 
 # Every hyperparameter a trial can have, with the tutorial's CNN as the default. A study
 # file may sample or fix any of these and nothing else. `batch_size` is read by the
@@ -68,6 +76,10 @@ HYPERPARAMETER_LIMITS: dict[str, tuple[type, object, str]] = {
         lambda value: value in LR_SCHEDULES,
         f"one of {', '.join(LR_SCHEDULES)}",
     ),
+    "image_height": (int, lambda value: 1 <= value <= 4096, "from 1 to 4,096"),
+    "image_width": (int, lambda value: 1 <= value <= 4096, "from 1 to 4,096"),
+    "image_channels": (int, lambda value: value in (1, 3), "1 or 3"),
+    "num_classes": (int, lambda value: 2 <= value <= 10_000, "from 2 to 10,000"),
 }
 # The choices of a string say all there is to say.
 _KIND_WORDS = {int: "an integer", float: "a number", bool: "true or false", str: ""}
@@ -113,14 +125,31 @@ BATCH_NORM_MOMENTUM = 0.9
 
 
 def resolve_params(params: dict) -> dict:
-    """The defaults overlaid with `params`; an unknown name is a ValueError."""
-    unknown = sorted(set(params) - set(HYPERPARAMETER_DEFAULTS))
+    """The defaults (MNIST's shape) overlaid with `params`; an unknown name is a ValueError."""
+    unknown = sorted(set(params) - set(HYPERPARAMETER_DEFAULTS) - set(DATA_PARAMS))
     if unknown:
         raise ValueError(
             f"unknown hyperparameter(s) {', '.join(unknown)}; "
             f"known ones are {', '.join(HYPERPARAMETER_DEFAULTS)}"
         )
-    return {**HYPERPARAMETER_DEFAULTS, **params}
+    return {**HYPERPARAMETER_DEFAULTS, **DATA_PARAMS, **params}
+
+
+def image_shape(params: dict) -> tuple[int, int, int]:
+    """The input shape (height, width, channels) that `params` build a model for."""
+    params = resolve_params(params)
+    return tuple(int(params[name]) for name in ("image_height", "image_width", "image_channels"))
+
+
+def blocks_problem(num_conv_blocks: int, shape: tuple[int, ...]) -> str | None:
+    """Why `num_conv_blocks` 2x2 poolings do not fit images of `shape`, or None."""
+    side = min(shape[:2])
+    if 2**num_conv_blocks <= side:
+        return None
+    return (
+        f"{num_conv_blocks} convolution blocks halve {shape[0]}x{shape[1]} images "
+        f"{num_conv_blocks} times, to nothing; at most {side.bit_length() - 1} fit"
+    )
 
 
 def build_model(params: dict) -> keras.Model:
@@ -130,8 +159,11 @@ def build_model(params: dict) -> keras.Model:
     params = resolve_params(params)
     for name, value in params.items():
         check_hyperparameter(name, value)
+    problem = blocks_problem(int(params["num_conv_blocks"]), image_shape(params))
+    if problem:
+        raise ValueError(problem)
 
-    inputs = keras.Input(shape=IMAGE_SHAPE, name="image")
+    inputs = keras.Input(shape=image_shape(params), name="image")
     augment = augmentation(params)
     features = augment(inputs) if augment.layers else inputs
     for block in range(int(params["num_conv_blocks"])):
@@ -152,9 +184,9 @@ def build_model(params: dict) -> keras.Model:
     features = layers.Dense(int(params["dense_units"]), activation="relu", name="dense")(features)
     features = layers.Dropout(float(params["dropout_rate"]), name="dropout_2")(features)
     # Softmax in float32 keeps probabilities exact under a mixed-precision policy.
-    outputs = layers.Dense(NUM_CLASSES, activation="softmax", dtype="float32", name="digit")(
-        features
-    )
+    outputs = layers.Dense(
+        int(params["num_classes"]), activation="softmax", dtype="float32", name="digit"
+    )(features)
 
     model = keras.Model(inputs, outputs, name="mnist_cnn")
     label_smoothing = float(params["label_smoothing"])
@@ -257,7 +289,7 @@ class SparseCrossentropyWithLabelSmoothing(keras.losses.Loss):
 
     def call(self, y_true, y_pred):
         labels = keras.ops.one_hot(
-            keras.ops.cast(keras.ops.reshape(y_true, (-1,)), "int32"), NUM_CLASSES
+            keras.ops.cast(keras.ops.reshape(y_true, (-1,)), "int32"), y_pred.shape[-1]
         )
         return keras.losses.categorical_crossentropy(
             labels, y_pred, label_smoothing=self.label_smoothing

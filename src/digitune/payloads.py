@@ -1,5 +1,6 @@
 """What the prediction API reads and answers: request bodies read with a size limit, turned
-into a batch of 28x28 images, and the JSON Schema and response models of the OpenAPI document.
+into a batch of the served model's images (28x28 for MNIST's), and the JSON Schema and
+response models of the OpenAPI document.
 
 Every function here does bounded work: bodies over `MAX_BODY_BYTES` are refused as they stream
 in, batches over `MAX_BATCH` before they are converted, pictures by `digitune.imaging`.
@@ -32,8 +33,11 @@ class _Answer(BaseModel):
 
 
 class Prediction(_Answer):
-    digit: int = Field(ge=0, le=9)
-    probabilities: list[float] = Field(min_length=10, max_length=10)
+    class_index: int = Field(ge=0)
+    class_name: str
+    # The class index again for a digit model (class names 0-9), else null.
+    digit: int | None = Field(default=None, ge=0, le=9)
+    probabilities: list[float] = Field(min_length=2)
 
 
 class PredictionAnswer(_Answer):
@@ -56,6 +60,11 @@ class MetadataAnswer(_Answer):
     alias: str | None
     model_uri: str
     signature: dict | None
+    dataset: str | None
+    input_shape: list[int]
+    class_names: list[str]
+    # Whether uploaded pictures are prepared as MNIST was (digit models), else resized.
+    digit_preparation: bool
     test_accuracy: str | None
     study: str | None
     trial: str | None
@@ -107,6 +116,17 @@ PREDICT_JSON_SCHEMA = {
 }
 
 
+def prediction(probabilities: np.ndarray, class_names, digits: bool) -> dict:
+    """One image's answer: the likeliest class by index and name, and every probability."""
+    best = int(probabilities.argmax())
+    return {
+        "class_index": best,
+        "class_name": class_names[best],
+        "digit": best if digits else None,
+        "probabilities": [round(float(p), 6) for p in probabilities],
+    }
+
+
 async def read_body(request: Request) -> bytes:
     """The body, refused as soon as it is over MAX_BODY_BYTES, whether or not it said its
     length (a chunked body does not)."""
@@ -136,8 +156,11 @@ async def file_from_form(request: Request, body: bytes) -> bytes:
     return await upload.read()
 
 
-def images_from(content_type: str, body: bytes) -> np.ndarray:
-    """The request's images as a float32 (N, 28, 28) batch in [0, 1]."""
+def images_from(
+    content_type: str, body: bytes, shape=(imaging.SIZE, imaging.SIZE, 1), digits: bool = True
+) -> np.ndarray:
+    """The request's images as a float32 (N, H, W, C) batch in [0, 1] for a model of input
+    `shape`: pictures of digits prepared as MNIST was (`digits`), others resized."""
     if not body:
         raise imaging.ImageError("the body is empty; send an image or JSON")
     if content_type.startswith("application/json"):
@@ -145,27 +168,34 @@ def images_from(content_type: str, body: bytes) -> np.ndarray:
             payload = json.loads(body)
         except (ValueError, RecursionError):
             raise imaging.ImageError("the body is not valid JSON (or nests too deeply)") from None
-        return images_from_json(payload)
+        return images_from_json(payload, shape, digits)
     if not content_type.startswith(("image/", "multipart/form-data")):
         raise imaging.ImageError(
             f"unsupported content type '{content_type}'; send image/png, image/jpeg, "
             "multipart/form-data or application/json"
         )
-    return imaging.prepare(imaging.decode(body))[np.newaxis]
+    if digits:
+        return imaging.fit(imaging.prepare(imaging.decode(body)), shape)[np.newaxis]
+    return imaging.fit(imaging.decode(body, colour=shape[2] == 3), shape)[np.newaxis]
 
 
-def images_from_json(payload: object) -> np.ndarray:
+def images_from_json(payload: object, shape=(imaging.SIZE, imaging.SIZE, 1), digits=True):
+    words = "x".join(map(str, shape[:2] if shape[2] == 1 else shape))
     if not isinstance(payload, dict) or not ({"image", "images"} & set(payload)):
-        raise imaging.ImageError('send {"image": <28x28 array>} or {"images": [<28x28>, ...]}')
+        raise imaging.ImageError(
+            f'send {{"image": <{words} array>}} or {{"images": [<{words}>, ...]}}'
+        )
     arrays = [payload["image"]] if "image" in payload else payload["images"]
     if not isinstance(arrays, list) or not arrays:
-        raise imaging.ImageError("'images' must be a non-empty list of 28x28 arrays")
+        raise imaging.ImageError(f"'images' must be a non-empty list of {words} arrays")
     if len(arrays) > MAX_BATCH:
         raise imaging.ImageError(f"a batch holds at most {MAX_BATCH} images, got {len(arrays)}")
     prepare = payload.get("prepare", False)
     if not isinstance(prepare, bool):
         raise imaging.ImageError(f"'prepare' must be true or false, got {prepare!r}")
-    images = [imaging.from_array(array) for array in arrays]
+    if prepare and not digits:
+        raise imaging.ImageError("'prepare' is for digit models; this one takes arrays as they are")
+    images = [imaging.from_array(array, shape) for array in arrays]
     if prepare:
-        images = [imaging.prepare(image) for image in images]
+        images = [imaging.fit(imaging.prepare(image[..., 0]), shape) for image in images]
     return np.stack(images)

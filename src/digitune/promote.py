@@ -1,7 +1,8 @@
 """Promote the challenger to champion on evidence, through MLflow registry aliases.
 
-`digitune promote` evaluates `mnist-cnn@challenger` and `mnist-cnn@champion` on the same full
-MNIST test set with the same preprocessing, and moves `@champion` only when the challenger is
+`digitune promote [--model NAME]` evaluates `NAME@challenger` and `NAME@champion` (`mnist-cnn`
+by default) on the same full test set of the challenger's dataset (MNIST's by default) with
+the same preprocessing, and moves `@champion` only when the challenger is
 better by at least `--margin` (default: any improvement), or when there is no champion yet.
 Both accuracies, per-class accuracy, the images each gets right that the other gets wrong and
 an exact McNemar p-value are printed and kept as tags on both versions. `--force` promotes
@@ -14,7 +15,7 @@ import dataclasses
 
 import pandas as pd
 
-from digitune import champion, config, data, evaluate, registry, tracking
+from digitune import champion, config, data, datasets, evaluate, registry, tracking
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,13 +31,18 @@ class Decision:
     reason: str
 
 
-def promote(margin: float = 0.0, force: bool = False) -> Decision:
-    """Compare challenger and champion on the test set and move @champion if warranted."""
+def promote(
+    margin: float = 0.0, force: bool = False, model_name: str = registry.MODEL_NAME
+) -> Decision:
+    """Compare challenger and champion on the test set of the challenger's dataset and move
+    @champion if warranted."""
     if margin < 0:
         raise ValueError(f"--margin must not be negative, got {margin}")
     client = tracking.configure()
-    challenger = registry.version_by_alias(client, config.CHALLENGER_ALIAS)
-    current = registry.version_by_alias(client, config.CHAMPION_ALIAS, required=False)
+    challenger = registry.version_by_alias(client, config.CHALLENGER_ALIAS, model_name=model_name)
+    current = registry.version_by_alias(
+        client, config.CHAMPION_ALIAS, required=False, model_name=model_name
+    )
     # MLflow hands versions back as numbers or strings depending on the call; compare strings.
     challenger_version = str(challenger.version)
     champion_version = str(current.version) if current is not None else None
@@ -45,8 +51,8 @@ def promote(margin: float = 0.0, force: bool = False) -> Decision:
             f"version {challenger_version} is already @champion; "
             "run `make tune` for a new challenger"
         )
-    mnist = data.load()
-    images, labels = data.preprocess(mnist.test_images), mnist.test_labels.astype(int)
+    dataset = datasets.from_spec(challenger.tags.get("data_spec"))
+    images, labels = data.preprocess(dataset.test_images), dataset.test_labels.astype(int)
     # Both models load before any alias moves, so missing files change nothing; with
     # `force`, a champion that cannot be loaded is replaced all the same.
     challenger_model = registry.load_pyfunc(challenger)
@@ -64,7 +70,9 @@ def promote(margin: float = 0.0, force: bool = False) -> Decision:
 
     if champion_model is None:
         comparison = None
-        evaluation = evaluate.from_probabilities(challenger_probabilities, labels)
+        evaluation = evaluate.from_probabilities(
+            challenger_probabilities, labels, dataset.class_names
+        )
         better = current is None
         reason = (
             "there was no champion yet"
@@ -73,7 +81,7 @@ def promote(margin: float = 0.0, force: bool = False) -> Decision:
         )
     else:
         comparison = evaluate.compare(
-            challenger_probabilities, champion_model.predict(images), labels
+            challenger_probabilities, champion_model.predict(images), labels, dataset.class_names
         )
         evaluation = comparison.first
         gain = comparison.first.accuracy - comparison.second.accuracy
@@ -93,10 +101,20 @@ def promote(margin: float = 0.0, force: bool = False) -> Decision:
             champion_version,
             "promote",
             ("FORCED: " if forced else "") + reason,
+            model_name,
             forced=forced,
             test_accuracy=round(evaluation.accuracy, 6),
         )
-    _tag(client, challenger_version, champion_version, comparison, evaluation, promoted, forced)
+    _tag(
+        client,
+        model_name,
+        challenger_version,
+        champion_version,
+        comparison,
+        evaluation,
+        promoted,
+        forced,
+    )
     return Decision(
         challenger_version,
         champion_version,
@@ -109,16 +127,24 @@ def promote(margin: float = 0.0, force: bool = False) -> Decision:
 
 
 def _tag(
-    client, challenger_version, champion_version, comparison, evaluation, promoted, forced
+    client,
+    model_name,
+    challenger_version,
+    champion_version,
+    comparison,
+    evaluation,
+    promoted,
+    forced,
 ) -> None:
     decision = "forced" if forced else "promoted" if promoted else "refused"
     tags = {"promotion.decision": decision, "promotion.test_accuracy": f"{evaluation.accuracy:.4f}"}
     if comparison is None:
-        _set_tags(client, challenger_version, tags)
+        _set_tags(client, model_name, challenger_version, tags)
         return
     shared = {"promotion.mcnemar_p_value": f"{comparison.p_value:.4g}"}
     _set_tags(
         client,
+        model_name,
         challenger_version,
         {
             **tags,
@@ -131,6 +157,7 @@ def _tag(
     )
     _set_tags(
         client,
+        model_name,
         champion_version,
         {
             **shared,
@@ -144,9 +171,9 @@ def _tag(
     )
 
 
-def _set_tags(client, version: str, tags: dict) -> None:
+def _set_tags(client, model_name: str, version: str, tags: dict) -> None:
     for key, value in tags.items():
-        client.set_model_version_tag(config.REGISTERED_MODEL_NAME, version, key, value)
+        client.set_model_version_tag(model_name, version, key, value)
 
 
 def table(decision: Decision) -> pd.DataFrame:
@@ -155,9 +182,11 @@ def table(decision: Decision) -> pd.DataFrame:
     if decision.comparison is not None:
         columns[f"champion (v{decision.champion})"] = decision.comparison.second
     rows = {"test accuracy": {name: f"{e.accuracy:.4f}" for name, e in columns.items()}}
-    for digit in range(evaluate.NUM_CLASSES):
-        rows[f"  digit {digit}"] = {
-            name: f"{e.per_class_accuracy[digit]:.4f}" for name, e in columns.items()
+    names = decision.challenger_evaluation.class_names
+    kind = "digit" if names == evaluate.DIGITS else "class"
+    for index, class_name in enumerate(names):
+        rows[f"  {kind} {class_name}"] = {
+            name: f"{e.per_class_accuracy[index]:.4f}" for name, e in columns.items()
         }
     if decision.comparison is not None:
         comparison = decision.comparison

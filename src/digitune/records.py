@@ -11,6 +11,7 @@ tracking cost it.
 
 from __future__ import annotations
 
+import dataclasses
 import tempfile
 import time
 from pathlib import Path
@@ -50,15 +51,21 @@ class EpochTimer(mlflow.keras.MlflowCallback):
         pass
 
 
-def log_evaluation(evaluation: evaluate.Evaluation, prefix: str, title: str) -> None:
+def log_evaluation(
+    evaluation: evaluate.Evaluation, prefix: str, title: str, class_names=None
+) -> None:
     """Log the confusion matrix (PNG and JSON) to the active run, as `<prefix>_confusion_matrix`."""
+    if class_names is not None:
+        evaluation = dataclasses.replace(evaluation, class_names=tuple(class_names))
     with tracking.STOPWATCH:
         _log_evaluation(evaluation, prefix, title)
 
 
 def _log_evaluation(evaluation: evaluate.Evaluation, prefix: str, title: str) -> None:
     mlflow.log_dict(evaluation.as_dict(), f"{prefix}_confusion_matrix.json")
-    figure = evaluate.plot_confusion_matrix(evaluation.confusion_matrix, title)
+    figure = evaluate.plot_confusion_matrix(
+        evaluation.confusion_matrix, title, evaluation.class_names
+    )
     mlflow.log_figure(figure, f"{prefix}_confusion_matrix.png")
     evaluate.plt.close(figure)
 

@@ -21,7 +21,7 @@ import mlflow
 import numpy as np
 import optuna
 
-from digitune import data, evaluate, model, records, registry, space, tracking, trainer
+from digitune import data, datasets, evaluate, model, records, registry, space, tracking, trainer
 
 log = logging.getLogger(__name__)
 
@@ -46,13 +46,16 @@ def best_epochs(trial: optuna.trial.FrozenTrial) -> int:
 def run(
     study: optuna.Study,
     definition: space.StudyDefinition,
-    mnist: data.Mnist,
+    dataset: datasets.Dataset,
     parent_run_id: str,
     trial_test_accuracy: float,
 ) -> Refit:
     """Retrain the study's best trial on all training images and register the model."""
     best = study.best_trial
-    existing = registry.find_version(study.study_name, best.number, kind="refit")
+    model_name = definition.model_name
+    existing = registry.find_version(
+        study.study_name, best.number, kind="refit", model_name=model_name
+    )
     if existing is not None:
         log.info("refit: trial %d is already refitted as version %s", best.number, existing.version)
         return Refit(
@@ -67,9 +70,9 @@ def run(
         params = {**params, "lr_schedule": "constant"}
     epochs = best_epochs(best)
     everything = data.Split(
-        x_train=data.preprocess(mnist.train_images),
-        y_train=mnist.train_labels.astype("int64"),
-        x_validation=np.zeros((0, *model.IMAGE_SHAPE), "float32"),
+        x_train=data.preprocess(dataset.train_images),
+        y_train=dataset.train_labels.astype("int64"),
+        x_validation=np.zeros((0, *dataset.image_shape), "float32"),
         y_validation=np.zeros((0,), "int64"),
     )
     log.info(
@@ -98,22 +101,29 @@ def run(
         records.log_weights(cnn)
         float32_model = records.load_model(params, run.info.run_id)
         test = evaluate.evaluate(
-            float32_model, data.preprocess(mnist.test_images), mnist.test_labels
+            float32_model, data.preprocess(dataset.test_images), dataset.test_labels
         )
-        records.log_evaluation(test, "test", f"refit of trial {best.number}, MNIST test set")
+        records.log_evaluation(
+            test,
+            "test",
+            f"refit of trial {best.number}, {dataset.name} test set",
+            dataset.class_names,
+        )
         mlflow.log_metrics(
             {"test_accuracy": test.accuracy, "trial_test_accuracy": trial_test_accuracy}
         )
         version = registry.register(
             float32_model,
+            model_name=model_name,
             study_name=study.study_name,
             trial_number=best.number,
             params=params,
             validation_accuracy=best.value,
             test_accuracy=test.accuracy,
-            test_images=len(mnist.test_labels),
-            data_sha256=mnist.digest,
+            test_images=len(dataset.test_labels),
+            data_sha256=dataset.digest,
             extra_tags={
+                **datasets.version_tags(dataset, definition.data),
                 "kind": "refit",
                 "epochs": str(epochs),
                 "train_images": str(len(everything.y_train)),

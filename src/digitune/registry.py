@@ -1,8 +1,10 @@
-"""The MLflow model registry: register a study's best model as a new version of `mnist-cnn`.
+"""The MLflow model registry: register a study's best model as a new version of its model
+(`[registry] model_name`, `mnist-cnn` for the default study).
 
 Versions are addressed by alias (`challenger` for a study's newest best model, `champion`
 for the one in production), never by the deprecated stages: load one with
-`mlflow.pyfunc.load_model("models:/mnist-cnn@challenger")`.
+`mlflow.pyfunc.load_model("models:/mnist-cnn@challenger")`. Every function takes the model's
+name; MNIST's `mnist-cnn` is the default.
 """
 
 from __future__ import annotations
@@ -22,12 +24,17 @@ from mlflow.types import Schema, TensorSpec
 
 from digitune import config, model
 
-# Unnamed tensors: a named input makes pyfunc hand the model a dict, which the exported
-# serving function refuses. Input: (N, 28, 28, 1) float32 in [0, 1]; output: ten probabilities.
-SIGNATURE = ModelSignature(
-    inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, *model.IMAGE_SHAPE))]),
-    outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, model.NUM_CLASSES))]),
-)
+MODEL_NAME = config.REGISTERED_MODEL_NAME
+
+
+def signature(shape=model.IMAGE_SHAPE, classes: int = model.NUM_CLASSES) -> ModelSignature:
+    """Unnamed tensors: a named input makes pyfunc hand the model a dict, which the exported
+    serving function refuses. Input: (N, height, width, channels) float32 in [0, 1]; output:
+    one probability per class. MNIST's is (N, 28, 28, 1) and ten."""
+    return ModelSignature(
+        inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, *shape))]),
+        outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, classes))]),
+    )
 
 
 def pip_requirements() -> list[str]:
@@ -46,6 +53,7 @@ def pip_requirements() -> list[str]:
 def register(
     model,
     *,
+    model_name: str = MODEL_NAME,
     study_name: str,
     trial_number: int | str,
     params: dict,
@@ -59,7 +67,7 @@ def register(
     artifacts: dict[str, str] | None = None,
     description: str | None = None,
 ) -> mlflow.entities.model_registry.ModelVersion:
-    """Log `model` to the active run, register it as a new version of `mnist-cnn` with
+    """Log `model` to the active run, register it as a new version of `model_name` with
     readable tags and a description, and point `alias` at it.
 
     `model` is a Keras model (logged as an exported SavedModel) or an MLflow `PythonModel`
@@ -68,9 +76,9 @@ def register(
     """
     common = {
         "name": "model",
-        "signature": SIGNATURE,
+        "signature": signature_of(params),
         "pip_requirements": pip_requirements(),
-        "registered_model_name": config.REGISTERED_MODEL_NAME,
+        "registered_model_name": model_name,
     }
     # MLflow prints "Successfully registered model" and "Created version" to stderr, and
     # Keras's export every traced endpoint and captured tensor to stdout; digitune says
@@ -94,29 +102,39 @@ def register(
         **(extra_tags or {}),
     }
     return describe_version(
-        info.registered_model_version, tags, description or describe(tags, params), alias
+        info.registered_model_version,
+        tags,
+        description or describe(tags, params),
+        alias,
+        model_name,
     )
 
 
+def signature_of(params: dict) -> ModelSignature:
+    """The signature of a model built from `params`: their input shape and classes (MNIST's
+    where absent; an ensemble's params hold nothing else)."""
+    data = model.resolve_params({k: v for k, v in params.items() if k in model.DATA_PARAMS})
+    return signature(model.image_shape(data), int(data["num_classes"]))
+
+
 def describe_version(
-    version, tags: dict[str, str], description: str, alias: str | None
+    version, tags: dict[str, str], description: str, alias: str | None, model_name=MODEL_NAME
 ) -> mlflow.entities.model_registry.ModelVersion:
     """Tag a new version, give it its description and point `alias` (if any) at it."""
     client = mlflow.MlflowClient()
     for key, value in tags.items():
-        client.set_model_version_tag(config.REGISTERED_MODEL_NAME, version, key, value)
-    client.update_model_version(config.REGISTERED_MODEL_NAME, version, description=description)
+        client.set_model_version_tag(model_name, version, key, value)
+    client.update_model_version(model_name, version, description=description)
     if alias is not None:
-        client.set_registered_model_alias(config.REGISTERED_MODEL_NAME, alias, version)
-    return client.get_model_version(config.REGISTERED_MODEL_NAME, version)
+        client.set_registered_model_alias(model_name, alias, version)
+    return client.get_model_version(model_name, version)
 
 
-def find_version(study_name: str, trial_number: int, kind: str = "trial"):
+def find_version(study_name: str, trial_number: int, kind: str = "trial", model_name=MODEL_NAME):
     """The registered version made from this study's trial (`kind` "trial") or from its
     configuration refitted on all training images (`kind` "refit"), or None."""
     versions = mlflow.MlflowClient().search_model_versions(
-        f"name = '{config.REGISTERED_MODEL_NAME}' and tags.study = '{study_name}' "
-        f"and tags.trial = '{trial_number}'"
+        f"name = '{model_name}' and tags.study = '{study_name}' and tags.trial = '{trial_number}'"
     )
     versions = [v for v in versions if v.tags.get("kind", "trial") == kind]
     return versions[0] if versions else None
@@ -135,7 +153,7 @@ def describe(tags: dict, params: dict) -> str:
         f"{what}.\n\n"
         f"- validation accuracy: {tags['validation_accuracy']}\n"
         f"- test accuracy: {tags['test_accuracy']} "
-        f"(MNIST test set, {int(tags['test_images']):,} images)\n"
+        f"({tags.get('dataset', 'mnist')} test set, {int(tags['test_images']):,} images)\n"
         f"- data SHA-256: `{tags['data_sha256']}`\n\n"
         f"| hyperparameter | value |\n|---|---|\n{rows}\n"
     )
@@ -145,28 +163,31 @@ class RegistryError(RuntimeError):
     """The registry lacks what a command needs (a model, an alias, a version's files)."""
 
 
-def version_by_alias(client: mlflow.MlflowClient, alias: str, required: bool = True):
+def version_by_alias(
+    client: mlflow.MlflowClient, alias: str, required: bool = True, model_name: str = MODEL_NAME
+):
     """The version an alias points at; None (or a RegistryError) when there is none."""
     try:
-        client.get_registered_model(config.REGISTERED_MODEL_NAME)
+        client.get_registered_model(model_name)
     except mlflow.exceptions.MlflowException:
+        names = [found.name for found in client.search_registered_models()]
+        known = f" (registered models: {', '.join(sorted(names))})" if names else ""
         raise RegistryError(
-            f"there is no registered model '{config.REGISTERED_MODEL_NAME}' in "
-            f"{config.redact(mlflow.get_tracking_uri())}; run `make tune` first"
+            f"there is no registered model '{model_name}' in "
+            f"{config.redact(mlflow.get_tracking_uri())}{known}; run `make tune` first, or "
+            "name the model with --model (MODEL= in make)"
         ) from None
     try:
-        return client.get_model_version_by_alias(config.REGISTERED_MODEL_NAME, alias)
+        return client.get_model_version_by_alias(model_name, alias)
     except mlflow.exceptions.MlflowException:
         if required:
-            raise RegistryError(
-                f"'{config.REGISTERED_MODEL_NAME}' has no version with alias @{alias}"
-            ) from None
+            raise RegistryError(f"'{model_name}' has no version with alias @{alias}") from None
         return None
 
 
 def load_pyfunc(version) -> mlflow.pyfunc.PyFuncModel:
     """Load a registered version as a pyfunc model, naming it when its files are missing."""
-    uri = f"models:/{config.REGISTERED_MODEL_NAME}/{version.version}"
+    uri = f"models:/{version.name}/{version.version}"
     try:
         return load_without_leftovers(uri)
     except Exception as error:  # noqa: BLE001 -- missing files, unreadable model, ...
@@ -181,11 +202,21 @@ def load_without_leftovers(uri: str) -> mlflow.pyfunc.PyFuncModel:
         return mlflow.pyfunc.load_model(uri, dst_path=scratch)
 
 
-def versions_table(client: mlflow.MlflowClient) -> pd.DataFrame:
+def input_shape(pyfunc_model) -> tuple[int, int, int]:
+    """The (height, width, channels) a loaded version takes, from its signature (MNIST's for
+    a version without one)."""
+    schema = pyfunc_model.metadata.get_input_schema()
+    if schema is None or not schema.inputs:
+        return model.IMAGE_SHAPE
+    height, width, channels = schema.inputs[0].shape[1:]
+    return (int(height), int(width), int(channels))
+
+
+def versions_table(client: mlflow.MlflowClient, model_name: str = MODEL_NAME) -> pd.DataFrame:
     """Every version with its aliases, test accuracy and where it came from."""
-    versions = client.search_model_versions(f"name = '{config.REGISTERED_MODEL_NAME}'")
+    versions = client.search_model_versions(f"name = '{model_name}'")
     # Searched versions come without their aliases; the registered model has them all.
-    aliases = client.get_registered_model(config.REGISTERED_MODEL_NAME).aliases
+    aliases = client.get_registered_model(model_name).aliases
     rows = [
         {
             "version": int(v.version),

@@ -1,12 +1,13 @@
-"""Serve the champion model over HTTP, with a page to draw a digit on.
+"""Serve the champion model over HTTP, with a page to draw a digit (or upload a picture) on.
 
-    digitune serve [--host 127.0.0.1] [--port 8000] [--model-uri models:/mnist-cnn@champion]
+    digitune serve [--model mnist-cnn] [--host 127.0.0.1] [--port 8000] [--model-uri URI]
 
 - `POST /predict`: an uploaded PNG or JPEG (multipart field `file`, or the raw body with an
   `image/*` content type), or JSON `{"image": 28x28}` or `{"images": [28x28, ...]}` with values
-  0-255 or 0-1. Uploaded pictures are prepared the way MNIST was built (`digitune.imaging`);
-  JSON arrays are taken as MNIST-like already (add `"prepare": true` to prepare them too).
-- `GET /health`, `GET /metadata`, `POST /reload`, OpenAPI docs at `/docs`, the page at `/`.
+  0-255 or 0-1; answers class indices and names. A digit model's pictures are prepared the way
+  MNIST was built (`digitune.imaging`), any other model's resized to its input; JSON arrays
+  are taken as prepared (`"prepare": true` prepares a digit model's too).
+- `GET /health`, `GET /metadata` (input shape, class names), `POST /reload`, `/docs`, page `/`.
 
 The server listens at once and loads the model in the background (`/health` answers 503
 "loading" until it is ready); a background thread polls the alias and swaps in a new version
@@ -37,8 +38,7 @@ from starlette.exceptions import HTTPException
 
 from digitune import config, imaging, payloads, registry, tracking
 
-# What every model version must answer before it serves: one blank image.
-_PROBE = np.zeros((1, imaging.SIZE, imaging.SIZE, 1), dtype=np.float32)
+DIGITS = [str(digit) for digit in range(10)]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,6 +51,13 @@ class Served:
     alias: str | None
     tags: dict
     signature: dict | None
+    # From the version's signature and tags (MNIST's for versions registered before datasets).
+    input_shape: tuple[int, int, int] = (imaging.SIZE, imaging.SIZE, 1)
+    class_names: tuple[str, ...] = tuple(DIGITS)
+
+    @property
+    def digits(self) -> bool:  # a digit model: pictures are prepared as MNIST was
+        return list(self.class_names) == DIGITS and self.input_shape[2] == 1
 
 
 class ModelHolder:
@@ -89,12 +96,15 @@ class ModelHolder:
                 self.last_error = None
                 return False
             model = registry.load_without_leftovers(f"models:/{self.name}/{version.version}")
-            probe = np.asarray(model.predict(_PROBE))
-            if probe.shape != (1, 10) or not np.isfinite(probe).all():
+            shape = registry.input_shape(model)
+            class_names = tuple(json.loads(version.tags.get("class_names", "null")) or DIGITS)
+            # What every version must answer before it serves: one blank image.
+            probe = np.asarray(model.predict(np.zeros((1, *shape), dtype=np.float32)))
+            if probe.shape != (1, len(class_names)) or not np.isfinite(probe).all():
                 raise ValueError(
                     f"its probe prediction gave shape {probe.shape}"
                     + ("" if np.isfinite(probe).all() else " with NaN or infinity")
-                    + ", expected 10 finite probabilities"
+                    + f", expected {len(class_names)} finite probabilities"
                 )
         except Exception as error:  # noqa: BLE001 -- keep serving what we have.
             self.last_error = config.redact(f"cannot load {self.model_uri}: {error}")
@@ -113,6 +123,8 @@ class ModelHolder:
             }
             if signature
             else None,
+            input_shape=shape,
+            class_names=class_names,
         )
         self.last_error = None
         return True
@@ -181,6 +193,10 @@ def create_app(model_uri: str | None = None, poll_seconds: float = 10.0) -> Fast
             **_identity(served),
             "model_uri": holder.model_uri,
             "signature": served.signature,
+            "dataset": served.tags.get("dataset", "mnist"),
+            "input_shape": list(served.input_shape),
+            "class_names": list(served.class_names),
+            "digit_preparation": served.digits,
             "test_accuracy": served.tags.get("test_accuracy"),
             "study": served.tags.get("study"),
             "trial": served.tags.get("trial"),
@@ -216,29 +232,28 @@ def create_app(model_uri: str | None = None, poll_seconds: float = 10.0) -> Fast
     )
     async def predict(request: Request):
         content_type = request.headers.get("content-type", "")
+        served = holder.served  # One reference for the whole request, whatever reloads.
         try:
             body = await payloads.read_body(request)
             if content_type.startswith("multipart/form-data"):
                 body = await payloads.file_from_form(request, body)
+            if served is None:
+                return _error(503, _not_ready(holder))
             # Decoding and preparing take a thread of their own, not the event loop.
-            images = await run_in_threadpool(payloads.images_from, content_type, body)
+            images = await run_in_threadpool(
+                payloads.images_from, content_type, body, served.input_shape, served.digits
+            )
         except payloads.BodyTooLarge as error:
             return _error(413, str(error))
         except imaging.ImageError as error:
             return _error(422, str(error))
-        served = holder.served  # One reference for the whole request, whatever reloads.
-        if served is None:
-            return _error(503, _not_ready(holder))
         started = time.perf_counter()
-        probabilities = np.asarray(
-            await run_in_threadpool(served.model.predict, images[..., np.newaxis])
-        )
+        probabilities = np.asarray(await run_in_threadpool(served.model.predict, images))
         return {
             **_identity(served),
             "milliseconds": round((time.perf_counter() - started) * 1000, 3),
             "predictions": [
-                {"digit": int(row.argmax()), "probabilities": [round(float(p), 6) for p in row]}
-                for row in probabilities
+                payloads.prediction(row, served.class_names, served.digits) for row in probabilities
             ],
         }
 

@@ -1,6 +1,6 @@
 """Study files: the search space, budget and training settings of a study, declared as data.
 
-A study file (`studies/*.toml`) has three tables: [study] and [training] override the typed
+A study file (`studies/*.toml`): [study], [training], [data] and [registry] override the typed
 defaults in `digitune.config`, and [space] names hyperparameters of `digitune.model`. A
 [space] entry is either a plain value (fixed for every trial) or a distribution:
 
@@ -51,6 +51,12 @@ class StudyDefinition:
     fixed: dict[str, object]
     # Configurations the study tries first, in the file's order (partial: the sampler fills in).
     enqueued: tuple[dict, ...] = ()
+    data: config.DataSettings = config.DataSettings()
+    registry: config.RegistrySettings = config.RegistrySettings()
+
+    @property
+    def model_name(self) -> str:  # the registered model its best models become versions of
+        return self.registry.model_name or f"{self.data.name}-cnn"
 
     def with_budget(
         self, n_trials: int | None = None, timeout_minutes: float | None = None
@@ -68,6 +74,8 @@ class StudyDefinition:
         flat.update({f"training.{k}": v for k, v in dataclasses.asdict(self.training).items()})
         flat.update({f"fixed.{k}": v for k, v in self.fixed.items()})
         flat.update({f"space.{k}": repr(v) for k, v in self.distributions.items()})
+        flat.update({f"data.{k}": v for k, v in dataclasses.asdict(self.data).items()})
+        flat["registry.model_name"] = self.model_name
         flat["study_file"] = str(self.path)
         return flat
 
@@ -82,18 +90,24 @@ def load(path: str | Path) -> StudyDefinition:
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
         raise ValueError(f"{path}: not a valid TOML file: {error}") from None
 
-    unknown = sorted(set(document) - {"study", "training", "space", "enqueue"})
+    unknown = sorted(set(document) - {"study", "training", "space", "enqueue", "data", "registry"})
     if unknown:
         raise ValueError(
             f"{path}: unknown table(s) {', '.join(unknown)}; "
-            "expected [study], [training], [space] and [[enqueue]]"
+            "expected [study], [training], [data], [registry], [space] and [[enqueue]]"
         )
-    study = config.settings_from_table(
-        config.StudySettings, document.get("study", {}), f"{path} [study]"
+
+    def table(cls: type, name: str):
+        return config.settings_from_table(cls, document.get(name, {}), f"{path} [{name}]")
+
+    study, training = (
+        table(config.StudySettings, "study"),
+        table(config.TrainingSettings, "training"),
     )
-    training = config.settings_from_table(
-        config.TrainingSettings, document.get("training", {}), f"{path} [training]"
-    )
+    data, registry = table(config.DataSettings, "data"), table(config.RegistrySettings, "registry")
+    data.check(f"{path} [data]")
+    if registry.model_name:
+        check_study_name(registry.model_name, f"{path} [registry]", "model_name")
     check_study_name(study.name, f"{path} [study]")
     if study.workers < 1:
         raise ValueError(f"{path} [study]: 'workers' must be at least 1, got {study.workers}")
@@ -119,8 +133,9 @@ def load(path: str | Path) -> StudyDefinition:
         source = f"{path} [space] '{name}'"
         if name not in model.HYPERPARAMETER_DEFAULTS:
             raise ValueError(
-                f"{source}: unknown hyperparameter; known ones are "
-                f"{', '.join(model.HYPERPARAMETER_DEFAULTS)}"
+                f"{source}: "
+                + ("set by [data]" if name in model.DATA_PARAMS else "unknown hyperparameter")
+                + f"; known ones are {', '.join(model.HYPERPARAMETER_DEFAULTS)}"
             )
         if isinstance(spec, dict):
             distributions[name] = _distribution(spec, source)
@@ -131,14 +146,14 @@ def load(path: str | Path) -> StudyDefinition:
     if not distributions:
         raise ValueError(f"{path} [space]: nothing to search; give at least one distribution")
     enqueued = _enqueued(document.get("enqueue", []), distributions, fixed, path)
-    return StudyDefinition(path, study, training, distributions, fixed, enqueued)
+    return StudyDefinition(path, study, training, distributions, fixed, enqueued, data, registry)
 
 
-def check_study_name(name: str, source: str) -> None:
-    """A ValueError naming `source` unless `name` is a safe study name."""
+def check_study_name(name: str, source: str, what: str = "study name") -> None:
+    """A ValueError naming `source` unless `name` is a safe study (or model) name."""
     if not STUDY_NAME_PATTERN.fullmatch(name) or ".." in name:
         raise ValueError(
-            f"{source}: study name {name!r} is not allowed; use up to 100 letters, digits, "
+            f"{source}: {what} {name!r} is not allowed; use up to 100 letters, digits, "
             "'-', '_' and '.', starting with a letter or digit (no '..')"
         )
 

@@ -229,11 +229,11 @@ def check_learned(history: dict, params: dict, confusion_matrix: np.ndarray) -> 
     predicted = np.asarray(confusion_matrix).sum(axis=0)
     share = predicted.max() / max(predicted.sum(), 1)
     losses = history["loss"]
-    guess = math.log(model.NUM_CLASSES)  # the loss of a uniform guess
+    guess = math.log(len(predicted))  # the loss of a uniform guess
     not_falling = min(losses) > 2 * guess or (len(losses) > 1 and min(losses[1:]) >= losses[0])
     if share >= COLLAPSED_SHARE and not_falling:
         raise DivergedError(
-            f"the network collapsed to predicting digit {int(predicted.argmax())} for "
+            f"the network collapsed to predicting class {int(predicted.argmax())} for "
             f"{share:.0%} of the validation images and its loss did not fall "
             f"({losses[0]:.3g} at the first epoch, {losses[-1]:.3g} at the last); "
             f"learning_rate={params.get('learning_rate')} is probably too high"

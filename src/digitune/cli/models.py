@@ -28,12 +28,15 @@ def add_commands(commands) -> None:
     promote.add_argument(
         "--force", action="store_true", help="promote even if not better (recorded as forced)"
     )
+    _model_option(promote)
     promote.set_defaults(handler=_promote)
 
     rollback = commands.add_parser("rollback", help="champion back to the previous one")
+    _model_option(rollback)
     rollback.set_defaults(handler=_rollback)
 
     models = commands.add_parser("models", help="list registered versions and aliases")
+    _model_option(models)
     models.set_defaults(handler=_models)
 
     collect = commands.add_parser(
@@ -51,15 +54,17 @@ def add_commands(commands) -> None:
     export_choice = export.add_mutually_exclusive_group()
     export_choice.add_argument("--version", default=None, help="a version number")
     export_choice.add_argument("--alias", default=None, help="an alias (default: champion)")
+    _model_option(export)
     export.set_defaults(handler=_export)
 
     serve = commands.add_parser("serve", help="serve the champion: API and drawing page")
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
+    _model_option(serve)
     serve.add_argument(
         "--model-uri",
-        default=f"models:/{config.REGISTERED_MODEL_NAME}@{config.CHAMPION_ALIAS}",
-        help="the model to serve (default: %(default)s)",
+        default=None,
+        help="the model to serve (default: models:/<--model>@champion)",
     )
     serve.add_argument(
         "--poll-seconds", type=float, default=10.0, help="how often to check the alias (0: never)"
@@ -91,10 +96,18 @@ def add_commands(commands) -> None:
     ui.set_defaults(handler=_ui, uses_tensorflow=False)
 
 
+def _model_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--model",
+        default=config.REGISTERED_MODEL_NAME,
+        help="the registered model, as a study's [registry] model_name (default: %(default)s)",
+    )
+
+
 def _promote(args: argparse.Namespace) -> int:
     from digitune import promote
 
-    decision = promote.promote(margin=args.margin, force=args.force)
+    decision = promote.promote(margin=args.margin, force=args.force, model_name=args.model)
     print(promote.table(decision).to_string())
     if decision.promoted:
         forced = " (FORCED)" if decision.forced else ""
@@ -108,7 +121,7 @@ def _promote(args: argparse.Namespace) -> int:
 def _rollback(args: argparse.Namespace) -> int:
     from digitune import champion, tracking
 
-    previous, current = champion.rollback(tracking.configure())
+    previous, current = champion.rollback(tracking.configure(), args.model)
     print(f"@champion moved back from version {previous} to version {current}")
     return 0
 
@@ -117,15 +130,18 @@ def _models(args: argparse.Namespace) -> int:
     from digitune import registry, tracking
 
     client = tracking.configure()
-    registry.version_by_alias(client, config.CHALLENGER_ALIAS, required=False)  # model exists?
-    print(registry.versions_table(client).to_string(index=False))
+    # Says which models there are when this one is not.
+    registry.version_by_alias(
+        client, config.CHALLENGER_ALIAS, required=False, model_name=args.model
+    )
+    print(registry.versions_table(client, args.model).to_string(index=False))
     return 0
 
 
 def _export(args: argparse.Namespace) -> int:
     from digitune import export
 
-    table = export.run(args.version, args.alias)
+    table = export.run(args.version, args.alias, args.model)
     print(table.to_string(index=False))
     print("logged under tflite/ in the version's run; sizes as version tags")
     return 0
@@ -145,8 +161,9 @@ def _serve(args: argparse.Namespace) -> int:
     # of retries; the poller tries again every --poll-seconds anyway.
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
-    print(f"serving {args.model_uri} on http://{args.host}:{args.port} (docs at /docs)")
-    serve.run(args.host, args.port, args.model_uri, args.poll_seconds)
+    model_uri = args.model_uri or f"models:/{args.model}@{config.CHAMPION_ALIAS}"
+    print(f"serving {model_uri} on http://{args.host}:{args.port} (docs at /docs)")
+    serve.run(args.host, args.port, model_uri, args.poll_seconds)
     return 0
 
 

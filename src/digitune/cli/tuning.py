@@ -13,7 +13,8 @@ from digitune import config
 
 
 def add_commands(commands) -> None:
-    data = commands.add_parser("data", help="fetch and verify MNIST")
+    data = commands.add_parser("data", help="fetch and verify MNIST (or a study's [data])")
+    data.add_argument("--study", default=None, help="a study file whose [data] to fetch and check")
     data.set_defaults(handler=_data)
 
     tune = commands.add_parser("tune", help="run or resume a study")
@@ -106,8 +107,16 @@ def add_study_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _data(args: argparse.Namespace) -> int:
-    from digitune import data
+    from digitune import data, datasets, space
 
+    if args.study:
+        dataset = datasets.load(space.load(args.study).data)
+        print(
+            f"{dataset.source}: {dataset.name}, {len(dataset.train_labels):,} training and "
+            f"{len(dataset.test_labels):,} test pictures of {dataset.image_shape}, classes "
+            f"{', '.join(dataset.class_names)}; data hash {dataset.digest[:16]}"
+        )
+        return 0
     mnist = data.load()
     state = "the published MNIST" if mnist.canonical else "NOT the published MNIST (a subset?)"
     print(
@@ -145,9 +154,13 @@ def _tune(args: argparse.Namespace) -> int:
         + ", ".join(f"{count} {state.lower()}" for state, count in sorted(states.items()))
         + f"\nbest trial {outcome.best_trial.number}: validation accuracy "
         f"{outcome.best_trial.value:.4f}, test accuracy {outcome.test_accuracy:.4f}"
-        f"\nregistered {config.REGISTERED_MODEL_NAME} version {outcome.model_version} "
+        f"\nregistered {outcome.model_name} version {outcome.model_version} "
         f"(alias @{config.CHALLENGER_ALIAS}); compare trials with `make ui`"
     )
+    if outcome.model_name != config.REGISTERED_MODEL_NAME:
+        print(
+            f"its commands take --model {outcome.model_name} (MODEL={outcome.model_name} in make)"
+        )
     if outcome.refit is not None:
         print(
             f"refit on all training images ({outcome.refit.epochs} epochs): test accuracy "
@@ -179,7 +192,7 @@ def _tune_with_keras_tuner(args: argparse.Namespace) -> int:
         f"{outcome.trials} trials"
         f"\nbest trial {outcome.best.number}: validation accuracy "
         f"{outcome.best.validation_accuracy:.4f}, test accuracy {outcome.test_accuracy:.4f}"
-        f"\nregistered {config.REGISTERED_MODEL_NAME} version {outcome.model_version} "
+        f"\nregistered {outcome.model_name} version {outcome.model_version} "
         f"(alias @{config.CHALLENGER_ALIAS}); compare engines with `make ui`"
     )
     return 0
@@ -202,7 +215,7 @@ def _ensemble(args: argparse.Namespace) -> int:
         f"{outcome.best_member_validation_accuracy:.4f}\n"
         f"test accuracy:       ensemble {outcome.test_accuracy:.4f}, best single "
         f"{outcome.best_member_test_accuracy:.4f}\n"
-        f"registered {config.REGISTERED_MODEL_NAME} version {outcome.model_version} "
+        f"registered {outcome.model_name} version {outcome.model_version} "
         f"(alias @{config.CHALLENGER_ALIAS}); `make promote` compares it with the champion"
     )
     return 0

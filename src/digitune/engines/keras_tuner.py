@@ -116,6 +116,7 @@ class Outcome:
     test_accuracy: float
     model_version: str | None
     parent_run_id: str
+    model_name: str = ""
 
 
 def run(
@@ -173,7 +174,7 @@ def run(
                 raise KeyboardInterrupt
             best = _best_trial(tuner, study_name)
             mlflow.MlflowClient().log_metric(parent_run_id, "trials", len(tuner.oracle.trials))
-            test_accuracy, version = scaffold.finalize(best, inputs.mnist, parent_run_id, register)
+            test_accuracy, version = scaffold.finalize(best, inputs, parent_run_id, register)
     finally:
         keras.mixed_precision.set_global_policy("float32")
     return Outcome(
@@ -184,6 +185,7 @@ def run(
         test_accuracy,
         version,
         parent_run_id,
+        inputs.definition.model_name,
     )
 
 

@@ -42,6 +42,7 @@ class Outcome:
     # Worker processes that died (killed, crashed) while the study ran, in words; their
     # trials were failed and run again by the others.
     worker_deaths: tuple[str, ...] = ()
+    model_name: str = ""
 
 
 class WorkerError(RuntimeError):
@@ -131,9 +132,9 @@ def run(
                 "see each trial's fail_reason above or in the MLflow UI"
             )
         best = scaffold.BestTrial.of(optuna_study)
-        test_accuracy, version = scaffold.finalize(best, inputs.mnist, parent_run_id, register)
+        test_accuracy, version = scaffold.finalize(best, inputs, parent_run_id, register)
         refitted = (
-            refitting.run(optuna_study, definition, inputs.mnist, parent_run_id, test_accuracy)
+            refitting.run(optuna_study, definition, inputs.dataset, parent_run_id, test_accuracy)
             if refit
             else None
         )
@@ -147,4 +148,5 @@ def run(
         parent_run_id,
         refitted,
         deaths,
+        definition.model_name,
     )

@@ -1,7 +1,8 @@
 """What every engine does around its trials: the one scaffold of a study run.
 
 1. `prepare`: read the study file, apply the command line's budget, check that the tracking
-   store answers (before anything loads or trains), load MNIST and split it;
+   store answers (before anything loads or trains), load its dataset and split it; every
+   trial's params get the data's shape and classes;
 2. `parent_run`: the study's MLflow parent run, opened (or reopened) with the resolved
    configuration and datasets, and closed FINISHED, KILLED or FAILED as the block ends;
 3. the engine runs its trials as children of that run;
@@ -21,7 +22,7 @@ from pathlib import Path
 import mlflow
 import optuna
 
-from digitune import data, evaluate, records, registry, space, tracking
+from digitune import data, datasets, evaluate, model, records, registry, space, tracking
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +32,7 @@ class Inputs:
     """A study's definition with its budget applied, its data, and when its time is up."""
 
     definition: space.StudyDefinition
-    mnist: data.Mnist
+    dataset: datasets.Dataset
     split: data.Split
     # A `time.time()` value, the same in every worker process, or None.
     deadline: float | None
@@ -70,17 +71,32 @@ def prepare(
         study_file = space.load(study_file)
     definition = study_file.with_budget(n_trials, timeout_minutes)
     tracking.configure()
-    mnist = data.load()
-    if not mnist.canonical:
+    dataset = datasets.load(definition.data)
+    if not dataset.canonical:
         log.warning(
-            "%s is not the published MNIST (only its own SHA256SUMS vouches for it): "
-            "figures from this study are not MNIST figures",
-            mnist.source,
+            "%s is not the published %s (only its own SHA256SUMS vouches for it): "
+            "figures from this study are not %s figures",
+            dataset.source,
+            dataset.name,
+            dataset.name,
         )
+    definition = with_data(definition, dataset)
     training = definition.training
-    split = data.split(mnist, training.train_images, training.validation_images)
+    split = data.split(dataset, training.train_images, training.validation_images)
     timeout = definition.study.timeout_minutes * 60
-    return Inputs(definition, mnist, split, time.time() + timeout if timeout else None)
+    return Inputs(definition, dataset, split, time.time() + timeout if timeout else None)
+
+
+def with_data(definition: space.StudyDefinition, dataset: datasets.Dataset):
+    """The definition with the dataset's shape and classes among its fixed params, once the
+    search space is known to fit the pictures."""
+    blocks = definition.distributions.get("num_conv_blocks")
+    most = getattr(blocks, "high", definition.fixed.get("num_conv_blocks", 1))
+    problem = model.blocks_problem(int(most), dataset.image_shape)
+    if problem:
+        raise ValueError(f"{definition.path} [space] 'num_conv_blocks': {problem}")
+    fixed = {**definition.fixed, **dataset.params}
+    return dataclasses.replace(definition, fixed=fixed)
 
 
 @contextlib.contextmanager
@@ -89,40 +105,48 @@ def parent_run(
 ) -> Iterator[str]:
     """The study's parent run (reopened when `run_id` still exists), as a context that
     yields its id and ends the run with the block."""
-    mnist, split = inputs.mnist, inputs.split
-    source, digest = str(mnist.source), mnist.digest[:16]
-    datasets = {
-        "training": tracking.dataset(split.x_train, split.y_train, "mnist-train", source, digest),
+    dataset, split = inputs.dataset, inputs.split
+    source, digest, name = dataset.source, dataset.digest[:16], dataset.name
+    datasets_logged = {
+        "training": tracking.dataset(split.x_train, split.y_train, f"{name}-train", source, digest),
         "validation": tracking.dataset(
-            split.x_validation, split.y_validation, "mnist-validation", source, digest
+            split.x_validation, split.y_validation, f"{name}-validation", source, digest
         ),
     }
     resolved = {
         **inputs.definition.resolved(),
-        "data_sha256": mnist.digest,
-        "data_canonical": mnist.canonical,
+        "data_sha256": dataset.digest,
+        "data_canonical": dataset.canonical,
+        "data_class_names": ", ".join(dataset.class_names),
     }
-    with tracking.study_run(experiment, run_name, run_id, resolved, datasets, tags) as parent:
+    if dataset.test_files_sha256:
+        resolved["data_test_files_sha256"] = dataset.test_files_sha256
+    with tracking.study_run(
+        experiment, run_name, run_id, resolved, datasets_logged, tags
+    ) as parent:
         yield parent
 
 
 def finalize(
-    best: BestTrial, mnist: data.Mnist, parent_run_id: str, register: bool = True
+    best: BestTrial, inputs: Inputs, parent_run_id: str, register: bool = True
 ) -> tuple[float, str | None]:
     """Rebuild the best trial's model from its params and weights, evaluate it on the test
     set into the parent run, and (with `register`) register it unless that trial already
     is. Returns the test accuracy and the registered version."""
+    dataset, model_name = inputs.dataset, inputs.definition.model_name
     with mlflow.start_run(run_id=parent_run_id):
         cnn = records.load_model(best.params, best.run_id)
-        test = evaluate.evaluate(cnn, data.preprocess(mnist.test_images), mnist.test_labels)
-        records.log_evaluation(test, "test", f"best trial {best.number}, MNIST test set")
+        test = evaluate.evaluate(cnn, data.preprocess(dataset.test_images), dataset.test_labels)
+        records.log_evaluation(
+            test, "test", f"best trial {best.number}, {dataset.name} test set", dataset.class_names
+        )
         mlflow.log_metrics(
             {"test_accuracy": test.accuracy, "best_val_accuracy": best.validation_accuracy}
         )
         mlflow.set_tags({"best_trial": str(best.number)})
         if not register:
             return test.accuracy, None
-        existing = registry.find_version(best.study_name, best.number)
+        existing = registry.find_version(best.study_name, best.number, model_name=model_name)
         if existing is not None:
             log.info(
                 "best trial %d is already registered as version %s", best.number, existing.version
@@ -130,13 +154,15 @@ def finalize(
             return test.accuracy, str(existing.version)
         version = registry.register(
             cnn,
+            model_name=model_name,
             study_name=best.study_name,
             trial_number=best.number,
             params=best.params,
             validation_accuracy=best.validation_accuracy,
             test_accuracy=test.accuracy,
-            test_images=len(mnist.test_labels),
-            data_sha256=mnist.digest,
+            test_images=len(dataset.test_labels),
+            data_sha256=dataset.digest,
             engine=best.engine,
+            extra_tags=datasets.version_tags(dataset, inputs.definition.data),
         )
     return test.accuracy, str(version.version)

@@ -134,15 +134,16 @@ def work(
 
     import optuna
 
-    from digitune import data, study, tracking, trainer
+    from digitune import data, datasets, study, tracking, trainer
     from digitune.engines import objective
 
     trainer.stop_cleanly_on_ctrl_c()  # The terminal's Ctrl-C reaches every worker.
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     tracking.configure()
-    mnist = data.load()
     split = data.split(
-        mnist, definition.training.train_images, definition.training.validation_images
+        datasets.load(definition.data),
+        definition.training.train_images,
+        definition.training.validation_images,
     )
     optuna_study = study.load_or_create(definition, storage, worker=index + 1, join=True)
     parent_run_id = study.parent_run_id(optuna_study)
