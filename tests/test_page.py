@@ -36,14 +36,14 @@ from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 @pytest.fixture
 def server(serving):
     """`digitune serve` on a free localhost port, in this process."""
+    yield from _serve(serve.create_app(poll_seconds=0))
+
+
+def _serve(app):
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    instance = uvicorn.Server(
-        uvicorn.Config(
-            serve.create_app(poll_seconds=0), host="127.0.0.1", port=port, log_level="warning"
-        )
-    )
+    instance = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=instance.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 60
@@ -148,6 +148,69 @@ def test_drawing_a_digit_shows_the_prediction(server, browser, digit, tmp_path):
     assert shown == str(digit)
     assert "mnist-cnn version 1 (@champion)" in browser.find_element(By.ID, "model").text
     assert len(browser.find_elements(By.CSS_SELECTOR, "#bars .bar")) == 10
+    # The likeliest digit's bar is drawn, filled as far as its probability goes.
+    fill = browser.find_element(By.CSS_SELECTOR, "#bars .bar.best .fill")
+    track = browser.find_element(By.CSS_SELECTOR, "#bars .bar.best .track")
+    assert fill.size["width"] > 0.3 * track.size["width"]
 
     browser.find_element(By.ID, "clear").click()
     assert browser.find_element(By.ID, "digit").text == ""
+
+
+@pytest.fixture
+def colour_server(tmp_path, monkeypatch):
+    """A champion of colour pictures, 16x16 RGB of two classes ("blue", "red"), served."""
+    import json
+
+    import keras
+    import mlflow
+    import numpy as np
+
+    from digitune import config, model, registry, tracking
+
+    monkeypatch.setenv("DIGITUNE_HOME", str(tmp_path))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    params = {"image_height": 16, "image_width": 16, "image_channels": 3, "num_classes": 2}
+    rng = np.random.default_rng(0)
+    images = rng.uniform(0, 0.3, (200, 16, 16, 3)).astype("float32")
+    labels = np.arange(200) % 2
+    images[labels == 0, ..., 2] += 0.7  # blue
+    images[labels == 1, ..., 0] += 0.7  # red
+    keras.utils.set_random_seed(0)
+    cnn = model.build_model(params)
+    cnn.fit(images, labels, epochs=3, batch_size=20, verbose=0)
+    with mlflow.start_run(experiment_id=tracking.experiment_id(tracking.configure(), "colours")):
+        registry.register(
+            cnn, model_name="colours-cnn", study_name="colours", trial_number=0, params=params,
+            validation_accuracy=1.0, test_accuracy=1.0, test_images=0, data_sha256="0" * 64,
+            extra_tags={"class_names": json.dumps(["blue", "red"]), "dataset": "colours"},
+            alias=config.CHAMPION_ALIAS,
+        )  # fmt: skip
+    yield from _serve(serve.create_app("models:/colours-cnn@champion", poll_seconds=0))
+    mlflow.set_tracking_uri(None)
+
+
+def test_a_colour_model_gets_an_upload_form_instead_of_the_drawing_pad(
+    colour_server, browser, tmp_path
+):
+    from PIL import Image
+
+    browser.get(colour_server)
+    upload = WebDriverWait(browser, 30).until(
+        lambda d: d.find_element(By.ID, "upload").is_displayed() and d.find_element(By.ID, "upload")
+    )
+    assert not browser.find_element(By.ID, "drawing").is_displayed()
+    hint = browser.find_element(By.ID, "hint").text
+    assert "blue, red" in hint and "16x16 colour pictures" in hint
+    picture = tmp_path / "red.png"
+    Image.new("RGB", (64, 64), (230, 20, 20)).save(picture)  # resized to 16x16 by the service
+    upload.send_keys(str(picture))
+    shown = WebDriverWait(browser, 30).until(
+        lambda d: d.find_element(By.ID, "digit").text or d.find_element(By.ID, "error").text
+    )
+    browser.save_screenshot(str(tmp_path / "page-colour.png"))
+    assert shown == "red"
+    labels = [
+        bar.text.split("\n")[0] for bar in browser.find_elements(By.CSS_SELECTOR, "#bars .bar")
+    ]
+    assert [label.split()[0] for label in labels] == ["blue", "red"]
