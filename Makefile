@@ -76,7 +76,7 @@ promote: install ## Make @challenger @champion if better on the test set (MARGIN
 	$(BIN)/digitune promote --margin $(MARGIN) $(if $(FORCE),--force) $(MODEL_ARG)
 
 ensemble: install ## Register the average of the study's TOP best trials (STUDY, TOP=5, GREEDY=1)
-	$(BIN)/digitune ensemble --study $(STUDY) --top $(TOP) $(if $(GREEDY),--greedy)
+	$(BIN)/digitune ensemble --study $(STUDY) --top $(TOP) $(if $(GREEDY),--greedy) $(MODEL_ARG)
 
 tflite: install ## TFLite float16/int8 files of @champion (or VERSION=N), logged to its run (MODEL)
 	$(BIN)/digitune export $(if $(VERSION),--version $(VERSION)) $(MODEL_ARG)

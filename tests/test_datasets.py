@@ -21,7 +21,7 @@ import pytest
 from PIL import Image
 
 from conftest import FIXTURE_DIR, TINY_STUDY, write_study
-from digitune import config, data, datasets, download, model, space
+from digitune import cli, config, data, datasets, download, model, space
 
 # The fixture's digits saved as PNG files under class folders named in words: the class
 # names come from the folders, in sorted order (eight, five, four, nine, one, ...).
@@ -296,7 +296,7 @@ def _shipped(name: str) -> Path:
 
 
 @pytest.mark.slow
-def test_a_folder_of_pictures_is_tuned_registered_promoted_and_served(project):
+def test_a_folder_of_pictures_is_tuned_registered_promoted_and_served(project, capsys):
     from digitune import promote, serve
     from digitune.engines import optuna as optuna_engine
     from test_serve import png, started
@@ -317,6 +317,8 @@ def test_a_folder_of_pictures_is_tuned_registered_promoted_and_served(project):
     version = client.get_model_version("hand-written-cnn", outcome.model_version)
     assert json.loads(version.tags["class_names"]) == sorted(WORDS)
     assert version.tags["dataset"] == "hand-written"
+    info = mlflow.models.get_model_info(f"models:/hand-written-cnn/{outcome.model_version}")
+    assert info.metadata["class_names"] == sorted(WORDS)
     dataset = datasets.load(config.DataSettings(folder="pictures/Hand Written"))
     parent = client.get_run(outcome.parent_run_id)
     assert parent.data.params["data_test_files_sha256"] == dataset.test_files_sha256
@@ -328,6 +330,14 @@ def test_a_folder_of_pictures_is_tuned_registered_promoted_and_served(project):
     decision = promote.promote(model_name="hand-written-cnn")
     assert decision.promoted and decision.challenger_evaluation.class_names == tuple(sorted(WORDS))
     assert len(decision.challenger_evaluation.confusion_matrix) == 10
+
+    # The commands take --model; without it they name the models there are.
+    assert cli.main(["models", "--model", "hand-written-cnn"]) == 0
+    assert "@challenger, @champion" in capsys.readouterr().out
+    assert cli.main(["models"]) == 1
+    error = capsys.readouterr().err
+    assert "no registered model 'mnist-cnn'" in error
+    assert "(registered models: hand-written-cnn)" in error
 
     # Served: pictures resized (not prepared as MNIST was), answered with class names.
     reference = mlflow.pyfunc.load_model(f"models:/hand-written-cnn/{outcome.model_version}")

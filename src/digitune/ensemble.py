@@ -104,9 +104,14 @@ def _accuracy(probabilities: dict[int, np.ndarray], members: list[int], labels) 
 
 
 def run(
-    study_file: str | Path, storage: str | None = None, top: int = 5, greedy: bool = False
+    study_file: str | Path,
+    storage: str | None = None,
+    top: int = 5,
+    greedy: bool = False,
+    model_name: str | None = None,
 ) -> Outcome:
-    """Build, evaluate and register the ensemble of a finished study's best trials."""
+    """Build, evaluate and register the ensemble of a finished study's best trials, as a
+    version of `model_name` (default: the study's own registered model)."""
     if top < 1:
         raise ValueError(f"--top must be at least 1, got {top}")
     tracking.configure()
@@ -122,6 +127,7 @@ def run(
     candidates = completed[: 2 * top] if greedy else completed[:top]
 
     dataset = datasets.load(definition.data)
+    model_name = model_name or definition.model_name
     training = definition.training
     split = data.split(dataset, training.train_images, training.validation_images)
     models = {
@@ -187,7 +193,7 @@ def run(
         version = registry.register(
             EnsembleModel(),
             artifacts=artifacts,
-            model_name=definition.model_name,
+            model_name=model_name,
             study_name=optuna_study.study_name,
             trial_number="ensemble",
             params=dataset.params,
@@ -210,5 +216,5 @@ def run(
         ensemble_test.accuracy,
         best_test.accuracy,
         str(version.version),
-        definition.model_name,
+        model_name,
     )

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import io
+import json
 import tempfile
 
 import mlflow
@@ -74,9 +75,16 @@ def register(
     with its `artifacts` (an ensemble); both get the same signature, so serving, promotion
     and rollback treat every version alike. This is the one place that registers.
     """
+    extra_tags = extra_tags or {}
     common = {
         "name": "model",
         "signature": signature_of(params),
+        # The model's own metadata (its MLmodel file) names its classes too, for any client.
+        "metadata": {
+            "dataset": extra_tags.get("dataset", "mnist"),
+            "class_names": json.loads(extra_tags.get("class_names", "null"))
+            or [str(index) for index in range(data_params(params)["num_classes"])],
+        },
         "pip_requirements": pip_requirements(),
         "registered_model_name": model_name,
     }
@@ -110,10 +118,16 @@ def register(
     )
 
 
+def data_params(params: dict) -> dict:
+    """The input shape's and classes' params among `params` (MNIST's where absent; an
+    ensemble's params hold nothing else)."""
+    data = {key: value for key, value in params.items() if key in model.DATA_PARAMS}
+    return {**model.DATA_PARAMS, **data}
+
+
 def signature_of(params: dict) -> ModelSignature:
-    """The signature of a model built from `params`: their input shape and classes (MNIST's
-    where absent; an ensemble's params hold nothing else)."""
-    data = model.resolve_params({k: v for k, v in params.items() if k in model.DATA_PARAMS})
+    """The signature of a model built from `params`: its input shape and classes."""
+    data = data_params(params)
     return signature(model.image_shape(data), int(data["num_classes"]))
 
 

@@ -68,6 +68,11 @@ def add_commands(commands) -> None:
         action="store_true",
         help="greedy forward selection on validation accuracy instead of the top K",
     )
+    ensemble.add_argument(
+        "--model",
+        default=None,
+        help="the registered model to add it to (default: the study's [registry] model_name)",
+    )
     ensemble.set_defaults(handler=_ensemble)
 
     bench = commands.add_parser(
@@ -209,7 +214,7 @@ def _report(args: argparse.Namespace) -> int:
 def _ensemble(args: argparse.Namespace) -> int:
     from digitune import ensemble
 
-    outcome = ensemble.run(args.study, args.storage, args.top, args.greedy)
+    outcome = ensemble.run(args.study, args.storage, args.top, args.greedy, args.model)
     print(
         f"validation accuracy: ensemble {outcome.validation_accuracy:.4f}, best single "
         f"{outcome.best_member_validation_accuracy:.4f}\n"
