@@ -46,6 +46,10 @@ def average_probabilities(members, images: np.ndarray) -> np.ndarray:
 class EnsembleModel(mlflow.pyfunc.PythonModel):
     """The registered ensemble: loads every member's Keras file, averages their outputs."""
 
+    # MLflow would wrap `predict` for type-hint validation and warn, on every `make ensemble`,
+    # that it has none; the signature given at registration already checks the input.
+    _skip_type_hint_validation = True
+
     def load_context(self, context):
         import keras
 
