@@ -105,37 +105,18 @@ def promote(
             forced=forced,
             test_accuracy=round(evaluation.accuracy, 6),
         )
-    _tag(
-        client,
-        model_name,
-        challenger_version,
-        champion_version,
-        comparison,
-        evaluation,
-        promoted,
-        forced,
+    decision = Decision(
+        challenger_version, champion_version, comparison, evaluation, promoted, forced, reason
     )
-    return Decision(
-        challenger_version,
-        champion_version,
-        comparison,
-        evaluation,
-        promoted,
-        forced,
-        reason,
-    )
+    _tag(client, model_name, decision)
+    return decision
 
 
-def _tag(
-    client,
-    model_name,
-    challenger_version,
-    champion_version,
-    comparison,
-    evaluation,
-    promoted,
-    forced,
-) -> None:
+def _tag(client, model_name: str, outcome: Decision) -> None:
+    """Both versions' tags: the decision, both accuracies and the McNemar test."""
+    challenger_version, champion_version = outcome.challenger, outcome.champion
+    comparison, evaluation = outcome.comparison, outcome.challenger_evaluation
+    forced, promoted = outcome.forced, outcome.promoted
     decision = "forced" if forced else "promoted" if promoted else "refused"
     tags = {"promotion.decision": decision, "promotion.test_accuracy": f"{evaluation.accuracy:.4f}"}
     if comparison is None:

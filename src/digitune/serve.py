@@ -15,10 +15,9 @@ when it moves, once a probe prediction on it succeeds, so `make promote` or `mak
 take effect without a restart and requests in flight finish on the model they started with.
 
 Every request does bounded work (`digitune.payloads`): bodies over `MAX_BODY_BYTES` are
-refused as they stream in (with or without a length, chunked included), pictures over
-`imaging.MAX_PIXELS` before they are decoded, batches over `MAX_BATCH` before they are
-converted; decoding and prediction run in a worker thread, never on the event loop. Every
-error is a JSON body with a `detail`.
+refused as they stream in (chunked too), pictures over `imaging.MAX_PIXELS` before they are
+decoded, batches over `MAX_BATCH` before they are converted; decoding and prediction run in a
+worker thread, never on the event loop. Every error is a JSON body with a `detail`.
 """
 
 from __future__ import annotations
