@@ -170,6 +170,14 @@ def test_nan_in_json(client):
     assert answer.status_code == 422 and "NaN" in answer.json()["detail"]
 
 
+def test_true_and_false_in_json_are_not_pixels(client):
+    """Found by Schemathesis's negative tests: JSON booleans passed as 1 and 0."""
+    image = [[False] * 28 for _ in range(28)]
+    image[3][4] = True
+    answer = client.post("/predict", json={"image": image})
+    assert answer.status_code == 422 and "not true or false" in answer.json()["detail"]
+
+
 def test_no_model_is_503_not_a_crash(project):
     app = serve.create_app("models:/no-such-model@champion", poll_seconds=0)
     with started(app) as client:

@@ -146,6 +146,9 @@ def from_array(values: object, shape: tuple[int, int, int] = (SIZE, SIZE, 1)) ->
         array = array[..., np.newaxis]
     if array.shape != (height, width, channels):
         raise ImageError(f"the image must be a {words} array, got shape {array.shape}")
+    # JSON's true and false would pass as 1 and 0: refuse them, as the API's schema does.
+    if any(isinstance(value, bool) for value in np.asarray(values, dtype=object).ravel()):
+        raise ImageError("pixel values must be numbers, not true or false")
     if not np.isfinite(array).all():
         raise ImageError("the image holds NaN or infinite values")
     if array.min() < 0 or array.max() > 255:
