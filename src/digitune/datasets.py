@@ -24,9 +24,9 @@ from pathlib import Path
 
 import numpy as np
 
-from digitune import config, data, download, imaging
+from digitune import config, data, download, evaluate, imaging
 
-DIGITS = tuple(str(digit) for digit in range(10))
+DIGITS = evaluate.DIGITS
 PICTURE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 # Pillow modes that hold no colour.
 _GREY_MODES = {"1", "L", "LA", "I", "I;16", "F"}

@@ -35,9 +35,9 @@ from fastapi.responses import HTMLResponse, JSONResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
-from digitune import config, imaging, payloads, registry, tracking
+from digitune import config, evaluate, imaging, payloads, registry, tracking
 
-DIGITS = [str(digit) for digit in range(10)]
+DIGITS = evaluate.DIGITS  # the class names of versions registered before datasets
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,11 +52,11 @@ class Served:
     signature: dict | None
     # From the version's signature and tags (MNIST's for versions registered before datasets).
     input_shape: tuple[int, int, int] = (imaging.SIZE, imaging.SIZE, 1)
-    class_names: tuple[str, ...] = tuple(DIGITS)
+    class_names: tuple[str, ...] = DIGITS
 
     @property
     def digits(self) -> bool:  # a digit model: pictures are prepared as MNIST was
-        return list(self.class_names) == DIGITS and self.input_shape[2] == 1
+        return tuple(self.class_names) == DIGITS and self.input_shape[2] == 1
 
 
 class ModelHolder:
