@@ -129,6 +129,14 @@ def test_pictures_are_resized_and_coloured_as_asked(tmp_path):
     dataset = datasets.load(settings(folder=str(root), image_size=16, color_mode="rgb"))
     assert dataset.train_images.shape[1:] == (16, 16, 3)
     assert dataset.params["image_channels"] == 3
+    # "auto": grey pictures stay grey until one picture has colour; then all are RGB, the grey
+    # ones repeated in the three channels.
+    assert datasets.load(settings(folder=str(root))).image_shape == (28, 28, 1)
+    Image.new("RGB", (28, 28), (200, 30, 30)).save(root / "one" / "red.png")
+    mixed = datasets.load(settings(folder=str(root), test_fraction=0.5))
+    assert mixed.image_shape == (28, 28, 3)
+    every = np.concatenate([mixed.train_images, mixed.test_images])
+    assert sum(not np.array_equal(image[..., 0], image[..., 1]) for image in every) == 1
 
 
 @pytest.mark.parametrize(

@@ -142,11 +142,12 @@ def load_pictures(settings: config.DataSettings) -> Dataset:
             "2 sub-folders of pictures, one per class"
         )
     files, labels = _listing(train_root, classes)
-    mode = _color_mode(settings, files)
-    images = _read_pictures(files, mode, settings.image_size)
+    images = _read_pictures(files, settings.color_mode, settings.image_size)
     if split:
         test_files, test_labels = _listing(root / "test", classes)
-        test_images = _read_pictures(test_files, mode, settings.image_size or images.shape[2])
+        # In the training pictures' colour mode, as "auto" settled it.
+        mode = "rgb" if images.ndim == 4 else "grayscale"
+        test_images = _read_pictures(test_files, mode, settings.image_size)
         if test_images.shape[1:] != images.shape[1:]:
             raise data.DataError(f"{root / 'test'}: pictures of another size than train/'s")
         order = np.random.default_rng(settings.split_seed).permutation(len(labels))
@@ -173,25 +174,19 @@ def _listing(folder: Path, classes: tuple[str, ...]) -> tuple[list[Path], np.nda
     return files, np.asarray(labels, np.int64)
 
 
-def _color_mode(settings: config.DataSettings, files: list[Path]) -> str:
-    if settings.color_mode != "auto":
-        return "L" if settings.color_mode == "grayscale" else "RGB"
-    from PIL import Image
-
-    for path in files:
-        with _opened(path, Image) as picture:
-            if picture.mode not in _GREY_MODES:
-                return "RGB"
-    return "L"
-
-
-def _read_pictures(files: list[Path], mode: str, size: int) -> np.ndarray:
+def _read_pictures(files: list[Path], color_mode: str, size: int) -> np.ndarray:
+    """Every picture decoded once: (N, H, W) grey or (N, H, W, 3) RGB as `color_mode` says;
+    "auto" gives grey when no picture has colour, else RGB (a grey picture repeated in the
+    three channels, as Pillow converts it)."""
     from PIL import Image
 
     images, first = [], None
     for path in files:
         with _opened(path, Image) as picture:
-            picture = picture.convert(mode)
+            grey = color_mode == "grayscale" or (
+                color_mode == "auto" and picture.mode in _GREY_MODES
+            )
+            picture = picture.convert("L" if grey else "RGB")
             if size:
                 picture = picture.resize((size, size), Image.Resampling.BILINEAR)
             first = first or (picture.size, path)
@@ -201,6 +196,10 @@ def _read_pictures(files: list[Path], mode: str, size: int) -> np.ndarray:
                     f"{first[0][0]}x{first[0][1]}; set [data] image_size to resize them all"
                 )
             images.append(np.asarray(picture, np.uint8))
+    if any(image.ndim == 3 for image in images):
+        images = [
+            image if image.ndim == 3 else np.repeat(image[..., None], 3, 2) for image in images
+        ]
     return np.stack(images)
 
 
