@@ -14,7 +14,7 @@ import optuna
 import pytest
 
 from conftest import FIXTURE_DIR
-from digitune import data, model, space, trainer
+from digitune import custom_objects, data, model, space, trainer
 
 AUGMENTED = {
     "augment_shift": 0.1,
@@ -58,7 +58,7 @@ def test_label_smoothing_matches_keras_categorical_crossentropy():
     rng = np.random.default_rng(0)
     labels = rng.integers(0, 10, size=32)
     probabilities = rng.dirichlet(np.ones(10), size=32).astype("float32")
-    ours = model.SparseCrossentropyWithLabelSmoothing(0.1)(labels, probabilities)
+    ours = custom_objects.SparseCrossentropyWithLabelSmoothing(0.1)(labels, probabilities)
     reference = keras.losses.CategoricalCrossentropy(label_smoothing=0.1)(
         keras.ops.one_hot(labels, 10), probabilities
     )

@@ -13,6 +13,8 @@ import numbers
 import keras
 from keras import layers
 
+from digitune import custom_objects
+
 IMAGE_SHAPE = (28, 28, 1)
 NUM_CLASSES = 10
 # What the dataset decides, not the search (MNIST's by default): a study adds its dataset's to
@@ -32,6 +34,13 @@ HYPERPARAMETER_DEFAULTS: dict[str, object] = {
     "batch_size": 32,
     "num_conv_blocks": 1,
     "num_filters": 32,
+    # Small models for devices: more convolutions per block, filters growing slower than
+    # doubling, depthwise-separable convolutions (after the first), and global average
+    # pooling instead of flattening, with `dense_units = 0` for no hidden dense layer.
+    "convs_per_block": 1,
+    "filter_growth": 2.0,
+    "separable_convolutions": False,
+    "global_average_pooling": False,
     "kernel_size": 3,
     "dense_units": 128,
     "dropout_rate": 0.0,
@@ -61,8 +70,12 @@ HYPERPARAMETER_LIMITS: dict[str, tuple[type, object, str]] = {
     # Four 2x2 poolings take 28x28 down to 1x1; a fifth would leave nothing.
     "num_conv_blocks": (int, lambda value: 1 <= value <= 4, "from 1 to 4"),
     "num_filters": (int, lambda value: 1 <= value <= 1024, "from 1 to 1,024"),
+    "convs_per_block": (int, lambda value: 1 <= value <= 4, "from 1 to 4"),
+    "filter_growth": (float, lambda value: 1 <= value <= 4, "from 1 to 4"),
+    "separable_convolutions": (bool, lambda value: True, ""),
+    "global_average_pooling": (bool, lambda value: True, ""),
     "kernel_size": (int, lambda value: 1 <= value <= 28, "from 1 to 28"),
-    "dense_units": (int, lambda value: 1 <= value <= 16_384, "from 1 to 16,384"),
+    "dense_units": (int, lambda value: 0 <= value <= 16_384, "from 0 (none) to 16,384"),
     "dropout_rate": (float, lambda value: 0 <= value < 1, "in [0, 1)"),
     "batch_normalization": (bool, lambda value: True, ""),
     "augment_shift": (float, lambda value: 0 <= value < 1, "in [0, 1)"),
@@ -153,9 +166,10 @@ def blocks_problem(num_conv_blocks: int, shape: tuple[int, ...]) -> str | None:
 
 
 def build_model(params: dict) -> keras.Model:
-    """A compiled CNN: `num_conv_blocks` blocks of Conv2D (filters doubling from
-    `num_filters`), optional batch normalisation and 2x2 max pooling, then dropout, a dense
-    layer of `dense_units`, dropout again and a softmax over the ten digits."""
+    """A compiled CNN: `num_conv_blocks` blocks of `convs_per_block` convolutions (filters
+    growing by `filter_growth` a block from `num_filters`), optional batch normalisation and
+    2x2 max pooling, then flattening (or global average pooling), dropout, a dense layer of
+    `dense_units` (none for 0), dropout again and a softmax over the classes."""
     params = resolve_params(params)
     for name, value in params.items():
         check_hyperparameter(name, value)
@@ -166,23 +180,34 @@ def build_model(params: dict) -> keras.Model:
     inputs = keras.Input(shape=image_shape(params), name="image")
     augment = augmentation(params)
     features = augment(inputs) if augment.layers else inputs
-    for block in range(int(params["num_conv_blocks"])):
-        features = layers.Conv2D(
-            int(params["num_filters"]) * 2**block,
-            int(params["kernel_size"]),
-            padding="same",
-            activation="relu",
-            name=f"conv_{block + 1}",
-        )(features)
-        if params["batch_normalization"]:
-            features = FusedBatchNormalization(
-                momentum=BATCH_NORM_MOMENTUM, name=f"batch_norm_{block + 1}"
+    for block, filters in enumerate(block_filters(params), start=1):
+        for index in range(int(params["convs_per_block"])):
+            suffix = f"{block}" if index == 0 else f"{block}_{index + 1}"
+            # A depthwise convolution of the one- or three-channel input saves nothing.
+            separable = params["separable_convolutions"] and (block, index) != (1, 0)
+            convolution = layers.SeparableConv2D if separable else layers.Conv2D
+            features = convolution(
+                filters,
+                int(params["kernel_size"]),
+                padding="same",
+                activation="relu",
+                name=f"conv_{suffix}",
             )(features)
-        features = layers.MaxPooling2D(2, name=f"pool_{block + 1}")(features)
-    features = layers.Flatten(name="flatten")(features)
+            if params["batch_normalization"]:
+                features = custom_objects.FusedBatchNormalization(
+                    momentum=BATCH_NORM_MOMENTUM, name=f"batch_norm_{suffix}"
+                )(features)
+        features = layers.MaxPooling2D(2, name=f"pool_{block}")(features)
+    if params["global_average_pooling"]:
+        features = layers.GlobalAveragePooling2D(name="global_average_pooling")(features)
+    else:
+        features = layers.Flatten(name="flatten")(features)
     features = layers.Dropout(float(params["dropout_rate"]), name="dropout_1")(features)
-    features = layers.Dense(int(params["dense_units"]), activation="relu", name="dense")(features)
-    features = layers.Dropout(float(params["dropout_rate"]), name="dropout_2")(features)
+    if int(params["dense_units"]):
+        features = layers.Dense(int(params["dense_units"]), activation="relu", name="dense")(
+            features
+        )
+        features = layers.Dropout(float(params["dropout_rate"]), name="dropout_2")(features)
     # Softmax in float32 keeps probabilities exact under a mixed-precision policy.
     outputs = layers.Dense(
         int(params["num_classes"]), activation="softmax", dtype="float32", name="digit"
@@ -192,12 +217,19 @@ def build_model(params: dict) -> keras.Model:
     label_smoothing = float(params["label_smoothing"])
     model.compile(
         optimizer=_optimizer(params),
-        loss=SparseCrossentropyWithLabelSmoothing(label_smoothing)
+        loss=custom_objects.SparseCrossentropyWithLabelSmoothing(label_smoothing)
         if label_smoothing
         else "sparse_categorical_crossentropy",
         metrics=["accuracy"],
     )
     return model
+
+
+def block_filters(params: dict) -> list[int]:
+    """The filters of each convolution block: `num_filters`, growing by `filter_growth`."""
+    params = resolve_params(params)
+    growth, first = float(params["filter_growth"]), int(params["num_filters"])
+    return [max(1, round(first * growth**block)) for block in range(int(params["num_conv_blocks"]))]
 
 
 def augmentation(params: dict) -> keras.Sequential:
@@ -218,55 +250,6 @@ def augmentation(params: dict) -> keras.Sequential:
     return keras.Sequential(steps, name="augmentation")
 
 
-@keras.saving.register_keras_serializable(package="digitune")
-class FusedBatchNormalization(layers.BatchNormalization):
-    """Keras's BatchNormalization, computed by TensorFlow's fused kernel.
-
-    Keras 3 normalises with separate reductions and element-wise ops, upcast to float32; on
-    a 2-core CPU that made batch normalisation cost more than the convolutions (the default
-    study's 32-64-128 network trained at 1,214 images/s with it and 4,349 without it, in
-    bfloat16). TensorFlow's fused kernel computes the same function, including the moving
-    averages, at 4,876 images/s (a median of 3; Xeon with AMX, 2026-11-26). Other backends,
-    masks and other axes take Keras's own path. The weights are Keras's, so a model saved
-    with this layer has exactly BatchNormalization's variables.
-    """
-
-    def call(self, inputs, training=None, mask=None):
-        if (
-            keras.backend.backend() != "tensorflow"
-            or mask is not None
-            or len(inputs.shape) != 4
-            or self.axis not in (-1, 3, [3])
-        ):
-            return super().call(inputs, training=training, mask=mask)
-        import tensorflow as tf
-
-        gamma, beta = tf.cast(self.gamma, tf.float32), tf.cast(self.beta, tf.float32)
-        features = (
-            inputs if inputs.dtype in (tf.float32, tf.bfloat16) else tf.cast(inputs, "float32")
-        )
-        if training and self.trainable:
-            outputs, batch_mean, batch_variance = tf.compat.v1.nn.fused_batch_norm(
-                features, gamma, beta, epsilon=self.epsilon, is_training=True
-            )
-            # The kernel returns the variance corrected by n / (n - 1); Keras averages the
-            # uncorrected one, and so does this layer.
-            count = tf.cast(tf.size(features) // tf.shape(features)[-1], tf.float32)
-            batch_variance *= (count - 1.0) / count
-            for average, value in (
-                (self.moving_mean, batch_mean),
-                (self.moving_variance, batch_variance),
-            ):
-                average.assign(average * self.momentum + value * (1.0 - self.momentum))
-        else:
-            outputs, _, _ = tf.compat.v1.nn.fused_batch_norm(
-                features, gamma, beta, epsilon=self.epsilon, is_training=False,
-                mean=tf.cast(self.moving_mean, tf.float32),
-                variance=tf.cast(self.moving_variance, tf.float32),
-            )  # fmt: skip
-        return tf.cast(outputs, self.compute_dtype)
-
-
 def _optimizer(params: dict) -> keras.optimizers.Optimizer:
     learning_rate = float(params["learning_rate"])
     name = params["optimizer"]
@@ -277,23 +260,3 @@ def _optimizer(params: dict) -> keras.optimizers.Optimizer:
     if name == "rmsprop":
         return keras.optimizers.RMSprop(learning_rate)
     return keras.optimizers.Adam(learning_rate)
-
-
-@keras.saving.register_keras_serializable(package="digitune")
-class SparseCrossentropyWithLabelSmoothing(keras.losses.Loss):
-    """Cross-entropy on integer labels with label smoothing, which Keras's sparse loss lacks."""
-
-    def __init__(self, label_smoothing: float = 0.0, name="sparse_crossentropy_smoothed", **kwargs):
-        super().__init__(name=name, **kwargs)
-        self.label_smoothing = label_smoothing
-
-    def call(self, y_true, y_pred):
-        labels = keras.ops.one_hot(
-            keras.ops.cast(keras.ops.reshape(y_true, (-1,)), "int32"), y_pred.shape[-1]
-        )
-        return keras.losses.categorical_crossentropy(
-            labels, y_pred, label_smoothing=self.label_smoothing
-        )
-
-    def get_config(self):
-        return {**super().get_config(), "label_smoothing": self.label_smoothing}
