@@ -10,8 +10,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
-import types
-import typing
 from pathlib import Path
 
 REGISTERED_MODEL_NAME = "mnist-cnn"
@@ -20,6 +18,10 @@ CHAMPION_ALIAS = "champion"
 
 # The metric that trials report, prune on and are ranked by; every study maximises it.
 OBJECTIVE_METRIC = "val_accuracy"
+# What a deployed model costs, measured on every completed trial of a study with an
+# [objectives] table (`digitune.costs`): its weights (exact), its int8 TFLite file in KB
+# (exact) and the median latency of one image through the served form, single-threaded.
+COSTS = ("params", "int8_kb", "latency_ms")
 
 
 def project_dir() -> Path:
@@ -61,12 +63,9 @@ def tracking_uri() -> str:
 
 
 def artifact_location(experiment_name: str) -> str | None:
-    """Where a new experiment keeps its artifacts.
-
-    For the local store that is mlruns/artifacts/<experiment>; for any other tracking URI (a
-    tracking server, say) the server decides, so this returns None. (MLflow itself exports
-    MLFLOW_TRACKING_URI once a URI is set, so the URI is compared, not the variable.)
-    """
+    """Where a new experiment keeps its artifacts: mlruns/artifacts/<experiment> for the local
+    store, None (the server decides) for any other tracking URI. (MLflow exports
+    MLFLOW_TRACKING_URI once a URI is set, so the URI is compared, not the variable.)"""
     if tracking_uri() != local_tracking_uri():
         return None
     return (mlruns_dir() / "artifacts" / experiment_name).as_uri()
@@ -223,6 +222,28 @@ class DataSettings:
 
 
 @dataclasses.dataclass(frozen=True)
+class ObjectiveSettings:
+    """The [objectives] table: deployment costs minimised beside validation accuracy (a
+    multi-objective study, not pruned) and limits on them (constraints; the trials stay
+    single-objective and pruned when nothing is minimised). 0 = no limit."""
+
+    minimize: tuple[str, ...] = ()  # some of COSTS
+    max_params: float = 0.0
+    max_int8_kb: float = 0.0
+    max_latency_ms: float = 0.0
+
+    @property
+    def limits(self) -> dict[str, float]:  # {cost: limit} of the constraints set
+        return {
+            cost: getattr(self, f"max_{cost}") for cost in COSTS if getattr(self, f"max_{cost}")
+        }
+
+    @property
+    def measured(self) -> bool:  # whether trials measure their costs
+        return bool(self.minimize or self.limits)
+
+
+@dataclasses.dataclass(frozen=True)
 class RegistrySettings:
     """The [registry] table of a study file."""
 
@@ -230,70 +251,9 @@ class RegistrySettings:
     model_name: str = ""
 
 
-SAMPLERS = ("tpe", "random")
+SAMPLERS = ("tpe", "random", "nsga2")
 DATASETS = ("mnist", "fashion-mnist", "cifar10", "sklearn-digits", "folder")
 COLOR_MODES = ("auto", "grayscale", "rgb")
 PRUNERS = ("median", "hyperband", "none", "successive_halving")
 
 PRECISIONS = ("auto", "float32", "mixed_bfloat16", "mixed_float16")
-
-_CHOICES = {
-    (TrainingSettings, "precision"): PRECISIONS,
-    (StudySettings, "sampler"): SAMPLERS,
-    (StudySettings, "pruner"): PRUNERS,
-    (DataSettings, "dataset"): DATASETS,
-    (DataSettings, "color_mode"): COLOR_MODES,
-}
-
-
-def settings_from_table(cls: type, table: object, source: str):
-    """Build a settings dataclass from a TOML table, failing loudly on unknown keys and types.
-
-    `source` names the file and table (for example `studies/quick.toml [study]`) so that
-    the error tells the user exactly what to fix.
-    """
-    if not isinstance(table, dict):
-        raise ValueError(f"{source}: expected a table, got {type(table).__name__}")
-    hints = typing.get_type_hints(cls)
-    fields = {field.name: field for field in dataclasses.fields(cls)}
-    values = {}
-    for key, value in table.items():
-        if (cls, key) == (StudySettings, "direction"):
-            raise ValueError(
-                f"{source}: 'direction' is not a setting: every study maximises "
-                f"{OBJECTIVE_METRIC}; remove the key"
-            )
-        if key not in fields:
-            raise ValueError(
-                f"{source}: unknown key '{key}'; known keys are {', '.join(sorted(fields))}"
-            )
-        expected = hints[key]
-        if not _matches(value, expected):
-            raise ValueError(f"{source}: '{key}' must be {_type_name(expected)}, got {value!r}")
-        if expected is float:
-            value = float(value)
-        allowed = _CHOICES.get((cls, key))
-        if allowed and value not in allowed:
-            raise ValueError(
-                f"{source}: '{key}' must be one of {', '.join(allowed)}, got {value!r}"
-            )
-        if isinstance(value, (int, float)) and not isinstance(value, bool) and value < 0:
-            raise ValueError(f"{source}: '{key}' must not be negative, got {value!r}")
-        values[key] = value
-    return cls(**values)
-
-
-def _matches(value: object, expected: object) -> bool:
-    if isinstance(value, bool):
-        return expected is bool
-    if expected is float:
-        return isinstance(value, (int, float))
-    if isinstance(expected, types.UnionType):
-        return any(_matches(value, option) for option in typing.get_args(expected))
-    return isinstance(value, expected)  # type: ignore[arg-type]
-
-
-def _type_name(expected: object) -> str:
-    return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(
-        expected, str(expected)
-    )

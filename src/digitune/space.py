@@ -19,18 +19,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import re
 import tomllib
 from pathlib import Path
 
 import optuna
 
-from digitune import config, model
+from digitune import config, model, tables
 
 FIXED_PARAMS_ATTR = "fixed_params"
-# A study's name becomes a file name under studies/, an MLflow run name and a value in registry
-# queries: letters, digits and - _ . only, starting with a letter or digit.
-STUDY_NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")
 _DISTRIBUTION_KEYS = {
     "float": {"type", "low", "high", "log", "step"},
     "int": {"type", "low", "high", "log", "step"},
@@ -53,6 +49,7 @@ class StudyDefinition:
     enqueued: tuple[dict, ...] = ()
     data: config.DataSettings = config.DataSettings()
     registry: config.RegistrySettings = config.RegistrySettings()
+    objectives: config.ObjectiveSettings = config.ObjectiveSettings()
 
     @property
     def model_name(self) -> str:  # the registered model its best models become versions of
@@ -75,6 +72,7 @@ class StudyDefinition:
         flat.update({f"fixed.{k}": v for k, v in self.fixed.items()})
         flat.update({f"space.{k}": repr(v) for k, v in self.distributions.items()})
         flat.update({f"data.{k}": v for k, v in dataclasses.asdict(self.data).items()})
+        flat.update({f"objectives.{k}": v for k, v in dataclasses.asdict(self.objectives).items()})
         flat["registry.model_name"] = self.model_name
         flat["study_file"] = str(self.path)
         return flat
@@ -90,39 +88,15 @@ def load(path: str | Path) -> StudyDefinition:
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
         raise ValueError(f"{path}: not a valid TOML file: {error}") from None
 
-    unknown = sorted(set(document) - {"study", "training", "space", "enqueue", "data", "registry"})
+    known = {"study", "training", "space", "enqueue", "data", "registry", "objectives"}
+    unknown = sorted(set(document) - known)
     if unknown:
         raise ValueError(
-            f"{path}: unknown table(s) {', '.join(unknown)}; "
-            "expected [study], [training], [data], [registry], [space] and [[enqueue]]"
+            f"{path}: unknown table(s) {', '.join(unknown)}; expected [study], [training], "
+            "[data], [registry], [objectives], [space] and [[enqueue]]"
         )
 
-    def table(cls: type, name: str):
-        return config.settings_from_table(cls, document.get(name, {}), f"{path} [{name}]")
-
-    study, training = (
-        table(config.StudySettings, "study"),
-        table(config.TrainingSettings, "training"),
-    )
-    data, registry = table(config.DataSettings, "data"), table(config.RegistrySettings, "registry")
-    data.check(f"{path} [data]")
-    if registry.model_name:
-        check_study_name(registry.model_name, f"{path} [registry]", "model_name")
-    check_study_name(study.name, f"{path} [study]")
-    if study.workers < 1:
-        raise ValueError(f"{path} [study]: 'workers' must be at least 1, got {study.workers}")
-    if study.heartbeat_seconds < 1:
-        raise ValueError(
-            f"{path} [study]: 'heartbeat_seconds' must be at least 1, got {study.heartbeat_seconds}"
-        )
-    if study.heartbeat_grace_seconds <= study.heartbeat_seconds:
-        raise ValueError(
-            f"{path} [study]: 'heartbeat_grace_seconds' ({study.heartbeat_grace_seconds}) must be "
-            f"longer than 'heartbeat_seconds' ({study.heartbeat_seconds}), or every running "
-            "trial would look dead between two heartbeats"
-        )
-    if training.max_epochs < 1:
-        raise ValueError(f"{path} [training]: 'max_epochs' must be at least 1")
+    study, training, data, registry, objectives = tables.checked_settings(document, path)
 
     space_table = document.get("space", {})
     if not isinstance(space_table, dict):
@@ -146,16 +120,9 @@ def load(path: str | Path) -> StudyDefinition:
     if not distributions:
         raise ValueError(f"{path} [space]: nothing to search; give at least one distribution")
     enqueued = _enqueued(document.get("enqueue", []), distributions, fixed, path)
-    return StudyDefinition(path, study, training, distributions, fixed, enqueued, data, registry)
-
-
-def check_study_name(name: str, source: str, what: str = "study name") -> None:
-    """A ValueError naming `source` unless `name` is a safe study (or model) name."""
-    if not STUDY_NAME_PATTERN.fullmatch(name) or ".." in name:
-        raise ValueError(
-            f"{source}: {what} {name!r} is not allowed; use up to 100 letters, digits, "
-            "'-', '_' and '.', starting with a letter or digit (no '..')"
-        )
+    return StudyDefinition(
+        path, study, training, distributions, fixed, enqueued, data, registry, objectives
+    )
 
 
 def _check_value(name: str, value: object, source: str) -> None:
