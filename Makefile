@@ -2,7 +2,7 @@
 # Every target is a thin call of the `digitune` command, so everything works without make.
 
 .DEFAULT_GOAL := help
-.PHONY: help install data tune worker mlflow-server report promote ensemble tflite rollback models gc serve bench bench-serve ui test lint clean
+.PHONY: help install data tune worker mlflow-server report pareto select dashboard promote ensemble tflite rollback models gc serve bench bench-serve ui test lint clean
 
 PYTHON ?= python3
 VENV := .venv
@@ -28,6 +28,11 @@ KEEP ?= 5
 # A registered model other than mnist-cnn: a study's [registry] model_name, as `make tune` printed.
 MODEL ?=
 DRY_RUN ?=
+# `make select`'s limits on the chosen model, and where `make dashboard` listens.
+MAX_PARAMS ?=
+MAX_KB ?=
+MAX_LATENCY_MS ?=
+DASHBOARD_PORT ?= 8080
 
 # URLs that may hold a password reach digitune and MLflow through the environment, unexpanded:
 # never in a command line that make echoes or `ps` shows, and `$` or `&` in a password work.
@@ -77,6 +82,16 @@ promote: install ## Make @challenger @champion if better on the test set (MARGIN
 
 ensemble: install ## Register the average of the study's TOP best trials (STUDY, TOP=5, GREEDY=1)
 	$(BIN)/digitune ensemble --study $(STUDY) --top $(TOP) $(if $(GREEDY),--greedy) $(MODEL_ARG)
+
+pareto: install ## Print a study's Pareto front: accuracy, parameters, int8 KB, latency (STUDY)
+	$(BIN)/digitune pareto --study $(STUDY)
+
+select: install ## Register the best Pareto model within MAX_PARAMS/MAX_KB/MAX_LATENCY_MS (STUDY)
+	$(BIN)/digitune select --study $(STUDY) $(if $(MAX_PARAMS),--max-params $(MAX_PARAMS)) \
+		$(if $(MAX_KB),--max-kb $(MAX_KB)) $(if $(MAX_LATENCY_MS),--max-latency-ms $(MAX_LATENCY_MS))
+
+dashboard: install ## optuna-dashboard on the study's storage, live (STUDY, STORAGE, DASHBOARD_PORT)
+	$(BIN)/digitune dashboard --study $(STUDY) --port $(DASHBOARD_PORT)
 
 tflite: install ## TFLite float16/int8 files of @champion (or VERSION=N), logged to its run (MODEL)
 	$(BIN)/digitune export $(if $(VERSION),--version $(VERSION)) $(MODEL_ARG)

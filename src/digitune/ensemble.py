@@ -25,7 +25,7 @@ import numpy as np
 import optuna
 from optuna.trial import TrialState
 
-from digitune import data, datasets, evaluate, records, registry, space, study, tracking
+from digitune import data, datasets, evaluate, objectives, records, registry, space, study, tracking
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +81,7 @@ def select(
     greedy: bool,
 ) -> list[int]:
     """Trial numbers of the members: the `top` best, or greedy forward selection."""
-    ranked = [t.number for t in sorted(candidates, key=lambda t: t.value, reverse=True)]
+    ranked = [t.number for t in sorted(candidates, key=objectives.accuracy, reverse=True)]
     if not greedy:
         return ranked[:top]
     chosen = [ranked[0]]
@@ -127,7 +127,7 @@ def run(
     ]
     if not completed:
         raise ValueError(f"study '{optuna_study.study_name}' has no completed trial to ensemble")
-    completed.sort(key=lambda t: t.value, reverse=True)
+    completed.sort(key=objectives.accuracy, reverse=True)
     candidates = completed[: 2 * top] if greedy else completed[:top]
 
     dataset = datasets.load(definition.data)

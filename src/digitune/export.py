@@ -22,25 +22,10 @@ import numpy as np
 import pandas as pd
 import tensorflow as tf
 
-from digitune import config, data, datasets, registry, tracking
+from digitune import config, costs, data, datasets, registry, tracking
 
-CALIBRATION_IMAGES = 500
+CALIBRATION_IMAGES = costs.CALIBRATION_IMAGES
 LATENCY_REPEATS = 300
-
-
-def convert(saved_model: Path, kind: str, calibration: np.ndarray) -> bytes:
-    """The TFLite flatbuffer of `saved_model` as float32, float16 or int8."""
-    converter = tf.lite.TFLiteConverter.from_saved_model(str(saved_model), signature_keys=["serve"])
-    if kind == "float16":
-        converter.optimizations = [tf.lite.Optimize.DEFAULT]
-        converter.target_spec.supported_types = [tf.float16]
-    elif kind == "int8":
-        converter.optimizations = [tf.lite.Optimize.DEFAULT]
-        converter.representative_dataset = lambda: ([image[np.newaxis]] for image in calibration)
-        converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
-        converter.inference_input_type = tf.int8
-        converter.inference_output_type = tf.int8
-    return converter.convert()
 
 
 class Interpreter:
@@ -148,7 +133,7 @@ def run(
         ]
         files = []
         for kind in ("float32", "float16", "int8"):
-            flatbuffer = convert(saved_model, kind, calibration)
+            flatbuffer = costs.convert(saved_model, kind, calibration)
             path = Path(scratch) / f"{model_name}-v{number}-{kind}.tflite"
             path.write_bytes(flatbuffer)
             files.append(path)

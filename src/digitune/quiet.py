@@ -8,6 +8,7 @@ still raises, and its Python error shows as usual.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import logging
 import os
@@ -28,12 +29,20 @@ def import_tensorflow() -> None:
     logging.getLogger("tensorflow").addFilter(_not_a_retracing_hint)
     if "tensorflow" in sys.modules:
         return
+    with native_stderr_closed():
+        import tensorflow  # noqa: F401
+
+
+@contextlib.contextmanager
+def native_stderr_closed():
+    """File descriptor 2 pointed at /dev/null for the block: for native code that prints
+    to it directly (TensorFlow loading, the TFLite converter's "fully_quantize: ..." line)."""
     sys.stderr.flush()
     saved = os.dup(2)
     try:
         with open(os.devnull, "w") as devnull:
             os.dup2(devnull.fileno(), 2)
-            import tensorflow  # noqa: F401
+            yield
     finally:
         os.dup2(saved, 2)
         os.close(saved)

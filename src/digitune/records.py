@@ -23,6 +23,7 @@ import mlflow.keras
 from digitune import data, evaluate, model, tracking
 
 WEIGHTS_ARTIFACT = "weights/model.weights.h5"
+INT8_ARTIFACT = "tflite/model-int8.tflite"
 
 
 class EpochTimer(mlflow.keras.MlflowCallback):
@@ -102,6 +103,29 @@ def log_trial_result(cnn: keras.Model, validation: evaluate.Evaluation, number: 
     """Log a finished trial's validation confusion matrix and weights to its run."""
     log_evaluation(validation, "val", f"trial {number}, validation set")
     log_weights(cnn)
+
+
+def log_costs(measured: tuple[dict[str, float], bytes]) -> dict[str, float]:
+    """Log a trial's deployment costs (`digitune.costs.measure`) to its run, as metrics the
+    MLflow UI sorts by (`params`, `int8_kb`, `latency_ms`, `latency_iqr_ms`), and its int8
+    TFLite file; returns the costs."""
+    costs, int8 = measured
+    with tracking.STOPWATCH, tempfile.TemporaryDirectory() as scratch:
+        mlflow.log_metrics(costs)
+        path = Path(scratch) / Path(INT8_ARTIFACT).name
+        path.write_bytes(int8)
+        mlflow.log_artifact(str(path), artifact_path=str(Path(INT8_ARTIFACT).parent))
+    return costs
+
+
+def copy_int8_file(trial_run_id: str) -> None:
+    """Log a trial's int8 TFLite file (`log_costs`) to the active run, beside the model that
+    is registered from it."""
+    with tempfile.TemporaryDirectory() as scratch:
+        path = mlflow.artifacts.download_artifacts(
+            run_id=trial_run_id, artifact_path=INT8_ARTIFACT, dst_path=scratch
+        )
+        mlflow.log_artifact(path, artifact_path=str(Path(INT8_ARTIFACT).parent))
 
 
 def load_model(params: dict, run_id: str) -> keras.Model:

@@ -21,7 +21,18 @@ import mlflow
 import numpy as np
 import optuna
 
-from digitune import data, datasets, evaluate, model, records, registry, space, tracking, trainer
+from digitune import (
+    data,
+    datasets,
+    evaluate,
+    model,
+    objectives,
+    records,
+    registry,
+    space,
+    tracking,
+    trainer,
+)
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +62,7 @@ def run(
     trial_test_accuracy: float,
 ) -> Refit:
     """Retrain the study's best trial on all training images and register the model."""
-    best = study.best_trial
+    best = objectives.best_trial(study)
     model_name = definition.model_name
     existing = registry.find_version(
         study.study_name, best.number, kind="refit", model_name=model_name
@@ -118,7 +129,7 @@ def run(
             study_name=study.study_name,
             trial_number=best.number,
             params=params,
-            validation_accuracy=best.value,
+            validation_accuracy=objectives.accuracy(best),
             test_accuracy=test.accuracy,
             test_images=len(dataset.test_labels),
             data_sha256=dataset.digest,

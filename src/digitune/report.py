@@ -22,7 +22,7 @@ import pandas as pd  # noqa: E402
 from optuna.trial import TrialState  # noqa: E402
 from optuna.visualization import matplotlib as optuna_plots  # noqa: E402
 
-from digitune import config, tracking  # noqa: E402
+from digitune import config, objectives, tracking  # noqa: E402
 
 TOP_TRIALS = 10
 
@@ -34,17 +34,26 @@ def trials_table(study: optuna.Study) -> pd.DataFrame:
     )
     if frame.empty:
         return frame
-    # A study with metric names calls its value column value_<name>; the table says value.
-    frame = frame.rename(columns={f"value_{config.OBJECTIVE_METRIC}": "value"})
+    # A study with metric names calls its value column value_<name> (values_<name> with
+    # several objectives); the table says value, and the costs by their names.
+    frame = frame.rename(columns=lambda c: c.removeprefix("values_").removeprefix("value_"))
+    frame = frame.rename(columns={config.OBJECTIVE_METRIC: "value"})
     frame["seconds"] = frame.pop("duration").dt.total_seconds().round(1)
     frame = frame.rename(columns=lambda c: c.removeprefix("params_"))
     frame["epochs"] = frame.get("user_attrs_epochs", pd.Series(dtype="Int64")).astype("Int64")
     # Pruned trials record no epochs attribute; their reported steps say how far they got.
     for trial in study.get_trials(deepcopy=False, states=(TrialState.PRUNED,)):
         frame.loc[frame["number"] == trial.number, "epochs"] = len(trial.intermediate_values)
-    keep = ["number", "state", "value", "epochs", "seconds"]
-    params = [c for c in frame.columns if c in study.best_trial.params] if _completed(study) else []
-    return frame[keep + params]
+    keep = [
+        "number",
+        "state",
+        "value",
+        *[c for c in config.COSTS if c in frame],
+        "epochs",
+        "seconds",
+    ]
+    names = {name for trial in study.trials for name in trial.params}
+    return frame[keep + [c for c in frame.columns if c in names]]
 
 
 def importances(study: optuna.Study) -> dict[str, float]:
@@ -53,7 +62,11 @@ def importances(study: optuna.Study) -> dict[str, float]:
     if _completed(study) < 2:
         return {}
     try:
-        return optuna.importance.get_param_importances(study, evaluator=_evaluator())
+        return optuna.importance.get_param_importances(
+            study,
+            evaluator=_evaluator(),
+            target=objectives.accuracy if len(study.directions) > 1 else None,
+        )
     except (RuntimeError, ValueError):  # Too few distinct values to fit a forest on.
         return {}
 
@@ -73,10 +86,10 @@ def summary(study: optuna.Study, ranked: dict[str, float] | None = None) -> str:
         + ", ".join(f"{count} {state.lower()}" for state, count in states.items())
         + ")"
     ]
-    if _completed(study):
-        best = study.best_trial
+    if _completed(study) and _has_best(study):
+        best = objectives.best_trial(study)
         lines.append(
-            f"best trial {best.number}: value {best.value:.4f}, "
+            f"best trial {best.number}: value {objectives.accuracy(best):.4f}, "
             + ", ".join(f"{k}={_short(v)}" for k, v in best.params.items())
         )
         top = table[table["state"] == "COMPLETE"].sort_values("value", ascending=False)
@@ -89,23 +102,44 @@ def summary(study: optuna.Study, ranked: dict[str, float] | None = None) -> str:
 
 
 def figures(study: optuna.Study, ranked: dict[str, float]) -> dict[str, plt.Figure]:
-    """The study's figures by file name; those that cannot be drawn yet are left out."""
+    """The study's figures by file name; those that cannot be drawn yet are left out. In a
+    multi-objective study they show validation accuracy (`digitune.objectives` draws the
+    front)."""
     if not _completed(study):
         return {}
     ranked = list(ranked)
+    # Optuna's plots take one objective: validation accuracy, when a study has several.
+    target = (
+        {"target": objectives.accuracy, "target_name": config.OBJECTIVE_METRIC}
+        if len(study.directions) > 1
+        else {}
+    )
     plots = {
-        "optimization_history.png": lambda: optuna_plots.plot_optimization_history(study),
-        "intermediate_values.png": lambda: optuna_plots.plot_intermediate_values(study),
-        "parallel_coordinate.png": lambda: optuna_plots.plot_parallel_coordinate(study),
+        "optimization_history.png": lambda: optuna_plots.plot_optimization_history(study, **target),
+        "parallel_coordinate.png": lambda: optuna_plots.plot_parallel_coordinate(study, **target),
     }
+    if not target:  # multi-objective trials report no epochs
+        plots["intermediate_values.png"] = lambda: optuna_plots.plot_intermediate_values(study)
     if ranked:
         plots["param_importances.png"] = lambda: optuna_plots.plot_param_importances(
-            study, evaluator=_evaluator()
+            study, evaluator=_evaluator(), **target
         )
-        plots["slice.png"] = lambda: optuna_plots.plot_slice(study, params=ranked[:2])
+        plots["slice.png"] = lambda: optuna_plots.plot_slice(study, params=ranked[:2], **target)
     if len(ranked) >= 2:
-        plots["contour.png"] = lambda: optuna_plots.plot_contour(study, params=ranked[:2])
+        plots["contour.png"] = lambda: optuna_plots.plot_contour(study, params=ranked[:2], **target)
     drawn = {}
+    verbosity = optuna.logging.get_verbosity()
+    # Optuna warns, through its logger, of a parameter with one value so far ("unique value
+    # length is less than 2") and draws it anyway; the figure shows what there is to see.
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    try:
+        _draw(study, plots, drawn)
+    finally:
+        optuna.logging.set_verbosity(verbosity)
+    return drawn
+
+
+def _draw(study: optuna.Study, plots: dict, drawn: dict) -> None:
     with warnings.catch_warnings():
         # Optuna marks its matplotlib plots experimental; the warning says nothing to users.
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
@@ -127,7 +161,6 @@ def figures(study: optuna.Study, ranked: dict[str, float]) -> dict[str, plt.Figu
                 if curves:
                     first.set_ylim(*_where_trials_ended(curves))
             drawn[name] = figure
-    return drawn
 
 
 def _where_trials_ended(curves: list[dict[int, float]]) -> tuple[float, float]:
@@ -140,19 +173,32 @@ def _where_trials_ended(curves: list[dict[int, float]]) -> tuple[float, float]:
     return low - margin, high + margin
 
 
-def log_to_run(study: optuna.Study, run_id: str, ranked: dict[str, float] | None = None) -> None:
-    """Log the trials table and the figures to a run (the study's parent) under report/."""
+def log_to_run(
+    study: optuna.Study,
+    run_id: str,
+    ranked: dict[str, float] | None = None,
+    settings: config.ObjectiveSettings | None = None,
+) -> None:
+    """Log the trials table and the figures to a run (the study's parent) under report/;
+    with a study's [objectives] `settings`, its Pareto front too (figure and table)."""
     client = mlflow.MlflowClient()
     table = trials_table(study)
     if not table.empty:
         client.log_text(run_id, table.to_csv(index=False), "report/trials.csv")
+    measured = objectives.table(study) if settings and settings.measured else None
+    if measured is not None and not measured.empty:
+        front = objectives.front(measured, objectives.front_costs(settings))
+        client.log_text(run_id, front.to_csv(index=False), "report/pareto_front.csv")
+        figure = objectives.plot(measured, settings, f"study {study.study_name}: Pareto front")
+        client.log_figure(run_id, figure, "report/pareto_front.png")
+        plt.close(figure)
     ranked = importances(study) if ranked is None else ranked
     for name, figure in figures(study, ranked).items():
         client.log_figure(run_id, figure, f"report/{name}")
         plt.close(figure)
 
 
-def report(study: optuna.Study) -> str:
+def report(study: optuna.Study, settings: config.ObjectiveSettings | None = None) -> str:
     """Log the report to the study's parent run and return the terminal summary."""
     tracking.configure()
     run_id = study.user_attrs.get(tracking.PARENT_RUN_ATTR)
@@ -161,8 +207,16 @@ def report(study: optuna.Study) -> str:
             f"study '{study.study_name}' has no MLflow parent run; was it run by tune?"
         )
     ranked = importances(study)  # A forest fit: once, for the figures and the summary.
-    log_to_run(study, run_id, ranked)
+    log_to_run(study, run_id, ranked, settings)
     return summary(study, ranked)
+
+
+def _has_best(study: optuna.Study) -> bool:
+    try:
+        objectives.best_trial(study)
+    except ValueError:  # every completed trial is over a limit
+        return False
+    return True
 
 
 def _completed(study: optuna.Study) -> int:

@@ -1,10 +1,8 @@
 """The Optuna study: its storage, sampler and pruner, creating or loading it, running trials.
 
-A study file's [study] table decides the sampler (TPE or random), the pruner (median,
-Hyperband or none) and the storage's heartbeats; the storage is `studies/<name>.db`
-(SQLite) unless a URL says otherwise (PostgreSQL for several machines). `n_trials` is the
-study's total: every finished trial counts, so `optimize` on a resumed study runs only the
-rest. Every study maximises `val_accuracy`.
+[study] decides sampler, pruner and heartbeats; the storage is `studies/<name>.db` unless a
+URL says otherwise. `n_trials` is the study's total, so a resumed study runs only the rest.
+Every study maximises `val_accuracy` (and minimises its [objectives] costs).
 """
 
 from __future__ import annotations
@@ -20,7 +18,7 @@ from pathlib import Path
 import optuna
 from optuna.trial import TrialState
 
-from digitune import config, space, tracking
+from digitune import config, objectives, space, tracking
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +35,9 @@ def worker_id() -> str:
 def make_sampler(settings: config.StudySettings, seed: int) -> optuna.samplers.BaseSampler:
     if settings.sampler == "random":
         return optuna.samplers.RandomSampler(seed=seed)
+    if settings.sampler == "nsga2":
+        # Constraints recorded with `Trial.set_constraint` steer its selection too.
+        return optuna.samplers.NSGAIISampler(seed=seed)
     # The constant liar makes parallel workers sample away from the trials still running.
     return optuna.samplers.TPESampler(
         seed=seed, n_startup_trials=settings.n_startup_trials, constant_liar=True
@@ -183,7 +184,7 @@ def load_or_create(
         study = optuna.create_study(
             study_name=definition.study.name,
             storage=make_storage(url, definition.study),
-            direction="maximize",
+            directions=objectives.directions(definition.objectives),
             pruner=make_pruner(definition),
             load_if_exists=True,
         )
@@ -191,7 +192,7 @@ def load_or_create(
             # Experimental in Optuna 5, and harmless: it names the value in Optuna's plots
             # and in optuna-dashboard.
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            study.set_metric_names([config.OBJECTIVE_METRIC])
+            study.set_metric_names(objectives.metric_names(definition.objectives))
         # Optuna skips a configuration it has already run or queued, so a resumed study
         # does not repeat its warm start.
         for params in definition.enqueued:
@@ -281,10 +282,13 @@ def count(study: optuna.Study, states=FINISHED_STATES) -> int:
 def trial_line(trial: optuna.trial.FrozenTrial, label: str = "") -> str:
     """The one line a finished trial prints."""
     seconds = trial.duration.total_seconds() if trial.duration else 0.0
-    value = f"{trial.value:.4f}" if trial.value is not None else "-"
+    accuracy = objectives.accuracy(trial)
+    value = (f"{accuracy:.4f}" if accuracy is not None else "-") + objectives.costs_text(trial)
     detail = trial.user_attrs.get("fail_reason", "")
-    if trial.state == TrialState.PRUNED:
+    if trial.state == TrialState.PRUNED and (trial.intermediate_values or not detail):
         detail = f"pruned after {len(trial.intermediate_values)} epoch(s)"
+    elif trial.state == TrialState.PRUNED:
+        detail = f"not trained: {detail}"
     params = " ".join(f"{k}={_short(v)}" for k, v in trial.params.items())
     return (
         f"{label}trial {trial.number:3d} {trial.state.name:8s} value={value} {seconds:6.1f}s "

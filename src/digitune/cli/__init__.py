@@ -8,6 +8,9 @@ one of its subcommands.
     digitune tune --engine keras-tuner         the same study with Keras Tuner's Hyperband
     digitune report --study studies/quick.toml  summarise a study, log its figures
     digitune ensemble --top 5                  register the average of the 5 best trials
+    digitune pareto --study studies/edge.toml  the front of accuracy against size and latency
+    digitune select --max-params 10000         the best front model within limits -> challenger
+    digitune dashboard                         optuna-dashboard on a study, live
     digitune bench                             training throughput, tuning race
     digitune promote [--margin M] [--force]    challenger -> champion, on evidence
     digitune rollback                          champion back to the previous one
@@ -34,7 +37,7 @@ import tqdm
 
 import digitune
 from digitune import config, quiet
-from digitune.cli import models, tuning
+from digitune.cli import deployment, models, tuning
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -89,6 +92,7 @@ _EXTRAS = {
     "python_multipart": "serve",
     "psycopg": "postgres",
     "psycopg2": "postgres",
+    "optuna_dashboard": "dashboard",
 }
 
 
@@ -102,6 +106,7 @@ def parser() -> argparse.ArgumentParser:
     commands = command_line.add_subparsers(required=True, metavar="command")
     tuning.add_commands(commands)
     models.add_commands(commands)
+    deployment.add_commands(commands)
     return command_line
 
 

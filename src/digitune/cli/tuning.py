@@ -158,13 +158,19 @@ def _tune(args: argparse.Namespace) -> int:
         f"\nstudy '{outcome.study.study_name}' in {outcome.seconds / 60:.1f} min: "
         + ", ".join(f"{count} {state.lower()}" for state, count in sorted(states.items()))
         + f"\nbest trial {outcome.best_trial.number}: validation accuracy "
-        f"{outcome.best_trial.value:.4f}, test accuracy {outcome.test_accuracy:.4f}"
+        f"{outcome.best_trial.values[0]:.4f}, test accuracy {outcome.test_accuracy:.4f}"
         f"\nregistered {outcome.model_name} version {outcome.model_version} "
         f"(alias @{config.CHALLENGER_ALIAS}); compare trials with `make ui`"
     )
     if outcome.model_name != config.REGISTERED_MODEL_NAME:
         print(
             f"its commands take --model {outcome.model_name} (MODEL={outcome.model_name} in make)"
+        )
+    if outcome.best_trial.user_attrs.get("costs"):
+        print(
+            f"its deployment costs: {outcome.best_trial.user_attrs['costs']['params']:,.0f} "
+            f"parameters; see the front with `digitune pareto --study {args.study}`, pick "
+            f"within a budget with `digitune select --study {args.study} --max-params N`"
         )
     if outcome.refit is not None:
         print(
@@ -206,8 +212,8 @@ def _tune_with_keras_tuner(args: argparse.Namespace) -> int:
 def _report(args: argparse.Namespace) -> int:
     from digitune import report, study
 
-    _, optuna_study = study.load_existing(args.study, args.storage)
-    print(report.report(optuna_study))
+    definition, optuna_study = study.load_existing(args.study, args.storage)
+    print(report.report(optuna_study, definition.objectives))
     return 0
 
 

@@ -1,5 +1,5 @@
 """The Optuna trial function: build a CNN from the trial's params, train it with pruning,
-track it, return its best validation accuracy.
+track it, return its best validation accuracy (and, in a study with [objectives], its costs).
 
 Kept thin on purpose: a fresh Keras session, the trial as plain params (`space.suggest`),
 `model.build_model`, `trainer.fit` with the pruning, early-stopping and tracking callbacks.
@@ -11,7 +11,18 @@ from __future__ import annotations
 import optuna
 from optuna_integration.keras import KerasPruningCallback
 
-from digitune import config, data, model, records, space, study, tracking, trainer
+from digitune import (
+    config,
+    costs,
+    data,
+    model,
+    objectives,
+    records,
+    space,
+    study,
+    tracking,
+    trainer,
+)
 
 
 def make_objective(
@@ -23,9 +34,10 @@ def make_objective(
     """The function `study.optimize` calls once per trial. Trials log as children of
     `parent_run_id`; `deadline` is when the study's time is up (a `time.time()` value, the
     same in every worker process), or None."""
-    training = definition.training
+    training, settings = definition.training, definition.objectives
+    calibration = split.x_train[: costs.CALIBRATION_IMAGES]
 
-    def objective(trial: optuna.Trial) -> float:
+    def objective(trial: optuna.Trial) -> float | list[float]:
         if trainer.STOP.is_set():
             raise KeyboardInterrupt
         # One seed per trial: a trial's initial weights and batch order can be reproduced.
@@ -37,9 +49,16 @@ def make_objective(
             trial.number, params, parent_run_id, "optuna", remember=trial.set_user_attr
         ):
             cnn = model.build_model(params)
+            size = cnn.count_params()
+            if settings.max_params and size > settings.max_params:  # known before training
+                reason = f"{size:,} parameters, over max_params {settings.max_params:,.0f}"
+                trial.set_constraint("max_params", size - settings.max_params)
+                trial.set_user_attr("fail_reason", reason)
+                raise optuna.TrialPruned(reason)
             callbacks = trainer.training_callbacks(training, deadline)
-            # After the epoch is logged (EpochTimer), before the deadline and early stopping.
-            callbacks.insert(3, KerasPruningCallback(trial, config.OBJECTIVE_METRIC))
+            if not settings.minimize:  # Optuna prunes single-objective trials only
+                # After the epoch is logged (EpochTimer), before the deadline and early stopping.
+                callbacks.insert(3, KerasPruningCallback(trial, config.OBJECTIVE_METRIC))
             history = trainer.fit(
                 cnn,
                 params,
@@ -53,6 +72,15 @@ def make_objective(
             validation = records.evaluate_validation(cnn, split)
             trainer.check_learned(history, params, validation.confusion_matrix)
             records.log_trial_result(cnn, validation, trial.number)
-            return max(history[config.OBJECTIVE_METRIC])
+            accuracy = max(history[config.OBJECTIVE_METRIC])
+            if not settings.measured:
+                return accuracy
+            measured = records.log_costs(
+                costs.measure(costs.float32_copy(cnn, params), calibration)
+            )
+            trial.set_user_attr("costs", measured)
+            for name, over in objectives.violations(measured, settings).items():
+                trial.set_constraint(name, over)
+            return objectives.values(accuracy, measured, settings)
 
     return objective

@@ -20,8 +20,8 @@ from pathlib import Path
 import optuna
 from optuna.trial import TrialState
 
+from digitune import objectives, report, space, study, tracking, trainer
 from digitune import refit as refitting
-from digitune import report, space, study, tracking, trainer
 from digitune.engines import objective, scaffold
 from digitune.engines import workers as processes
 
@@ -138,11 +138,11 @@ def run(
             if refit
             else None
         )
-        report.log_to_run(optuna_study, parent_run_id)
+        report.log_to_run(optuna_study, parent_run_id, settings=definition.objectives)
     return Outcome(
         optuna_study,
         time.perf_counter() - started,
-        optuna_study.best_trial,
+        objectives.best_trial(optuna_study),
         test_accuracy,
         version,
         parent_run_id,

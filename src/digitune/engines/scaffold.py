@@ -22,7 +22,7 @@ from pathlib import Path
 import mlflow
 import optuna
 
-from digitune import data, datasets, evaluate, model, records, registry, space, tracking
+from digitune import data, datasets, evaluate, model, objectives, records, registry, space, tracking
 
 log = logging.getLogger(__name__)
 
@@ -48,16 +48,19 @@ class BestTrial:
     run_id: str
     validation_accuracy: float
     engine: str = "optuna"
+    costs: dict | None = None  # in a study with [objectives]: `digitune.costs`'s
 
     @classmethod
-    def of(cls, study: optuna.Study) -> BestTrial:
-        best = study.best_trial
+    def of(cls, study: optuna.Study, number: int | None = None) -> BestTrial:
+        """The study's best trial (the most accurate within its limits), or trial `number`."""
+        best = objectives.best_trial(study) if number is None else study.trials[number]
         return cls(
             study.study_name,
             best.number,
             space.params_of(best),
             best.user_attrs[tracking.TRIAL_RUN_ATTR],
-            best.value,
+            objectives.accuracy(best),
+            costs=best.user_attrs.get("costs"),
         )
 
 
@@ -128,17 +131,22 @@ def parent_run(
 
 
 def finalize(
-    best: BestTrial, inputs: Inputs, parent_run_id: str, register: bool = True
+    best: BestTrial,
+    inputs: Inputs,
+    parent_run_id: str,
+    register: bool = True,
+    run_id: str | None = None,
 ) -> tuple[float, str | None]:
     """Rebuild the best trial's model from its params and weights, evaluate it on the test
-    set into the parent run, and (with `register`) register it unless that trial already
-    is. Returns the test accuracy and the registered version."""
+    set into the parent run (or `run_id`), and (with `register`) register it as @challenger,
+    with its costs as tags and its int8 TFLite file beside it when it has them, unless that
+    trial already is. Returns the test accuracy and the registered version."""
     dataset, model_name = inputs.dataset, inputs.definition.model_name
-    with mlflow.start_run(run_id=parent_run_id):
+    with mlflow.start_run(run_id=run_id or parent_run_id):
         cnn = records.load_model(best.params, best.run_id)
         test = evaluate.evaluate(cnn, data.preprocess(dataset.test_images), dataset.test_labels)
         records.log_evaluation(
-            test, "test", f"best trial {best.number}, {dataset.name} test set", dataset.class_names
+            test, "test", f"trial {best.number}, {dataset.name} test set", dataset.class_names
         )
         mlflow.log_metrics(
             {"test_accuracy": test.accuracy, "best_val_accuracy": best.validation_accuracy}
@@ -146,12 +154,13 @@ def finalize(
         mlflow.set_tags({"best_trial": str(best.number)})
         if not register:
             return test.accuracy, None
+        cost_tags = objectives.version_tags(best.costs)
         existing = registry.find_version(best.study_name, best.number, model_name=model_name)
         if existing is not None:
-            log.info(
-                "best trial %d is already registered as version %s", best.number, existing.version
-            )
+            log.info("trial %d is already registered as version %s", best.number, existing.version)
             return test.accuracy, str(existing.version)
+        if best.costs:
+            records.copy_int8_file(best.run_id)
         version = registry.register(
             cnn,
             model_name=model_name,
@@ -163,6 +172,6 @@ def finalize(
             test_images=len(dataset.test_labels),
             data_sha256=dataset.digest,
             engine=best.engine,
-            extra_tags=datasets.version_tags(dataset, inputs.definition.data),
+            extra_tags={**datasets.version_tags(dataset, inputs.definition.data), **cost_tags},
         )
     return test.accuracy, str(version.version)

@@ -119,6 +119,9 @@ def work(
     handler.setFormatter(logging.Formatter("%(message)s"))
     logging.getLogger("digitune").addHandler(handler)
     logging.getLogger("digitune").setLevel(log_level)
+    # Not the root logger's too: a library that configures it (absl does, once the TFLite
+    # converter has logged) would print every line twice.
+    logging.getLogger("digitune").propagate = False
     import tensorflow as tf
 
     # Before TensorFlow starts its runtime: a fair share of the CPU, or one GPU each.

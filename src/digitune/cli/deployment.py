@@ -1,0 +1,119 @@
+"""The commands of tuning for deployment: the Pareto front, selecting a model within a
+budget, and a live dashboard of a study.
+
+    digitune pareto --study studies/edge.toml
+    digitune select --study studies/edge.toml --max-params 10000 [--max-kb K] [--max-latency-ms X]
+    digitune dashboard --study studies/edge.toml [--port 8080]
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from digitune.cli import tuning
+
+
+def add_commands(commands) -> None:
+    pareto = commands.add_parser(
+        "pareto", help="print a study's Pareto front: accuracy, parameters, int8 size, latency"
+    )
+    tuning.add_study_arguments(pareto)
+    pareto.set_defaults(handler=_pareto)
+
+    select = commands.add_parser(
+        "select",
+        help="register the most accurate Pareto model within limits as @challenger",
+    )
+    tuning.add_study_arguments(select)
+    for cost, flag, words in (
+        ("params", "--max-params", "parameters"),
+        ("int8_kb", "--max-kb", "KB of its int8 TFLite file"),
+        ("latency_ms", "--max-latency-ms", "ms for one image, single-threaded"),
+    ):
+        select.add_argument(
+            flag, dest=cost, type=float, default=None, help=f"at most this many {words}"
+        )
+    select.set_defaults(handler=_select)
+
+    dashboard = commands.add_parser(
+        "dashboard", help="optuna-dashboard on a study's storage, at 127.0.0.1"
+    )
+    tuning.add_study_arguments(dashboard)
+    dashboard.add_argument("--port", type=int, default=8080, help="port (default: %(default)s)")
+    dashboard.set_defaults(handler=_dashboard)
+
+
+def _pareto(args: argparse.Namespace) -> int:
+    from digitune import objectives, study
+
+    definition, optuna_study = study.load_existing(args.study, args.storage)
+    trials = objectives.table(optuna_study)
+    if trials.empty:
+        raise ValueError(
+            f"study '{optuna_study.study_name}' has no completed trial that measured its costs; "
+            f"give {args.study} an [objectives] table (see studies/edge.toml) and tune it"
+        )
+    costs = objectives.front_costs(definition.objectives)
+    front = objectives.front(trials, costs)
+    limits = definition.objectives.limits
+    print(
+        f"study '{optuna_study.study_name}': {len(front)} of {len(trials)} measured trials on the "
+        f"front of validation accuracy against {', '.join(costs)}"
+        + (f"; limits {', '.join(f'{k} <= {v:,.4g}' for k, v in limits.items())}" if limits else "")
+        + "\n(latency: median ± half the interquartile range of one image through the served "
+        "SavedModel)\n"
+    )
+    print(objectives.as_text(front))
+    return 0
+
+
+def _select(args: argparse.Namespace) -> int:
+    import tensorflow as tf
+
+    # Latency is measured single-threaded, as it is in the trials: set before TensorFlow runs.
+    tf.config.threading.set_intra_op_parallelism_threads(1)
+    tf.config.threading.set_inter_op_parallelism_threads(1)
+    from digitune import selection
+
+    limits = {
+        cost: getattr(args, cost)
+        for cost in ("params", "int8_kb", "latency_ms")
+        if getattr(args, cost) is not None
+    }
+    chosen = selection.run(args.study, args.storage, limits)
+    costs = chosen.costs
+    print(
+        f"selected trial {chosen.trial}: validation accuracy {chosen.validation_accuracy:.4f}, "
+        f"test accuracy {chosen.test_accuracy:.4f}, {costs['params']:,.0f} parameters, "
+        f"int8 TFLite {costs['int8_kb']:.1f} KB, latency {costs['latency_ms']:.3f} ms "
+        f"(served by the registered model: {chosen.served_latency_ms:.3f} ms)\n"
+        f"registered {chosen.model_name} version {chosen.version} (alias @challenger); "
+        f"`make promote MODEL={chosen.model_name}` makes it the champion if it is better"
+    )
+    return 0
+
+
+def _dashboard(args: argparse.Namespace) -> int:
+    from wsgiref import simple_server
+
+    import optuna_dashboard
+
+    from digitune import config, study
+
+    definition, _ = study.load_existing(args.study, args.storage)  # it exists, or say how
+    url = args.storage or config.default_storage(definition.study.name)
+
+    class QuietHandler(simple_server.WSGIRequestHandler):
+        def log_message(self, *args) -> None:  # not a line per request
+            pass
+
+    server = simple_server.make_server(
+        "127.0.0.1", args.port, optuna_dashboard.wsgi(url), handler_class=QuietHandler
+    )
+    print(
+        f"optuna-dashboard for study '{definition.study.name}' at "
+        f"http://127.0.0.1:{server.server_port}/dashboard (Ctrl-C to stop)"
+    )
+    with server:
+        server.serve_forever()
+    return 0
