@@ -214,3 +214,59 @@ def test_a_colour_model_gets_an_upload_form_instead_of_the_drawing_pad(
         bar.text.split("\n")[0] for bar in browser.find_elements(By.CSS_SELECTOR, "#bars .bar")
     ]
     assert [label.split()[0] for label in labels] == ["blue", "red"]
+
+
+@pytest.mark.parametrize("objectives_table", ["", '[objectives]\nminimize = ["params"]\n'])
+def test_the_dashboard_shows_a_studys_trials(project, browser, objectives_table):
+    """`digitune dashboard` (optuna-dashboard) on a study digitune created, single- and
+    multi-objective: its trials and metric names show in the browser."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import optuna
+
+    from conftest import write_study
+    from digitune import space, study
+
+    study_file = write_study(
+        project,
+        '[study]\nname = "watched"\n' + objectives_table + "[space]\n"
+        'num_filters = { type = "int", low = 4, high = 32 }\n',
+    )
+    definition = space.load(study_file)
+    watched = study.load_or_create(definition, None)
+    for number, filters in enumerate((4, 12, 32)):
+        values = [0.9 + number / 100] + ([filters * 100.0] if objectives_table else [])
+        watched.add_trial(
+            optuna.trial.create_trial(
+                values=values,
+                params={"num_filters": filters},
+                distributions={"num_filters": definition.distributions["num_filters"]},
+            )
+        )
+    command = [
+        str(Path(sys.executable).parent / "digitune"),
+        "dashboard",
+        "--study",
+        str(study_file),
+    ]
+    dashboard = subprocess.Popen(
+        [*command, "--port", "0"], cwd=project, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        first = dashboard.stdout.readline()
+        assert "optuna-dashboard for study 'watched' at http://127.0.0.1:" in first
+        url = first.split(" at ")[1].split()[0]
+        browser.get(f"{url}/studies/1/trials")
+        page = browser.find_element(By.TAG_NAME, "body")
+        WebDriverWait(browser, 60).until(lambda _: "Trial 2" in page.text)
+        assert all(f"Trial {number}" in page.text for number in range(3))
+        browser.get(f"{url}/studies/1")
+        page = browser.find_element(By.TAG_NAME, "body")
+        WebDriverWait(browser, 60).until(lambda _: "val_accuracy" in page.text)
+        if objectives_table:  # the second objective, by its name
+            assert "params" in page.text
+    finally:
+        dashboard.terminate()
+        dashboard.wait(timeout=30)

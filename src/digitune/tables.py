@@ -140,6 +140,11 @@ def _objective_key_problem(key: str, source: str) -> None:
     """A ValueError saying why `key` is not an [objectives] key, for keys that look like one."""
     objectives = f"{config.OBJECTIVE_METRIC} (maximised) and the costs {', '.join(config.COSTS)}"
     match = re.fullmatch(r"(max|min)_(.+)", key)
+    if match and match[2] == config.OBJECTIVE_METRIC:
+        raise ValueError(
+            f"{source}: '{key}': {config.OBJECTIVE_METRIC} is the objective every study "
+            f"maximises; limits (max_<cost>) are on the costs {', '.join(config.COSTS)}"
+        )
     if match and match[2] not in config.COSTS:
         raise ValueError(
             f"{source}: '{key}' limits '{match[2]}', which is not an objective; objectives are "

@@ -68,11 +68,15 @@ def _pareto(args: argparse.Namespace) -> int:
 
 
 def _select(args: argparse.Namespace) -> int:
+    import contextlib
+
     import tensorflow as tf
 
-    # Latency is measured single-threaded, as it is in the trials: set before TensorFlow runs.
-    tf.config.threading.set_intra_op_parallelism_threads(1)
-    tf.config.threading.set_inter_op_parallelism_threads(1)
+    # Latency is measured single-threaded, as in the trials; this must come before TensorFlow
+    # runs anything (in a process that already has, as a test's, the threads stay).
+    with contextlib.suppress(RuntimeError):
+        tf.config.threading.set_intra_op_parallelism_threads(1)
+        tf.config.threading.set_inter_op_parallelism_threads(1)
     from digitune import selection
 
     limits = {
