@@ -269,3 +269,9 @@ def test_a_study_without_objectives_has_no_front(project, capsys):
     )  # fmt: skip
     assert main(["pareto", "--study", str(study_file)]) == 1
     assert "no completed trial that measured its costs" in capsys.readouterr().err
+
+
+def test_keras_tuner_refuses_a_study_with_objectives(project, capsys):
+    study_file = write_study(project, EDGE_STUDY, "edge-tiny.toml")
+    assert main(["tune", "--study", str(study_file), "--engine", "keras-tuner"]) == 1
+    assert "tuned by the Optuna engine only" in capsys.readouterr().err

@@ -30,6 +30,8 @@ from optuna.trial import TrialState  # noqa: E402
 from digitune import config  # noqa: E402
 
 ACCURACY = config.OBJECTIVE_METRIC
+# The user attribute holding a completed trial's measured costs.
+COSTS_ATTR = "costs"
 # How each cost reads in a table or on an axis.
 LABELS = {
     "params": "parameters",
@@ -83,7 +85,7 @@ def accuracy(trial: optuna.trial.FrozenTrial) -> float | None:
 
 def costs_text(trial: optuna.trial.FrozenTrial) -> str:
     """A trial's costs for its one line in the terminal ("" without)."""
-    costs = trial.user_attrs.get("costs")
+    costs = trial.user_attrs.get(COSTS_ATTR)
     if not costs:
         return ""
     return (
@@ -108,7 +110,7 @@ def table(study: optuna.Study) -> pd.DataFrame:
     costs, the latency's spread and threads, and whether it is within every limit."""
     rows = []
     for trial in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
-        measured = trial.user_attrs.get("costs")
+        measured = trial.user_attrs.get(COSTS_ATTR)
         if not measured:
             continue
         rows.append(

@@ -166,9 +166,10 @@ def _tune(args: argparse.Namespace) -> int:
         print(
             f"its commands take --model {outcome.model_name} (MODEL={outcome.model_name} in make)"
         )
-    if outcome.best_trial.user_attrs.get("costs"):
+    costs = outcome.best_trial.user_attrs.get("costs")  # objectives.COSTS_ATTR
+    if costs:
         print(
-            f"its deployment costs: {outcome.best_trial.user_attrs['costs']['params']:,.0f} "
+            f"its deployment costs: {costs['params']:,.0f} "
             f"parameters; see the front with `digitune pareto --study {args.study}`, pick "
             f"within a budget with `digitune select --study {args.study} --max-params N`"
         )

@@ -136,6 +136,11 @@ def run(
         raise ValueError(f"--algorithm must be one of {', '.join(ALGORITHMS)}, got {algorithm!r}")
     inputs = scaffold.prepare(study_file, n_trials, timeout_minutes)
     definition = inputs.definition
+    if definition.objectives.measured:
+        raise ValueError(
+            f"{definition.path} [objectives]: costs and their limits are tuned by the Optuna "
+            "engine only (Keras Tuner optimises one metric); run it without ENGINE=keras-tuner"
+        )
     if definition.enqueued:
         log.warning(
             "%s: its [[enqueue]] warm start is Optuna's; Keras Tuner's %s starts from its own "

@@ -78,7 +78,7 @@ def make_objective(
             measured = records.log_costs(
                 costs.measure(costs.float32_copy(cnn, params), calibration)
             )
-            trial.set_user_attr("costs", measured)
+            trial.set_user_attr(objectives.COSTS_ATTR, measured)
             for name, over in objectives.violations(measured, settings).items():
                 trial.set_constraint(name, over)
             return objectives.values(accuracy, measured, settings)

@@ -60,7 +60,7 @@ class BestTrial:
             space.params_of(best),
             best.user_attrs[tracking.TRIAL_RUN_ATTR],
             objectives.accuracy(best),
-            costs=best.user_attrs.get("costs"),
+            costs=best.user_attrs.get(objectives.COSTS_ATTR),
         )
 
 
