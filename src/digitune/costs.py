@@ -51,15 +51,13 @@ def convert(saved_model: Path, kind: str, calibration: np.ndarray) -> bytes:
 
 
 def float32_copy(trained: keras.Model, params: dict) -> keras.Model:
-    """The model rebuilt in float32 with `trained`'s weights: the form that is registered."""
+    """The model as it is registered: in float32, without augmentation, `trained`'s weights."""
     policy = keras.mixed_precision.global_policy()
     keras.mixed_precision.set_global_policy("float32")
     try:
-        copy = model.build_model(params)
+        return model.for_deployment(trained, params)
     finally:
         keras.mixed_precision.set_global_policy(policy)
-    copy.set_weights(trained.get_weights())
-    return copy
 
 
 def export_saved_model(cnn: keras.Model, folder: Path) -> Path:

@@ -59,6 +59,7 @@ HYPERPARAMETER_DEFAULTS: dict[str, object] = {
     # or plateau (halve when validation accuracy stalls for an epoch).
     "lr_schedule": "constant",
 }
+AUGMENTATION_PARAMS = ("augment_shift", "augment_rotation_degrees", "augment_zoom")
 OPTIMIZERS = ("adam", "adamw", "sgd", "rmsprop")
 LR_SCHEDULES = ("constant", "cosine", "plateau")
 # What each hyperparameter may be: its type, a test of its value, and the test in words. A
@@ -223,6 +224,19 @@ def build_model(params: dict) -> keras.Model:
         metrics=["accuracy"],
     )
     return model
+
+
+def for_deployment(trained: keras.Model, params: dict) -> keras.Model:
+    """`trained` without its augmentation: the same network built from `params` with every
+    augment_* at 0, holding the trained layers' weights. Augmentation is the identity at
+    inference, but its random ops stay in an exported graph, and TFLite cannot convert them.
+    Built in the current dtype policy."""
+    plain = {**resolve_params(params), **{name: 0.0 for name in AUGMENTATION_PARAMS}}
+    deployed = build_model(plain)
+    for layer in deployed.layers:
+        if layer.weights:
+            layer.set_weights(trained.get_layer(layer.name).get_weights())
+    return deployed
 
 
 def block_filters(params: dict) -> list[int]:

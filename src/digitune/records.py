@@ -129,7 +129,8 @@ def copy_int8_file(trial_run_id: str) -> None:
 
 
 def load_model(params: dict, run_id: str) -> keras.Model:
-    """A trial's model, in float32, from its params and the weights its run logged."""
+    """A trial's model, in float32 and without augmentation layers, from its params and the
+    weights its run logged."""
     with tempfile.TemporaryDirectory() as scratch:
         # The registered model computes in float32 whatever precision the trials trained in:
         # it must run anywhere, and it is what the test accuracy is measured on.
@@ -139,4 +140,5 @@ def load_model(params: dict, run_id: str) -> keras.Model:
         # it load whole instead of warning that half the file was skipped.
         cnn.optimizer.build(cnn.trainable_variables)
         cnn.load_weights(download_weights(run_id, Path(scratch)))
-    return cnn
+    # Registered, exported and served without the augmentation that only training uses.
+    return model.for_deployment(cnn, params)
