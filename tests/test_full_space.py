@@ -155,3 +155,16 @@ def _middle(distribution):
     if distribution.log:
         return math.sqrt(distribution.low * distribution.high)
     return (distribution.low + distribution.high) / 2
+
+
+def test_the_deployed_model_is_the_trained_one_without_augmentation(split):
+    augmented = model.build_model(AUGMENTED)
+    augmented.fit(split.x_train[:256], split.y_train[:256], batch_size=64, epochs=1, verbose=0)
+    deployed = model.for_deployment(augmented, AUGMENTED)
+    assert "augmentation" not in [layer.name for layer in deployed.layers]
+    assert deployed.count_params() == augmented.count_params()
+    np.testing.assert_allclose(
+        deployed.predict(split.x_validation, verbose=0),
+        augmented.predict(split.x_validation, verbose=0),
+        atol=1e-6,
+    )

@@ -105,13 +105,14 @@ def log_trial_result(cnn: keras.Model, validation: evaluate.Evaluation, number: 
     log_weights(cnn)
 
 
-def log_costs(measured: tuple[dict[str, float], bytes]) -> dict[str, float]:
+def log_costs(measured: tuple[dict[str, float], bytes], accuracy: float) -> dict[str, float]:
     """Log a trial's deployment costs (`digitune.costs.measure`) to its run, as metrics the
-    MLflow UI sorts by (`params`, `int8_kb`, `latency_ms`, `latency_iqr_ms`), and its int8
-    TFLite file; returns the costs."""
+    MLflow UI sorts by (`params`, `int8_kb`, `latency_ms`, `latency_iqr_ms`, and the
+    objective `best_val_accuracy`: the best epoch's, where `val_accuracy` is the last's), and
+    its int8 TFLite file; returns the costs."""
     costs, int8 = measured
     with tracking.STOPWATCH, tempfile.TemporaryDirectory() as scratch:
-        mlflow.log_metrics(costs)
+        mlflow.log_metrics({**costs, "best_val_accuracy": accuracy})
         path = Path(scratch) / Path(INT8_ARTIFACT).name
         path.write_bytes(int8)
         mlflow.log_artifact(str(path), artifact_path=str(Path(INT8_ARTIFACT).parent))

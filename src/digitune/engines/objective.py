@@ -75,9 +75,8 @@ def make_objective(
             accuracy = max(history[config.OBJECTIVE_METRIC])
             if not settings.measured:
                 return accuracy
-            measured = records.log_costs(
-                costs.measure(costs.float32_copy(cnn, params), calibration)
-            )
+            deployed = costs.float32_copy(cnn, params)  # as it would be registered
+            measured = records.log_costs(costs.measure(deployed, calibration), accuracy)
             trial.set_user_attr(objectives.COSTS_ATTR, measured)
             for name, over in objectives.violations(measured, settings).items():
                 trial.set_constraint(name, over)
