@@ -147,11 +147,11 @@ def choose(trials: pd.DataFrame, costs: list[str], limits: dict[str, float]) -> 
         fits = fits[fits[cost] <= limit]
     if fits.empty:
         cheapest = ", ".join(
-            f"{LABELS[cost]} {candidates[cost].min():,.4g} (trial "
+            f"{LABELS[cost]} {candidates[cost].min():,.6g} (trial "
             f"{int(candidates.loc[candidates[cost].idxmin(), 'trial'])})"
             for cost in limits
         )
-        wanted = ", ".join(f"{LABELS[cost]} <= {limit:,.4g}" for cost, limit in limits.items())
+        wanted = ", ".join(f"{LABELS[cost]} <= {limit:,.6g}" for cost, limit in limits.items())
         raise ValueError(
             f"no Pareto-front model has {wanted}; the front's cheapest: {cheapest}. "
             "Loosen the limit, or tune smaller models"
@@ -173,7 +173,9 @@ def as_text(rows: pd.DataFrame) -> str:
             ],
         }
     )
-    return shown.to_markdown(index=False, colalign=["right"] * len(shown.columns))
+    return shown.to_markdown(
+        index=False, colalign=["right"] * len(shown.columns), disable_numparse=True
+    )
 
 
 def plot(trials: pd.DataFrame, settings: config.ObjectiveSettings, title: str) -> plt.Figure:
@@ -196,7 +198,7 @@ def plot(trials: pd.DataFrame, settings: config.ObjectiveSettings, title: str) -
                           textcoords="offset points", xytext=(4, 4), fontsize=7)  # fmt: skip
         if cost in settings.limits:
             axis.axvline(settings.limits[cost], color="tab:red", linestyle="--",
-                         label=f"max_{cost} = {settings.limits[cost]:,.4g}")  # fmt: skip
+                         label=f"max_{cost} = {settings.limits[cost]:,.6g}")  # fmt: skip
         if cost == "params":
             axis.set_xscale("log")
         axis.set_xlabel(LABELS[cost])

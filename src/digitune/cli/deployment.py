@@ -59,7 +59,7 @@ def _pareto(args: argparse.Namespace) -> int:
     print(
         f"study '{optuna_study.study_name}': {len(front)} of {len(trials)} measured trials on the "
         f"front of validation accuracy against {', '.join(costs)}"
-        + (f"; limits {', '.join(f'{k} <= {v:,.4g}' for k, v in limits.items())}" if limits else "")
+        + (f"; limits {', '.join(f'{k} <= {v:,.6g}' for k, v in limits.items())}" if limits else "")
         + "\n(latency: median ± half the interquartile range of one image through the served "
         "SavedModel)\n"
     )
