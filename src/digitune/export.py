@@ -22,7 +22,7 @@ import numpy as np
 import pandas as pd
 import tensorflow as tf
 
-from digitune import config, costs, data, datasets, registry, tracking
+from digitune import config, costs, data, datasets, quiet, registry, tracking
 
 CALIBRATION_IMAGES = costs.CALIBRATION_IMAGES
 LATENCY_REPEATS = 300
@@ -32,15 +32,17 @@ class Interpreter:
     """A TFLite model that takes float images in [0, 1], quantizing them if it is int8."""
 
     def __init__(self, flatbuffer: bytes, batch: int):
-        with warnings.catch_warnings():
-            # tf.lite.Interpreter points at LiteRT's package; TF 2.21 still ships this one.
+        # It points at LiteRT's package (a warning; TF 2.21 still ships this one) and announces
+        # its XNNPACK delegate on the native stderr.
+        with warnings.catch_warnings(), quiet.native_stderr_closed():
             warnings.simplefilter("ignore")
             self.interpreter = tf.lite.Interpreter(model_content=flatbuffer)
         self.input = self.interpreter.get_input_details()[0]
         self.output = self.interpreter.get_output_details()[0]
         shape = [batch, *self.input["shape"][1:]]  # the model's own image shape
         self.interpreter.resize_tensor_input(self.input["index"], shape)
-        self.interpreter.allocate_tensors()
+        with quiet.native_stderr_closed():
+            self.interpreter.allocate_tensors()
         self.batch = batch
 
     def __call__(self, images: np.ndarray) -> np.ndarray:
