@@ -216,10 +216,9 @@ def test_a_colour_model_gets_an_upload_form_instead_of_the_drawing_pad(
     assert [label.split()[0] for label in labels] == ["blue", "red"]
 
 
-@pytest.mark.parametrize("objectives_table", ["", '[objectives]\nminimize = ["params"]\n'])
-def test_the_dashboard_shows_a_studys_trials(project, browser, objectives_table):
-    """`digitune dashboard` (optuna-dashboard) on a study digitune created, single- and
-    multi-objective: its trials and metric names show in the browser."""
+def test_the_dashboard_shows_single_and_multi_objective_studies(project, browser):
+    """`digitune dashboard` (optuna-dashboard) on a storage holding a single- and a
+    multi-objective study that digitune created: their trials and metric names show."""
     import subprocess
     import sys
     from pathlib import Path
@@ -227,30 +226,34 @@ def test_the_dashboard_shows_a_studys_trials(project, browser, objectives_table)
     import optuna
 
     from conftest import write_study
-    from digitune import space, study
+    from digitune import config, space, study
 
-    study_file = write_study(
-        project,
-        '[study]\nname = "watched"\n' + objectives_table + "[space]\n"
-        'num_filters = { type = "int", low = 4, high = 32 }\n',
-    )
-    definition = space.load(study_file)
-    watched = study.load_or_create(definition, None)
-    for number, filters in enumerate((4, 12, 32)):
-        values = [0.9 + number / 100] + ([filters * 100.0] if objectives_table else [])
-        watched.add_trial(
-            optuna.trial.create_trial(
-                values=values,
-                params={"num_filters": filters},
-                distributions={"num_filters": definition.distributions["num_filters"]},
+    storage = config.default_storage("watched")
+    files = []
+    for name, objectives_table in (
+        ("watched", ""),
+        ("watched-edge", '[objectives]\nminimize = ["params"]\n'),
+    ):
+        files.append(
+            write_study(
+                project,
+                f'[study]\nname = "{name}"\n{objectives_table}[space]\n'
+                'num_filters = { type = "int", low = 4, high = 32 }\n',
+                f"{name}.toml",
             )
         )
-    command = [
-        str(Path(sys.executable).parent / "digitune"),
-        "dashboard",
-        "--study",
-        str(study_file),
-    ]
+        definition = space.load(files[-1])
+        watched = study.load_or_create(definition, storage)
+        for number, filters in enumerate((4, 12, 32)):
+            values = [0.9 + number / 100] + ([filters * 100.0] if objectives_table else [])
+            watched.add_trial(
+                optuna.trial.create_trial(
+                    values=values,
+                    params={"num_filters": filters},
+                    distributions={"num_filters": definition.distributions["num_filters"]},
+                )
+            )
+    command = [str(Path(sys.executable).parent / "digitune"), "dashboard", "--study", str(files[0])]
     dashboard = subprocess.Popen(
         [*command, "--port", "0"], cwd=project, stdout=subprocess.PIPE, text=True
     )
@@ -258,15 +261,15 @@ def test_the_dashboard_shows_a_studys_trials(project, browser, objectives_table)
         first = dashboard.stdout.readline()
         assert "optuna-dashboard for study 'watched' at http://127.0.0.1:" in first
         url = first.split(" at ")[1].split()[0]
-        browser.get(f"{url}/studies/1/trials")
-        page = browser.find_element(By.TAG_NAME, "body")
-        WebDriverWait(browser, 60).until(lambda _: "Trial 2" in page.text)
-        assert all(f"Trial {number}" in page.text for number in range(3))
-        browser.get(f"{url}/studies/1")
-        page = browser.find_element(By.TAG_NAME, "body")
-        WebDriverWait(browser, 60).until(lambda _: "val_accuracy" in page.text)
-        if objectives_table:  # the second objective, by its name
-            assert "params" in page.text
+        for study_id, metrics in ((1, ["val_accuracy"]), (2, ["val_accuracy", "params"])):
+            browser.get(f"{url}/studies/{study_id}/trials")
+            page = browser.find_element(By.TAG_NAME, "body")
+            WebDriverWait(browser, 60).until(lambda _: "Trial 2" in page.text)
+            assert all(f"Trial {number}" in page.text for number in range(3))
+            browser.get(f"{url}/studies/{study_id}")
+            page = browser.find_element(By.TAG_NAME, "body")
+            WebDriverWait(browser, 60).until(lambda _: "val_accuracy" in page.text)
+            assert all(metric in page.text for metric in metrics)
     finally:
         dashboard.terminate()
         dashboard.wait(timeout=30)
