@@ -263,13 +263,15 @@ def test_the_dashboard_shows_single_and_multi_objective_studies(project, browser
         url = first.split(" at ")[1].split()[0]
         for study_id, metrics in ((1, ["val_accuracy"]), (2, ["val_accuracy", "params"])):
             browser.get(f"{url}/studies/{study_id}/trials")
-            page = browser.find_element(By.TAG_NAME, "body")
-            WebDriverWait(browser, 60).until(lambda _: "Trial 2" in page.text)
-            assert all(f"Trial {number}" in page.text for number in range(3))
+            WebDriverWait(browser, 60).until(lambda driver: "Trial 2" in _text(driver))
+            assert all(f"Trial {number}" in _text(browser) for number in range(3))
             browser.get(f"{url}/studies/{study_id}")
-            page = browser.find_element(By.TAG_NAME, "body")
-            WebDriverWait(browser, 60).until(lambda _: "val_accuracy" in page.text)
-            assert all(metric in page.text for metric in metrics)
+            WebDriverWait(browser, 60).until(lambda driver: "val_accuracy" in _text(driver))
+            assert all(metric in _text(browser) for metric in metrics)
     finally:
         dashboard.terminate()
         dashboard.wait(timeout=30)
+
+
+def _text(driver) -> str:
+    return driver.find_element(By.TAG_NAME, "body").text
