@@ -278,3 +278,24 @@ def test_keras_tuner_refuses_a_study_with_objectives(project, capsys):
     study_file = write_study(project, EDGE_STUDY, "edge-tiny.toml")
     assert main(["tune", "--study", str(study_file), "--engine", "keras-tuner"]) == 1
     assert "tuned by the Optuna engine only" in capsys.readouterr().err
+
+
+def test_nsga2_searches_a_multi_objective_study_within_its_limits(tmp_path):
+    definition = _definition(
+        tmp_path, 'minimize = ["params"]\nmax_params = 9000', 'sampler = "nsga2"'
+    )
+    sampler = study.make_sampler(definition.study, seed=0)
+    assert isinstance(sampler, optuna.samplers.NSGAIISampler)
+    # Its selection reads the limits each trial records: a feasible trial beats an infeasible
+    # one whatever their values (Optuna's constrained domination).
+    reference = optuna.create_study(directions=objectives.directions(definition.objectives))
+    for accuracy, params in ((0.99, 12000.0), (0.90, 8000.0)):
+        over = objectives.violations({"params": params}, definition.objectives)
+        reference.add_trial(
+            optuna.trial.create_trial(
+                values=[accuracy, params],
+                system_attrs={f"constraints:{name}": value for name, value in over.items()},
+            )
+        )
+    assert [t.number for t in reference.best_trials] == [1]
+    assert objectives.best_trial(reference).number == 1
