@@ -13,7 +13,6 @@ table are logged as artifacts of the version's run (`tflite/`), the sizes as ver
 from __future__ import annotations
 
 import tempfile
-import time
 import warnings
 from pathlib import Path
 
@@ -25,7 +24,6 @@ import tensorflow as tf
 from digitune import config, costs, data, datasets, quiet, registry, tracking
 
 CALIBRATION_IMAGES = costs.CALIBRATION_IMAGES
-LATENCY_REPEATS = 300
 
 
 class Interpreter:
@@ -68,17 +66,6 @@ class Interpreter:
             else:
                 rows.append(self(batch))
         return np.concatenate(rows)
-
-
-def _latency_ms(predict, image: np.ndarray) -> float:
-    for _ in range(20):
-        predict(image)
-    seconds = []
-    for _ in range(LATENCY_REPEATS):
-        started = time.perf_counter()
-        predict(image)
-        seconds.append(time.perf_counter() - started)
-    return float(np.median(seconds)) * 1000
 
 
 def _size(path: Path) -> int:
@@ -130,7 +117,7 @@ def run(
                 "test_accuracy": float(
                     np.mean(keras_model.predict(test_images).argmax(1) == labels)
                 ),
-                "latency_ms": _latency_ms(keras_model.predict, test_images[:1]),
+                "latency_ms": costs.latency(keras_model.predict, test_images[:1])[0],
             }
         ]
         files = []
@@ -147,7 +134,7 @@ def run(
                     "test_accuracy": float(
                         np.mean(batched.predict(test_images).argmax(1) == labels)
                     ),
-                    "latency_ms": _latency_ms(single, test_images[:1]),
+                    "latency_ms": costs.latency(single, test_images[:1])[0],
                 }
             )
         table = pd.DataFrame(rows)

@@ -62,7 +62,7 @@ def run(study_file: str | Path, storage: str | None, limits: dict[str, float]) -
     registered = client.get_model_version(model_name, version)
     served = registry.load_pyfunc(registered)
     image = data.preprocess(inputs.dataset.test_images[:1]).astype(np.float32)
-    served_latency, _ = costs.latency(lambda tensor: served.predict(tensor.numpy()), image)
+    served_latency, _ = costs.latency(served.predict, image)
     registry.describe_version(
         version,
         {**objectives.version_tags(best.costs), "served_latency_ms": f"{served_latency:.3f}",
