@@ -227,17 +227,17 @@ def test_tuning_race_writes_its_tables_and_plot(project):
 
 def test_hyperband_in_the_race_trains_whole_passes_of_the_study_s_length():
     default = space.load(config.default_study_file()).training
-    hyperband = racing.whole_passes(default)
+    hyperband = keras_tuner_engine.whole_passes(default)
     # The default study's epochs are quarter passes; Hyperband gets the same images a trial.
-    assert default.epoch_images and default.epoch_images < racing.MNIST_TUNING_IMAGES
+    assert default.epoch_images and default.epoch_images < keras_tuner_engine.MNIST_TUNING_IMAGES
     assert hyperband.epoch_images == 0
-    assert hyperband.max_epochs * racing.MNIST_TUNING_IMAGES == (
+    assert hyperband.max_epochs * keras_tuner_engine.MNIST_TUNING_IMAGES == (
         default.max_epochs * default.epoch_images
     )
     whole = config.TrainingSettings(max_epochs=6)
-    assert racing.whole_passes(whole) == whole
+    assert keras_tuner_engine.whole_passes(whole) == whole
     subset = config.TrainingSettings(max_epochs=8, epoch_images=2000, train_images=4000)
-    assert racing.whole_passes(subset).max_epochs == 4
+    assert keras_tuner_engine.whole_passes(subset).max_epochs == 4
 
 
 def test_race_summary_takes_medians_and_ranges_over_seeds():

@@ -1,14 +1,11 @@
-"""The tuning race: each contender tunes the default study for the same wall-clock budget,
-over several seeds.
-
-    digitune bench --only race --budget-minutes 10 --seeds 3
+"""The tuning race (`digitune bench --only race --budget-minutes 10 --seeds 3`): each
+contender tunes the default study for the same wall-clock budget, over several seeds.
 
 Contenders: the default study as its file configures it (sampler, pruner, warm start), Optuna's
-random sampler without pruning, and Keras Tuner Hyperband; each seed runs all three, one after
-the other on this machine, on fresh stores, tracked in MLflow's `tuning-race` experiment
-(nothing is registered). Everything is read back from what the contenders logged to MLflow:
-one row per contender and seed, a summary per contender (median and range over seeds), the
-tracking overhead, and the best-so-far curves.
+random sampler without pruning, and Keras Tuner Hyperband (in whole passes); each seed runs all
+three, one after the other, on fresh stores, tracked in MLflow's `tuning-race` experiment
+(nothing is registered). Everything is read back from MLflow: one row per contender and seed,
+a summary per contender (median and range over seeds), tracking overhead, best-so-far curves.
 """
 
 from __future__ import annotations
@@ -31,8 +28,6 @@ log = logging.getLogger(__name__)
 
 RACE_EXPERIMENT = "tuning-race"
 RACE_TARGETS = (0.99, 0.993)
-# MNIST's tuning split trains on 50,000 images (`data.split`).
-MNIST_TUNING_IMAGES = 50_000
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,8 +74,12 @@ def tuning_race(
         for contender in CONTENDERS:
             # Keras Tuner's study name gets "-keras-tuner-hyperband" added by its engine.
             suffix = f"-{contender.sampler or 'default'}" if contender.engine == "optuna" else ""
+            training = definition.training  # Hyperband's epochs are whole passes:
+            if contender.engine == "keras-tuner":
+                training = keras_tuner_engine.whole_passes(training)
             race_definition = dataclasses.replace(
                 definition,
+                training=training,
                 study=dataclasses.replace(
                     definition.study,
                     name=f"race-{stamp}-seed{seed}{suffix}",
@@ -91,10 +90,6 @@ def tuning_race(
                     timeout_minutes=budget_minutes,
                 ),
             )
-            if contender.engine == "keras-tuner":
-                race_definition = dataclasses.replace(
-                    race_definition, training=whole_passes(race_definition.training)
-                )
             count = f"{len(parents) + 1} of {total}"
             log.info(f"\n== race {count}: {contender.name}, seed {seed}, {budget_minutes:g} min ==")
             if contender.engine == "optuna":
@@ -117,7 +112,8 @@ def tuning_race(
             done = f"{trials} trials, best validation {best:.4f}, test {outcome.test_accuracy:.4f}"
             log.info(f"== {contender.name}, seed {seed}: {done}")
             parents[contender.name, seed] = outcome.parent_run_id
-    trials, curves = _race_trials(parents, whole_passes(definition.training).max_epochs)
+    passes = keras_tuner_engine.whole_passes(definition.training).max_epochs
+    trials, curves = _race_trials(parents, passes)
     runs = _runs_table(trials, curves, parents)
     race = Race(runs, summarise(runs), _overhead_table(trials), curves)
     for parent_id in parents.values():
@@ -125,23 +121,9 @@ def tuning_race(
     return race
 
 
-def whole_passes(
-    training: config.TrainingSettings, train_images: int = MNIST_TUNING_IMAGES
-) -> config.TrainingSettings:
-    """Hyperband's epochs as a user's Hyperband script has them: whole passes over the
-    training images, as many as a full trial of the study trains. A study whose epochs are
-    parts of a pass (`epoch_images`) would otherwise give Hyperband brackets of a few
-    thousand images, which no one runs, and the race would compare other things."""
-    if not 0 < training.epoch_images < (training.train_images or train_images):
-        return training
-    images = training.max_epochs * training.epoch_images
-    passes = max(1, round(images / (training.train_images or train_images)))
-    return dataclasses.replace(training, max_epochs=passes, epoch_images=0)
-
-
 def _race_trials(parents: dict, max_epochs: int) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """One row per trial run, and every epoch's validation accuracy with its time since the
-    contender's start, from the MLflow store."""
+    """One row per trial run, and every epoch's validation accuracy with its minutes since
+    the contender's start (from MLflow)."""
     client = mlflow.MlflowClient()
     rows, points = [], []
     for (contender, seed), parent_id in parents.items():
@@ -233,8 +215,7 @@ def summarise(runs: pd.DataFrame) -> pd.DataFrame:
         row = {"contender": contender, "seeds": len(own)}
         for column in SUMMARISED:
             values = own[column].to_numpy(dtype=float)
-            # Not reached sorts after every time: infinity, shown as "-".
-            values = np.where(np.isnan(values), np.inf, values)
+            values = np.where(np.isnan(values), np.inf, values)  # not reached: after any time
             median = float(np.median(values))
             row[column] = median if np.isfinite(median) else np.nan
             low, high = values.min(), values.max()
@@ -297,8 +278,7 @@ def _overhead_table(trials: pd.DataFrame) -> pd.DataFrame:
 
 
 def plot_race(curves: pd.DataFrame) -> Figure:
-    """Best validation accuracy so far against minutes since each contender started: one
-    line per seed, one colour per contender."""
+    """Best validation accuracy so far against minutes: a line per seed, a colour per contender."""
     figure = Figure(figsize=(8, 5), layout="constrained")
     axes = figure.subplots()
     for index, (contender, own) in enumerate(curves.groupby("contender", sort=False)):

@@ -91,6 +91,24 @@ def _hyperband_tags(values: dict) -> dict[str, str]:
     return tags
 
 
+# MNIST's tuning split trains on 50,000 images (`data.split`).
+MNIST_TUNING_IMAGES = 50_000
+
+
+def whole_passes(
+    training: config.TrainingSettings, train_images: int = MNIST_TUNING_IMAGES
+) -> config.TrainingSettings:
+    """The study's training in whole passes over the training images, as many as one of its
+    full trials trains: Hyperband's epochs as a user's Hyperband script has them (the race
+    uses it). A study whose epochs are parts of a pass (`epoch_images`) would otherwise give
+    Hyperband first brackets of a few thousand images each."""
+    if not 0 < training.epoch_images < (training.train_images or train_images):
+        return training
+    images = training.max_epochs * training.epoch_images
+    passes = max(1, round(images / (training.train_images or train_images)))
+    return dataclasses.replace(training, max_epochs=passes, epoch_images=0)
+
+
 def dropped_by_successive_halving(trial_tags: list[dict], max_epochs: int) -> set[int]:
     """Numbers of the completed Hyperband trials that stopped short of `max_epochs` and that no
     later trial continued: the ones successive halving dropped (or the budget cut off).
