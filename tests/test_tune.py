@@ -216,6 +216,10 @@ def test_successive_halving_prunes_a_bad_trial_at_its_first_rung(project):
     assert bad.state == TrialState.PRUNED
     assert list(bad.intermediate_values) == [0, 1]
     assert bad.intermediate_values[1] < good.intermediate_values[1]
+    # Its line says how far it trained, in epochs of the fixture's training images.
+    images = len(data.split(data.load()).y_train)
+    assert bad.user_attrs[studies.EPOCH_IMAGES_ATTR] == images
+    assert studies.trial_line(bad).endswith(f"pruned after 2 epoch(s) of {images:,} images")
 
 
 def test_a_diverging_trial_fails_with_its_reason_and_the_study_goes_on(project):

@@ -1,8 +1,8 @@
 """The Optuna study: its storage, sampler and pruner, creating or loading it, running trials.
 
-[study] decides sampler, pruner and heartbeats; the storage is `studies/<name>.db` unless a
-URL says otherwise. `n_trials` is the study's total, so a resumed study runs only the rest.
-Every study maximises `val_accuracy` (and minimises its [objectives] costs).
+[study] decides sampler, pruner, heartbeats; the storage is `studies/<name>.db` unless a URL
+says otherwise. A resumed study runs the rest of `n_trials`; every study maximises
+`val_accuracy` (and minimises its [objectives] costs).
 """
 
 from __future__ import annotations
@@ -23,8 +23,8 @@ from digitune import config, objectives, space, tracking
 log = logging.getLogger(__name__)
 
 FINISHED_STATES = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
-# The user attribute that says which machine and process ran a trial: "<host>:<pid>".
-WORKER_ATTR = "worker"
+# User attributes: which machine and process ran a trial ("<host>:<pid>"); images per epoch.
+WORKER_ATTR, EPOCH_IMAGES_ATTR = "worker", "epoch_images"
 
 
 def worker_id() -> str:
@@ -72,8 +72,7 @@ def make_storage(url: str, settings: config.StudySettings) -> optuna.storages.Ba
     else:
         engine_kwargs = {"pool_pre_ping": True}
     with warnings.catch_warnings():
-        # Heartbeats have been "experimental" since Optuna 2.8; the warnings say nothing a
-        # user can act on.
+        # Heartbeats are "experimental" since Optuna 2.8: nothing a user can act on.
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         retry = _retry_callback(settings)
 
@@ -275,7 +274,7 @@ def optimize(
     )
 
 
-def count(study: optuna.Study, states=FINISHED_STATES) -> int:
+def count(study: optuna.Study, states=FINISHED_STATES) -> int:  # finished trials by default
     return len(study.get_trials(deepcopy=False, states=states))
 
 
@@ -286,7 +285,8 @@ def trial_line(trial: optuna.trial.FrozenTrial, label: str = "") -> str:
     value = (f"{accuracy:.4f}" if accuracy is not None else "-") + objectives.costs_text(trial)
     detail = trial.user_attrs.get("fail_reason", "")
     if trial.state == TrialState.PRUNED and (trial.intermediate_values or not detail):
-        detail = f"pruned after {len(trial.intermediate_values)} epoch(s)"
+        steps, images = len(trial.intermediate_values), trial.user_attrs.get(EPOCH_IMAGES_ATTR)
+        detail = f"pruned after {steps} epoch(s)" + (f" of {images:,} images" if images else "")
     elif trial.state == TrialState.PRUNED:
         detail = f"not trained: {detail}"
     params = " ".join(f"{k}={_short(v)}" for k, v in trial.params.items())

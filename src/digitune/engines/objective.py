@@ -36,6 +36,8 @@ def make_objective(
     same in every worker process), or None."""
     training, settings = definition.training, definition.objectives
     calibration = split.x_train[: costs.CALIBRATION_IMAGES]
+    whole = len(split.y_train)
+    epoch_images = training.epoch_images if 0 < training.epoch_images < whole else whole
 
     def objective(trial: optuna.Trial) -> float | list[float]:
         if trainer.STOP.is_set():
@@ -45,6 +47,7 @@ def make_objective(
         params = space.suggest(trial, definition)
         # Which machine and process ran it: workers and machines share a study.
         trial.set_user_attr(study.WORKER_ATTR, study.worker_id())
+        trial.set_user_attr(study.EPOCH_IMAGES_ATTR, epoch_images)
         with tracking.trial_run(
             trial.number, params, parent_run_id, "optuna", remember=trial.set_user_attr
         ):
