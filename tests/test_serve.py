@@ -290,8 +290,13 @@ def huge_blank_png(side: int) -> bytes:
         ),  # fmt: skip
         (json.dumps({"image": "a" * 100_000}).encode(), "application/json", "28x28"),
         (b'{"image": [[Infinity]]}', "application/json", "28x28"),
+        (
+            b'{"image": ' + json.dumps([[0] * 28] * 28).encode() + b', "lable": 3}',
+            "application/json",
+            "unknown field(s) 'lable'",
+        ),  # fmt: skip
     ],
-    ids=["pixels", "zTXt", "nesting", "huge-numbers", "prepare", "string", "infinity"],
+    ids=["pixels", "zTXt", "nesting", "huge-numbers", "prepare", "string", "infinity", "unknown"],
 )
 def test_hostile_bodies_get_a_4xx_in_bounded_time(client, content, content_type, message):
     import time

@@ -185,6 +185,10 @@ def images_from_json(payload: object, shape=(imaging.SIZE, imaging.SIZE, 1), dig
         raise imaging.ImageError(
             f'send {{"image": <{words} array>}} or {{"images": [<{words}>, ...]}}'
         )
+    unknown = sorted(set(payload) - {"image", "images", "prepare"})
+    if unknown or {"image", "images"} <= set(payload):
+        named = f"unknown field(s) {', '.join(map(repr, unknown))}: " if unknown else ""
+        raise imaging.ImageError(f"{named}send 'image' or 'images' (not both), maybe 'prepare'")
     arrays = [payload["image"]] if "image" in payload else payload["images"]
     if not isinstance(arrays, list) or not arrays:
         raise imaging.ImageError(f"'images' must be a non-empty list of {words} arrays")
