@@ -14,6 +14,7 @@ import pytest
 
 from conftest import TINY_STUDY, write_study
 from digitune import bench, cli, config, space
+from digitune.bench import contenders
 from digitune.bench import race as racing
 from digitune.engines import hypermodel
 from digitune.engines import keras_tuner as keras_tuner_engine
@@ -207,9 +208,10 @@ def test_tuning_race_writes_its_tables_and_plot(project):
     markdown = bench.write_results("tuning_race", race, racing.plot_race(curves))
     assert markdown.read_text().count("\n| ") == 1 + len(race)
     assert (markdown.parent / "tuning_race.png").stat().st_size > 10_000
-    summary = racing.race_summary(race)
-    assert "time to 99.0%" in summary and "time to 99.3%" in summary
-    assert "configurations (median of 1 seeds)" in summary
+    lines = racing.compare(race, "Keras Tuner Hyperband").splitlines()
+    assert lines[0] == "medians of 1 seed(s), ratios to Keras Tuner Hyperband's:"
+    assert [line.split(":")[0].strip() for line in lines[1:]] == list(race["contender"])
+    assert all("99.0% " in line and "99.3% " in line for line in lines[1:])
     # Each contender's parent run holds the race's plot.
     client = mlflow.MlflowClient()
     experiment = client.get_experiment_by_name(racing.RACE_EXPERIMENT)
@@ -240,6 +242,31 @@ def test_hyperband_in_the_race_trains_whole_passes_of_the_study_s_length():
     assert keras_tuner_engine.whole_passes(subset).max_epochs == 4
 
 
+def test_the_ablation_takes_the_default_study_s_two_levers_apart():
+    default = space.load(config.default_study_file())
+    cells = {
+        (
+            cell.pruner or default.study.pruner,
+            "whole passes" if cell.training(default.training).epoch_images == 0 else "quarters",
+        )
+        for cell in contenders.ABLATION
+    }
+    assert cells == {
+        (pruner, epochs)
+        for pruner in ("successive_halving", "median")
+        for epochs in ("whole passes", "quarters")
+    }
+    # Every cell trains the same images in a full trial: 10 passes of the 50,000.
+    for cell in contenders.ABLATION:
+        training = cell.training(default.training)
+        images = training.epoch_images or keras_tuner_engine.MNIST_TUNING_IMAGES
+        assert training.max_epochs * images == 500_000
+    # One store per contender and seed: their names differ.
+    everyone = {*contenders.CONTENDERS, *contenders.ABLATION}
+    assert len({cell.slug for cell in everyone}) == len(everyone)
+    assert contenders.ABLATION[3].slug == "median-pruner-whole-passes"
+
+
 def test_race_summary_takes_medians_and_ranges_over_seeds():
     nan = float("nan")
     runs = pd.DataFrame(
@@ -262,6 +289,13 @@ def test_race_summary_takes_medians_and_ranges_over_seeds():
     assert np.isnan(a["minutes_to_0.993"]) and a["minutes_to_0.993_range"] == "2-not reached"
     assert a["best_val_accuracy"] == 0.993 and a["test_accuracy_of_best"] == 0.992
     assert (b["minutes_to_0.990"], b["minutes_to_0.990_range"]) == (2.5, "2.5-2.5")
+    # Compared on the medians, with ratios to the reference's.
+    lines = racing.compare(racing.summarise(runs), reference="b").splitlines()
+    assert lines[0] == "medians of 1 seed(s), ratios to b's:"
+    assert lines[1] == (
+        "  a: 16 configurations (3.20x), 99.0% in 3 min (1.20x), 99.3% not reached, "
+        "best validation 0.9930, test of its best 0.9920"
+    )
 
 
 def test_trials_not_carried_to_the_next_round_count_as_dropped():

@@ -1,8 +1,9 @@
 """Benchmarks: measured side by side in one run, reported as medians and percentiles.
 
-    digitune bench                                     throughput, then the tuning race
+    digitune bench                                     throughput, the tuning race, the ablation
     digitune bench --only throughput                   training throughput (`throughput`)
     digitune bench --only race --budget-minutes 10     tuning race, tracking overhead (`race`)
+    digitune bench --only ablation                     the default study's levers (`contenders`)
     digitune bench-serve --url http://127.0.0.1:8000   a running service (`serving`)
 
 Benchmarks are not tests: the machines are shared and noisy, so they report numbers for a

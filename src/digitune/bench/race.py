@@ -1,11 +1,11 @@
 """The tuning race (`digitune bench --only race --budget-minutes 10 --seeds 3`): each
 contender tunes the default study for the same wall-clock budget, over several seeds.
 
-Contenders: the default study as its file configures it (sampler, pruner, warm start), Optuna's
-random sampler without pruning, and Keras Tuner Hyperband (in whole passes); each seed runs all
-three, one after the other, on fresh stores, tracked in MLflow's `tuning-race` experiment
-(nothing is registered). Everything is read back from MLflow: one row per contender and seed,
-a summary per contender (median and range over seeds), tracking overhead, best-so-far curves.
+Contenders (`contenders.py`): the default study as its file configures it, Optuna's random
+sampler without pruning, and Keras Tuner Hyperband (in whole passes); or the ablation's cells
+(`--only ablation`). Each seed runs all of them, one after the other, on fresh stores, tracked
+in MLflow's `tuning-race` experiment (nothing is registered). All is read back from MLflow: a
+row per contender and seed, medians and ranges over seeds, tracking overhead, best-so-far curves.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from digitune import config, space, tracking
+from digitune.bench.contenders import CONTENDERS, Contender
 from digitune.engines import keras_tuner as keras_tuner_engine
 from digitune.engines import optuna as optuna_engine
 
@@ -28,22 +29,6 @@ log = logging.getLogger(__name__)
 
 RACE_EXPERIMENT = "tuning-race"
 RACE_TARGETS = (0.99, 0.993)
-
-
-@dataclasses.dataclass(frozen=True)
-class Contender:
-    name: str
-    engine: str
-    # None: as the study file says.
-    sampler: str | None = None
-    pruner: str | None = None
-
-
-CONTENDERS = (
-    Contender("default study", "optuna"),
-    Contender("Optuna random, no pruning", "optuna", sampler="random", pruner="none"),
-    Contender("Keras Tuner Hyperband", "keras-tuner"),
-)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,10 +42,15 @@ class Race:
 
 
 def tuning_race(
-    budget_minutes: float = 10.0, seeds: int = 3, study_file: Path | None = None
+    budget_minutes: float = 10.0,
+    seeds: int = 3,
+    study_file: Path | None = None,
+    contenders: tuple[Contender, ...] = CONTENDERS,
+    title: str = "Tuning race on the default study",
 ) -> Race:
-    """Run every contender for `budget_minutes` of wall clock under each of `seeds` seeds
-    (the study's seed, plus 1, plus 2, ...)."""
+    """Run every contender (the race's, or the `ABLATION`'s cells) for `budget_minutes` of
+    wall clock under each of `seeds` seeds (the study's seed, plus 1, plus 2, ...); `title`
+    heads the plot of best-so-far curves logged to each contender's parent run."""
     if seeds < 1:
         raise ValueError(f"--seeds must be at least 1, got {seeds}")
     definition = space.load(study_file or config.default_study_file())
@@ -68,18 +58,15 @@ def tuning_race(
     folder.mkdir(parents=True, exist_ok=True)
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     parents = {}
-    total = seeds * len(CONTENDERS)
+    total = seeds * len(contenders)
     for index in range(seeds):
         seed = definition.study.seed + index
-        for contender in CONTENDERS:
+        for contender in contenders:
             # Keras Tuner's study name gets "-keras-tuner-hyperband" added by its engine.
-            suffix = f"-{contender.sampler or 'default'}" if contender.engine == "optuna" else ""
-            training = definition.training  # Hyperband's epochs are whole passes:
-            if contender.engine == "keras-tuner":
-                training = keras_tuner_engine.whole_passes(training)
+            suffix = f"-{contender.slug}" if contender.engine == "optuna" else ""
             race_definition = dataclasses.replace(
                 definition,
-                training=training,
+                training=contender.training(definition.training),
                 study=dataclasses.replace(
                     definition.study,
                     name=f"race-{stamp}-seed{seed}{suffix}",
@@ -117,7 +104,9 @@ def tuning_race(
     runs = _runs_table(trials, curves, parents)
     race = Race(runs, summarise(runs), _overhead_table(trials), curves)
     for parent_id in parents.values():
-        mlflow.MlflowClient().log_figure(parent_id, plot_race(curves), "race/best_so_far.png")
+        mlflow.MlflowClient().log_figure(
+            parent_id, plot_race(curves, title), "race/best_so_far.png"
+        )
     return race
 
 
@@ -226,31 +215,31 @@ def summarise(runs: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def race_summary(summary: pd.DataFrame) -> str:
-    """The race's targets in words, on the medians: the default study's configurations over
-    Hyperband's (at least 2x), its time to each target over Hyperband's (at most 0.7x), and
-    the test accuracy of each contender's best model."""
+def compare(summary: pd.DataFrame, reference: str) -> str:
+    """Each contender against `reference`, on the medians over seeds: configurations and
+    minutes to each target (with their ratios to the reference's), best validation accuracy and
+    the test accuracy of its best model. The race compares with Keras Tuner Hyperband (issue
+    13's targets: at least 2x its configurations, at most 0.7x its time to 99.3%); the
+    ablation with the default study."""
     rows = summary.set_index("contender")
-    ours, hyperband = rows.loc[CONTENDERS[0].name], rows.loc[CONTENDERS[2].name]
-    lines = [
-        f"configurations (median of {int(ours['seeds'])} seeds): default study "
-        f"{ours['configurations']:g}, Hyperband {hyperband['configurations']:g}, ratio "
-        f"{ours['configurations'] / max(hyperband['configurations'], 1):.2f} (target at least 2)"
-    ]
-    for target in RACE_TARGETS:
-        column = _minutes_column(target)
-        if np.isnan(ours[column]) or np.isnan(hyperband[column]):
-            lines.append(f"time to {target:.1%}: not reached by both within the budget (median)")
-        else:
-            lines.append(
-                f"time to {target:.1%}: default study {ours[column]:.2f} min, Hyperband "
-                f"{hyperband[column]:.2f} min, ratio {ours[column] / hyperband[column]:.2f} "
-                "(target at most 0.7)"
-            )
-    lines.append(
-        "test accuracy of the best model (median): "
-        + ", ".join(f"{name} {row['test_accuracy_of_best']:.4f}" for name, row in rows.iterrows())
-    )
+    base = rows.loc[reference]
+
+    def measure(row: pd.Series, column: str, unit: str) -> str:
+        if np.isnan(row[column]):
+            return "not reached"
+        ratio = row[column] / base[column] if base[column] > 0 else np.nan
+        value = f"{row[column]:g}{unit}" + (f" ({ratio:.2f}x)" if np.isfinite(ratio) else "")
+        return value if column == "configurations" else f"in {value}"
+
+    lines = [f"medians of {int(base['seeds'])} seed(s), ratios to {reference}'s:"]
+    for name, row in rows.iterrows():
+        times = (f"{t:.1%} {measure(row, _minutes_column(t), ' min')}" for t in RACE_TARGETS)
+        lines.append(
+            f"  {name}: {measure(row, 'configurations', ' configurations')}, "
+            + ", ".join(times)
+            + f", best validation {row['best_val_accuracy']:.4f}, "
+            f"test of its best {row['test_accuracy_of_best']:.4f}"
+        )
     return "\n".join(lines)
 
 
@@ -277,7 +266,7 @@ def _overhead_table(trials: pd.DataFrame) -> pd.DataFrame:
     return table.round(2)
 
 
-def plot_race(curves: pd.DataFrame) -> Figure:
+def plot_race(curves: pd.DataFrame, title: str = "Tuning race on the default study") -> Figure:
     """Best validation accuracy so far against minutes: a line per seed, a colour per contender."""
     figure = Figure(figsize=(8, 5), layout="constrained")
     axes = figure.subplots()
@@ -294,7 +283,7 @@ def plot_race(curves: pd.DataFrame) -> Figure:
     axes.set_xlabel("minutes since the contender started")
     axes.set_ylabel("best validation accuracy so far")
     seeds = curves["seed"].nunique()
-    axes.set_title(f"Tuning race on the default study, equal wall-clock budget, {seeds} seed(s)")
+    axes.set_title(f"{title}, equal wall-clock budget, {seeds} seed(s)")
     axes.grid(alpha=0.3)
     axes.legend(loc="lower right")
     return figure

@@ -11,7 +11,7 @@ one of its subcommands.
     digitune pareto --study studies/edge.toml  the front of accuracy against size and latency
     digitune select --max-params 10000         the best front model within limits -> challenger
     digitune dashboard                         optuna-dashboard on a study, live
-    digitune bench                             training throughput, tuning race
+    digitune bench                             training throughput, tuning race, ablation
     digitune promote [--margin M] [--force]    challenger -> champion, on evidence
     digitune rollback                          champion back to the previous one
     digitune models                            list the registered versions

@@ -92,7 +92,10 @@ def add_commands(commands) -> None:
         "--seeds", type=int, default=3, help="seeds of each race contender (default: 3)"
     )
     bench.add_argument(
-        "--only", choices=("throughput", "race"), default=None, help="run one part only"
+        "--only",
+        choices=("throughput", "race", "ablation"),
+        default=None,
+        help="run one part only (race: against Keras Tuner; ablation: the default study's levers)",
     )
     bench.set_defaults(handler=_bench)
 
@@ -235,7 +238,7 @@ def _ensemble(args: argparse.Namespace) -> int:
 
 def _bench(args: argparse.Namespace) -> int:
     from digitune import bench
-    from digitune.bench import race, throughput
+    from digitune.bench import contenders, race, throughput
 
     if args.budget_minutes <= 0:
         raise ValueError(f"--budget-minutes must be positive, got {args.budget_minutes}")
@@ -244,16 +247,27 @@ def _bench(args: argparse.Namespace) -> int:
         table = throughput.training_throughput(args.repeats)
         print(table.to_string(index=False))
         written.append(bench.write_results("training_throughput", table))
-    if args.only in (None, "race"):
-        results = race.tuning_race(args.budget_minutes, args.seeds)
-        figure = race.plot_race(results.curves)
-        written.append(bench.write_results("tuning_race", results.summary, figure))
-        written.append(bench.write_results("tuning_race_runs", results.runs))
-        written.append(bench.write_results("tracking_overhead", results.overhead))
+    parts = {  # part: contenders, the one the others are compared with, the plot's title
+        "race": (contenders.CONTENDERS, contenders.HYPERBAND, "Tuning race on the default study"),
+        "ablation": (
+            contenders.ABLATION,
+            contenders.DEFAULT_STUDY,
+            "Ablation of the default study",
+        ),
+    }
+    for part, (racers, reference, title) in parts.items():
+        if args.only not in (None, part):
+            continue
+        results = race.tuning_race(args.budget_minutes, args.seeds, contenders=racers, title=title)
+        figure = race.plot_race(results.curves, title)
+        name = "tuning_race" if part == "race" else "ablation"
+        written.append(bench.write_results(name, results.summary, figure))
+        written.append(bench.write_results(f"{name}_runs", results.runs))
+        written.append(bench.write_results(f"{name}_tracking_overhead", results.overhead))
         print(f"\n{results.runs.to_string(index=False)}\n")
         print(
             f"{results.summary.to_string(index=False)}\n\n{results.overhead.to_string(index=False)}"
         )
-        print(race.race_summary(results.summary))
+        print(race.compare(results.summary, reference.name))
     print("\nwritten: " + ", ".join(str(path) for path in written))
     return 0
