@@ -220,6 +220,27 @@ def test_successive_halving_prunes_a_bad_trial_at_its_first_rung(project):
     images = len(data.split(data.load()).y_train)
     assert bad.user_attrs[studies.EPOCH_IMAGES_ATTR] == images
     assert studies.trial_line(bad).endswith(f"pruned after 2 epoch(s) of {images:,} images")
+    assert studies.DEADLINE_ATTR not in good.user_attrs
+    assert studies.trial_line(good).endswith("dropout_rate=0")  # complete: nothing to add
+
+
+def test_a_trial_the_study_s_deadline_cuts_short_says_so(project):
+    # 6 seconds for a trial of up to 500 epochs: it ends at the first epoch end after that.
+    study_file = write_study(
+        project,
+        TINY_STUDY.replace("n_trials = 3", "n_trials = 1\ntimeout_minutes = 0.1").replace(
+            "max_epochs = 2", "max_epochs = 500\nearly_stopping_patience = 500"
+        ),
+    )
+    outcome = optuna_engine.run(study_file)
+    (trial,) = outcome.study.trials
+    epochs = len(trial.intermediate_values)
+    assert trial.state == TrialState.COMPLETE and 1 <= epochs < 500
+    assert trial.user_attrs["epochs"] == epochs and trial.user_attrs[studies.DEADLINE_ATTR]
+    images = len(data.split(data.load()).y_train)
+    assert studies.trial_line(trial).endswith(
+        f"cut short by the study's deadline after {epochs} epoch(s) of {images:,} images"
+    )
 
 
 def test_a_diverging_trial_fails_with_its_reason_and_the_study_goes_on(project):

@@ -23,8 +23,9 @@ from digitune import config, objectives, space, tracking
 log = logging.getLogger(__name__)
 
 FINISHED_STATES = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
-# User attributes: which machine and process ran a trial ("<host>:<pid>"); images per epoch.
-WORKER_ATTR, EPOCH_IMAGES_ATTR = "worker", "epoch_images"
+# User attributes: which machine and process ran a trial ("<host>:<pid>"); images per epoch;
+# whether the study's deadline ended its training.
+WORKER_ATTR, EPOCH_IMAGES_ATTR, DEADLINE_ATTR = "worker", "epoch_images", "stopped_at_deadline"
 
 
 def worker_id() -> str:
@@ -101,11 +102,8 @@ def _close_run_of(trial: optuna.trial.FrozenTrial, reason: str) -> None:
     try:
         tracking.end_stale_trial_run(trial, reason)
     except Exception as error:  # noqa: BLE001 -- MLflow down must not stop the retry.
-        log.warning(
-            "trial %d's MLflow run stays open until the study ends: %s",
-            trial.number,
-            config.redact(str(error)),
-        )
+        reason = config.redact(str(error))
+        log.warning(f"trial {trial.number}'s MLflow run stays open until the study ends: {reason}")
 
 
 def fail_trials_of_dead_workers(
@@ -131,11 +129,8 @@ def fail_trials_of_dead_workers(
         frozen = optuna_study.get_trials(deepcopy=False)[trial.number]
         retry(optuna_study, frozen)
         _close_run_of(frozen, f"its worker process {pid} on {host} died (killed or crashed)")
-        log.warning(
-            "trial %d: its worker process %s died; failed, and queued to run again",
-            trial.number,
-            pid,
-        )
+        died = f"its worker process {pid} died"
+        log.warning(f"trial {trial.number}: {died}; failed, and queued to run again")
         failed.append(trial.number)
     return failed
 
@@ -204,8 +199,7 @@ def load_or_create(
     return study
 
 
-# How long a joining worker waits for the machine that started the study to open its
-# MLflow parent run (it does so right after creating the study).
+# How long a joining worker waits for the starting machine to open the MLflow parent run.
 PARENT_RUN_WAIT_SECONDS = 30.0
 
 
@@ -283,12 +277,18 @@ def trial_line(trial: optuna.trial.FrozenTrial, label: str = "") -> str:
     seconds = trial.duration.total_seconds() if trial.duration else 0.0
     accuracy = objectives.accuracy(trial)
     value = (f"{accuracy:.4f}" if accuracy is not None else "-") + objectives.costs_text(trial)
-    detail = trial.user_attrs.get("fail_reason", "")
+    detail, images = (
+        trial.user_attrs.get("fail_reason", ""),
+        trial.user_attrs.get(EPOCH_IMAGES_ATTR),
+    )
+    size = f" of {images:,} images" if images else ""
+    epochs = f"{len(trial.intermediate_values)} epoch(s){size}"
     if trial.state == TrialState.PRUNED and (trial.intermediate_values or not detail):
-        steps, images = len(trial.intermediate_values), trial.user_attrs.get(EPOCH_IMAGES_ATTR)
-        detail = f"pruned after {steps} epoch(s)" + (f" of {images:,} images" if images else "")
+        detail = f"pruned after {epochs}"
     elif trial.state == TrialState.PRUNED:
         detail = f"not trained: {detail}"
+    elif trial.user_attrs.get(DEADLINE_ATTR):
+        detail = f"cut short by the study's deadline after {epochs}"
     params = " ".join(f"{k}={_short(v)}" for k, v in trial.params.items())
     return (
         f"{label}trial {trial.number:3d} {trial.state.name:8s} value={value} {seconds:6.1f}s "

@@ -105,11 +105,11 @@ class StopAtDeadline(keras.callbacks.Callback):
 
     def __init__(self, deadline: float | None):
         super().__init__()
-        self.deadline = deadline
+        self.deadline, self.stopped = deadline, False
 
     def on_epoch_end(self, epoch, logs=None):
         if self.deadline is not None and time.time() > self.deadline:
-            self.model.stop_training = True
+            self.model.stop_training = self.stopped = True
 
 
 def fit(

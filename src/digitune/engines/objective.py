@@ -71,6 +71,8 @@ def make_objective(
                 settings=training,
             ).history
             trial.set_user_attr("epochs", len(history["loss"]))
+            if any(isinstance(c, trainer.StopAtDeadline) and c.stopped for c in callbacks):
+                trial.set_user_attr(study.DEADLINE_ATTR, True)  # its line says so
             # Early stopping restored the best epoch's weights, so the matrix matches the value.
             validation = records.evaluate_validation(cnn, split)
             trainer.check_learned(history, params, validation.confusion_matrix)
