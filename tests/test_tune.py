@@ -224,7 +224,7 @@ def test_successive_halving_prunes_a_bad_trial_at_its_first_rung(project):
     assert studies.trial_line(good).endswith("dropout_rate=0")  # complete: nothing to add
 
 
-def test_a_trial_the_study_s_deadline_cuts_short_says_so(project):
+def test_a_trial_the_study_s_deadline_cuts_short_says_so(project, capsys):
     # 6 seconds for a trial of up to 500 epochs: it ends at the first epoch end after that.
     study_file = write_study(
         project,
@@ -232,8 +232,9 @@ def test_a_trial_the_study_s_deadline_cuts_short_says_so(project):
             "max_epochs = 2", "max_epochs = 500\nearly_stopping_patience = 500"
         ),
     )
-    outcome = optuna_engine.run(study_file)
-    (trial,) = outcome.study.trials
+    assert cli.main(["tune", "--study", str(study_file)]) == 0
+    assert "1 complete but cut short by the deadline\n" in capsys.readouterr().out
+    (trial,) = studies.load_existing(study_file)[1].trials
     epochs = len(trial.intermediate_values)
     assert trial.state == TrialState.COMPLETE and 1 <= epochs < 500
     assert trial.user_attrs["epochs"] == epochs and trial.user_attrs[studies.DEADLINE_ATTR]

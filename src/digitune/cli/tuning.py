@@ -135,7 +135,7 @@ def _data(args: argparse.Namespace) -> int:
 
 
 def _tune(args: argparse.Namespace) -> int:
-    from digitune import trainer
+    from digitune import study, trainer
     from digitune.engines import optuna as optuna_engine
 
     trainer.stop_cleanly_on_ctrl_c()
@@ -156,10 +156,13 @@ def _tune(args: argparse.Namespace) -> int:
         return 0
     states = {}
     for trial in outcome.study.trials:
-        states[trial.state.name] = states.get(trial.state.name, 0) + 1
+        state = trial.state.name.lower()
+        if trial.user_attrs.get(study.DEADLINE_ATTR):
+            state += " but cut short by the deadline"
+        states[state] = states.get(state, 0) + 1
     print(
         f"\nstudy '{outcome.study.study_name}' in {outcome.seconds / 60:.1f} min: "
-        + ", ".join(f"{count} {state.lower()}" for state, count in sorted(states.items()))
+        + ", ".join(f"{count} {state}" for state, count in sorted(states.items()))
         + f"\nbest trial {outcome.best_trial.number}: validation accuracy "
         f"{outcome.best_trial.values[0]:.4f}, test accuracy {outcome.test_accuracy:.4f}"
         f"\nregistered {outcome.model_name} version {outcome.model_version} "
