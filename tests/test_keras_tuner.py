@@ -293,7 +293,7 @@ def test_race_summary_takes_medians_and_ranges_over_seeds():
     lines = racing.compare(racing.summarise(runs), reference="b").splitlines()
     assert lines[0] == "medians of 1 seed(s), ratios to b's:"
     assert lines[1] == (
-        "  a: 16 configurations (3.20x), 99.0% in 3 min (1.20x), 99.3% not reached, "
+        "  a: 16 configurations (3.20x), 99.0% in 3.00 min (1.20x), 99.3% not reached, "
         "best validation 0.9930, test of its best 0.9920"
     )
 

@@ -228,7 +228,8 @@ def compare(summary: pd.DataFrame, reference: str) -> str:
         if np.isnan(row[column]):
             return "not reached"
         ratio = row[column] / base[column] if base[column] > 0 else np.nan
-        value = f"{row[column]:g}{unit}" + (f" ({ratio:.2f}x)" if np.isfinite(ratio) else "")
+        number = f"{row[column]:g}" if column == "configurations" else f"{row[column]:.2f}"
+        value = f"{number}{unit}" + (f" ({ratio:.2f}x)" if np.isfinite(ratio) else "")
         return value if column == "configurations" else f"in {value}"
 
     lines = [f"medians of {int(base['seeds'])} seed(s), ratios to {reference}'s:"]
