@@ -10,12 +10,15 @@ default study's 3-block network with batch normalisation at batch 128.
 from __future__ import annotations
 
 import importlib.util
+import logging
 import time
 
 import keras
 import pandas as pd
 
 from digitune import config, data, model, trainer
+
+log = logging.getLogger(__name__)
 
 # (network, batch size, digitune's params for it, the baseline's builder's name)
 CASES = (
@@ -95,13 +98,18 @@ def training_throughput(repeats: int = 3) -> pd.DataFrame:
                     cnn = model.build_model(params)
                     trainer.fit(cnn, params, split, 2, [timer])
                 accuracy = cnn.evaluate(split.x_validation, split.y_validation, verbose=0)[1]
+                speed = len(split.y_train) / timer.seconds[-1]
+                log.info(
+                    f"throughput, round {round_number + 1} of {repeats}: {network}, batch "
+                    f"{batch_size}, {name}: {speed:,.0f} img/s, {100 * timer.busy[-1]:.0f}% CPU"
+                )
                 rows.append(
                     {
                         "network": network,
                         "trainer": name,
                         "batch_size": batch_size,
                         "round": round_number,
-                        "images_per_second": len(split.y_train) / timer.seconds[-1],
+                        "images_per_second": speed,
                         "cpu_percent": 100 * timer.busy[-1],
                         "val_accuracy": accuracy,
                     }
