@@ -2,10 +2,19 @@
 
 from __future__ import annotations
 
+import matplotlib.pyplot as plt
 import optuna
 import pytest
 
 from digitune import report
+
+
+@pytest.fixture(autouse=True)
+def close_figures():
+    """`report.figures` hands its figures to the caller, who closes them (as `log_to_run`
+    does); these tests look at them and close them after, or pyplot keeps them all."""
+    yield
+    plt.close("all")
 
 
 def _study_with_curves(curves: list[dict[int, float]]) -> optuna.Study:
