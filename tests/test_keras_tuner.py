@@ -242,20 +242,26 @@ def test_hyperband_in_the_race_trains_whole_passes_of_the_study_s_length():
     assert keras_tuner_engine.whole_passes(subset).max_epochs == 4
 
 
-def test_the_ablation_takes_the_default_study_s_two_levers_apart():
+def test_the_ablation_takes_the_default_study_s_levers_apart():
     default = space.load(config.default_study_file())
-    cells = {
+    cells = [
         (
             cell.pruner or default.study.pruner,
             "whole passes" if cell.training(default.training).epoch_images == 0 else "quarters",
         )
         for cell in contenders.ABLATION
-    }
-    assert cells == {
+    ]
+    # The default study's pruner against Optuna's successive halving, both on quarter passes,
+    # and each kind of pruner on quarter and on whole passes.
+    assert cells[:2] == [
+        ("rejudging_successive_halving", "quarters"),
+        ("successive_halving", "quarters"),
+    ]
+    assert set(cells[2:]) == {
         (pruner, epochs)
-        for pruner in ("successive_halving", "median")
+        for pruner in ("rejudging_successive_halving", "median")
         for epochs in ("whole passes", "quarters")
-    }
+    } - {("rejudging_successive_halving", "quarters")}
     # Every cell trains the same images in a full trial: 10 passes of the 50,000.
     for cell in contenders.ABLATION:
         training = cell.training(default.training)
@@ -264,7 +270,12 @@ def test_the_ablation_takes_the_default_study_s_two_levers_apart():
     # One store per contender and seed: their names differ.
     everyone = {*contenders.CONTENDERS, *contenders.ABLATION}
     assert len({cell.slug for cell in everyone}) == len(everyone)
-    assert contenders.ABLATION[3].slug == "median-pruner-whole-passes"
+    assert contenders.ABLATION[4].slug == "median-pruner-whole-passes"
+    # `digitune bench --contenders` picks cells by slug, in their declared order.
+    picked = contenders.chosen(contenders.ABLATION, ["median-pruner-whole-passes", "default-study"])
+    assert picked == (contenders.ABLATION[0], contenders.ABLATION[4])
+    with pytest.raises(ValueError, match="no contender hyperband here; choose from default-study"):
+        contenders.chosen(contenders.ABLATION, ["hyperband"])
 
 
 def test_race_summary_takes_medians_and_ranges_over_seeds():

@@ -33,7 +33,7 @@ def test_default_study_samples_what_users_tune():
     assert definition.distributions["learning_rate"].log
     assert definition.study.sampler == "tpe"
     # Judged from the first trial on, every quarter pass (12,500 of the 50,000 images).
-    assert definition.study.pruner == "successive_halving"
+    assert definition.study.pruner == "rejudging_successive_halving"
     assert definition.training.epoch_images * 4 == 50_000
 
 

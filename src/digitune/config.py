@@ -143,7 +143,8 @@ class StudySettings:
     # Random trials before TPE starts modelling; small budgets want few.
     n_startup_trials: int = 5
     # median, hyperband, successive_halving (asynchronous, keeps the best third at epochs
-    # 2, 4, 10, ... counted from `pruner_warmup_epochs`) or none.
+    # 2, 4, 10, ... counted from `pruner_warmup_epochs`), rejudging_successive_halving (the
+    # same rungs, a trial judged at each epoch until its next rung: see pruners.py) or none.
     pruner: str = "median"
     # Trials that finish before the median pruner starts pruning.
     pruner_startup_trials: int = 3
@@ -254,6 +255,6 @@ class RegistrySettings:
 SAMPLERS = ("tpe", "random", "nsga2")
 DATASETS = ("mnist", "fashion-mnist", "cifar10", "sklearn-digits", "folder")
 COLOR_MODES = ("auto", "grayscale", "rgb")
-PRUNERS = ("median", "hyperband", "none", "successive_halving")
+PRUNERS = ("median", "hyperband", "none", "successive_halving", "rejudging_successive_halving")
 
 PRECISIONS = ("auto", "float32", "mixed_bfloat16", "mixed_float16")

@@ -18,7 +18,7 @@ from pathlib import Path
 import optuna
 from optuna.trial import TrialState
 
-from digitune import config, objectives, space, tracking
+from digitune import config, objectives, pruners, space, tracking
 
 log = logging.getLogger(__name__)
 
@@ -42,25 +42,6 @@ def make_sampler(settings: config.StudySettings, seed: int) -> optuna.samplers.B
     # The constant liar makes parallel workers sample away from the trials still running.
     return optuna.samplers.TPESampler(
         seed=seed, n_startup_trials=settings.n_startup_trials, constant_liar=True
-    )
-
-
-def make_pruner(definition: space.StudyDefinition) -> optuna.pruners.BasePruner:
-    settings = definition.study
-    if settings.pruner == "hyperband":
-        return optuna.pruners.HyperbandPruner(
-            min_resource=1, max_resource=definition.training.max_epochs
-        )
-    if settings.pruner == "successive_halving":
-        # Steps are epoch indices: rung 0 is judged after epoch min_resource + 1.
-        return optuna.pruners.SuccessiveHalvingPruner(
-            min_resource=max(1, settings.pruner_warmup_epochs), reduction_factor=3
-        )
-    if settings.pruner == "none":
-        return optuna.pruners.NopPruner()
-    return optuna.pruners.MedianPruner(
-        n_startup_trials=settings.pruner_startup_trials,
-        n_warmup_steps=settings.pruner_warmup_epochs,
     )
 
 
@@ -173,13 +154,13 @@ def load_or_create(
                 f"no study '{definition.study.name}' in {config.redact(url)} to join; start it "
                 "with `make tune` on one machine first"
             ) from None
-        study.pruner = make_pruner(definition)
+        study.pruner = pruners.make_pruner(definition.study, definition.training.max_epochs)
     else:
         study = optuna.create_study(
             study_name=definition.study.name,
             storage=make_storage(url, definition.study),
             directions=objectives.directions(definition.objectives),
-            pruner=make_pruner(definition),
+            pruner=pruners.make_pruner(definition.study, definition.training.max_epochs),
             load_if_exists=True,
         )
         with warnings.catch_warnings():

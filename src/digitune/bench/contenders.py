@@ -1,5 +1,5 @@
 """Who races (`digitune bench`), declared once as data: the tuning race's contenders, and the
-ablation's cells, which take the default study's two levers apart (the pruner, and epochs of a
+ablation's cells, which take the default study's levers apart (the pruner, and epochs of a
 quarter pass against whole passes over the training images).
 
 Every contender tunes the default study's space for the same wall-clock budget; a field left
@@ -47,11 +47,28 @@ CONTENDERS = (
     HYPERBAND,
 )
 
-# The ablation: successive halving or the median pruner (3 complete trials first), on quarter
-# passes or whole passes; the last cell is the default study before issue 13's second round.
+# The ablation: the default study's pruner (successive halving that judges a trial again
+# until its next rung) against Optuna's, which judges it once on arrival; successive halving
+# or the median pruner (3 complete trials first); quarter passes or whole passes. The last
+# cell is the default study before issue 13's second round, the second the one before its
+# third.
 ABLATION = (
     DEFAULT_STUDY,
+    Contender("successive halving judged on arrival", "optuna", pruner="successive_halving"),
     Contender("successive halving, whole passes", "optuna", whole_passes=True),
     Contender("median pruner, quarter passes", "optuna", pruner="median"),
     Contender("median pruner, whole passes", "optuna", pruner="median", whole_passes=True),
 )
+
+
+def chosen(racers: tuple[Contender, ...], slugs: list[str] | None) -> tuple[Contender, ...]:
+    """The racers `slugs` names (all when None), in their declared order."""
+    if not slugs:
+        return racers
+    known = [racer.slug for racer in racers]
+    unknown = [slug for slug in slugs if slug not in known]
+    if unknown:
+        raise ValueError(
+            f"--contenders: no contender {', '.join(unknown)} here; choose from {', '.join(known)}"
+        )
+    return tuple(racer for racer in racers if racer.slug in slugs)

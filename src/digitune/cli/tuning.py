@@ -97,6 +97,12 @@ def add_commands(commands) -> None:
         default=None,
         help="run one part only (race: against Keras Tuner; ablation: the default study's levers)",
     )
+    bench.add_argument(
+        "--contenders",
+        type=lambda text: text.split(","),
+        default=None,
+        help="race or ablate only these, by name in lower case with hyphens (comma-separated)",
+    )
     bench.set_defaults(handler=_bench)
 
 
@@ -245,6 +251,8 @@ def _bench(args: argparse.Namespace) -> int:
 
     if args.budget_minutes <= 0:
         raise ValueError(f"--budget-minutes must be positive, got {args.budget_minutes}")
+    if args.contenders and args.only not in ("race", "ablation"):
+        raise ValueError("--contenders names the racers of one part: add --only race or ablation")
     written = []
     if args.only in (None, "throughput"):
         table = throughput.training_throughput(args.repeats)
@@ -261,6 +269,8 @@ def _bench(args: argparse.Namespace) -> int:
     for part, (racers, reference, title) in parts.items():
         if args.only not in (None, part):
             continue
+        racers = contenders.chosen(racers, args.contenders)
+        reference = reference if reference in racers else racers[0]
         results = race.tuning_race(args.budget_minutes, args.seeds, contenders=racers, title=title)
         figure = race.plot_race(results.curves, title)
         name = "tuning_race" if part == "race" else "ablation"
