@@ -72,41 +72,16 @@ def test_a_trial_is_judged_at_its_last_rung_only_and_the_best_third_goes_on():
     assert not _report(leader, [0.965])
 
 
-def test_a_trial_judged_again_is_compared_at_equal_training():
-    study = _study(pruners.RejudgingSuccessiveHalvingPruner(min_resource=1, reduction_factor=3))
-    # Seen in `make tune`: a small network reaches rung 2 (step 9) first and goes on; a
-    # bigger one gets there later, better at step 9.
-    early, late = study.ask(), study.ask()
-    assert not _report(early, [0.95] * 9 + [0.980] + [0.985] * 4)  # steps 0-13
-    assert not _report(late, [0.95] * 9 + [0.984])  # steps 0-9
-    # At step 14 the early one is judged against the late one at step 9, the latest step
-    # both have: worse there, it stops (a rung's value is all there is to compare).
-    assert _report(early, [0.986])
-    # Had the late one trained on, they would be compared at equal training, later on.
-    study = _study(pruners.RejudgingSuccessiveHalvingPruner(min_resource=1, reduction_factor=3))
-    early, late = study.ask(), study.ask()
-    assert not _report(early, [0.95] * 9 + [0.980] + [0.985] * 4)  # steps 0-13
-    assert not _report(late, [0.95] * 9 + [0.984, 0.984, 0.985, 0.985])  # steps 0-12
-    # Step 14: 0.985 against 0.985 at step 12, no worse: the early one goes on.
-    assert not _report(early, [0.990])
-    # The late one's step 13 beats the early one's step 13 (0.985): it goes on, and the early
-    # one, at equal training now worse, stops.
-    assert not _report(late, [0.986])
-    assert _report(early, [0.990])
-
-
-@pytest.mark.parametrize("direction", ["maximize", "minimize"])
-def test_a_nan_stops_a_trial_and_never_beats_another(direction):
-    sign = 1 if direction == "maximize" else -1
-    study = optuna.create_study(
-        direction=direction,
-        pruner=pruners.RejudgingSuccessiveHalvingPruner(min_resource=1, reduction_factor=3),
-    )
+def test_a_nan_stops_a_trial_and_ranks_last_among_competitors():
+    pruner = pruners.RejudgingSuccessiveHalvingPruner(min_resource=1, reduction_factor=3)
+    study = _study(pruner)
     assert _report(study.ask(), [0.5, math.nan])
     # The NaN at rung 0 is no competitor: a poor trial still counts as the best of two.
-    assert not _report(study.ask(), [0.1 * sign, 0.2 * sign])
-    # A third, worse than the second in the study's direction, is not the best of three.
-    assert _report(study.ask(), [0.1 * sign, 0.15 * sign])
+    assert not _report(study.ask(), [0.1, 0.2])
+    assert pruner.promotable(0.2, [math.nan, 0.1], optuna.study.StudyDirection.MAXIMIZE)
+    assert not pruner.promotable(0.2, [0.3, 0.1], optuna.study.StudyDirection.MAXIMIZE)
+    # Minimising, smaller is better.
+    assert pruner.promotable(0.1, [0.3, 0.2], optuna.study.StudyDirection.MINIMIZE)
 
 
 def test_the_study_file_names_the_pruner():

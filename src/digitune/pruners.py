@@ -7,10 +7,10 @@ they are promoted, rung after rung. On a CPU where a full trial takes most of th
 first trial of each worker then runs to the end and the study sees four or five
 configurations. `RejudgingSuccessiveHalvingPruner` asks ASHA's question at every report after
 a rung instead of only on arrival: is this trial still among the best third (at least the
-best one) of the trials that reached its last rung, each compared with it at the latest
-step both reported? A trial promoted only because it came first stops as soon as better
-ones catch up with it, at equal training, and its worker starts a new configuration. Trials
-past a later rung are not judged again at earlier ones.
+best one) of the trials that reached its last rung? A trial promoted only because it came
+first stops as soon as better ones catch up with it at that rung, at equal training, and its
+worker starts a new configuration. Trials past a later rung are not judged again at earlier
+ones.
 """
 
 from __future__ import annotations
@@ -27,9 +27,9 @@ JUDGED_STATES = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)
 
 class RejudgingSuccessiveHalvingPruner(optuna.pruners.BasePruner):
     """Successive halving with rungs at steps `min_resource * reduction_factor ** k`, where a
-    trial continues while it is among the best 1/`reduction_factor` of the trials that
-    reached the last rung it passed (the best one while fewer than `reduction_factor` did),
-    each compared with it at equal training (`_beats`)."""
+    trial continues while its value at the last rung it passed is among the best
+    1/`reduction_factor` of all values recorded at that rung (the best one while fewer than
+    `reduction_factor` trials reached it). Every study direction is "maximize" or "minimize"."""
 
     def __init__(self, min_resource: int = 1, reduction_factor: int = 3) -> None:
         if min_resource < 1 or reduction_factor < 2:
@@ -57,28 +57,22 @@ class RejudgingSuccessiveHalvingPruner(optuna.pruners.BasePruner):
         rung = self.last_rung(step)
         if rung is None or rung not in trial.intermediate_values:
             return False
-        others = [
-            other.intermediate_values
+        competing = [
+            other.intermediate_values[rung]
             for other in study.get_trials(deepcopy=False, states=JUDGED_STATES)
             if rung in other.intermediate_values and other.number != trial.number
         ]
-        sign = 1.0 if study.direction == optuna.study.StudyDirection.MAXIMIZE else -1.0
-        better = sum(
-            1 for other in others if _beats(other, trial.intermediate_values, rung, step, sign)
-        )
-        return better >= max(1, (len(others) + 1) // self.reduction_factor)
+        return not self.promotable(trial.intermediate_values[rung], competing, study.direction)
 
-
-def _beats(
-    other: dict[int, float], mine: dict[int, float], rung: int, step: int, sign: float
-) -> bool:
-    """Whether `other` did better than `mine` at equal training: at the latest step from
-    `rung` to `step` that both reported. On arrival at a rung that is the rung itself, as in
-    ASHA; a trial judged again later is compared with more training where the other has it,
-    so one that passed the rung first and learned since is not stopped for a rung's value
-    alone. NaN never beats."""
-    common = max(at for at in other if rung <= at <= step and at in mine)
-    return not math.isnan(other[common]) and sign * other[common] > sign * mine[common]
+    def promotable(
+        self, value: float, others: list[float], direction: optuna.study.StudyDirection
+    ) -> bool:
+        """Whether `value` is among the best 1/reduction_factor of itself and `others`
+        (NaN counts as the worst), and at least the best one."""
+        sign = 1.0 if direction == optuna.study.StudyDirection.MAXIMIZE else -1.0
+        better = sum(1 for other in others if not math.isnan(other) and sign * other > sign * value)
+        kept = max(1, (len(others) + 1) // self.reduction_factor)
+        return better < kept
 
 
 def make_pruner(settings: config.StudySettings, max_epochs: int) -> optuna.pruners.BasePruner:
