@@ -77,6 +77,23 @@ def test_mcnemar_exact_against_known_values():
     assert evaluate.mcnemar_exact(0, 0) == 1.0
 
 
+def test_the_version_description_shows_hyperparameters_rounded_as_a_person_reads_them():
+    tags = {
+        "trial": "16",
+        "study": "mnist-cnn",
+        "validation_accuracy": "0.9946",
+        "test_accuracy": "0.9941",
+        "test_images": "10000",
+        "data_sha256": "c655",
+    }
+    params = {"learning_rate": 0.001908737098447676, "batch_normalization": True, "batch_size": 256}
+    description = registry.describe(tags, params)
+    assert "| learning_rate | 0.001909 |" in description
+    assert "| batch_normalization | True |" in description
+    assert "| batch_size | 256 |" in description
+    assert "10,000 images" in description
+
+
 def test_promotion_lifecycle(project, trained, capsys):
     client = tracking.configure()
     poor = register(trained, "poor", trial=1)
