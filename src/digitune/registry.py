@@ -23,7 +23,7 @@ import pandas as pd
 from mlflow.models import ModelSignature
 from mlflow.types import Schema, TensorSpec
 
-from digitune import config, model
+from digitune import config, model, space
 
 MODEL_NAME = config.REGISTERED_MODEL_NAME
 
@@ -154,15 +154,9 @@ def find_version(study_name: str, trial_number: int, kind: str = "trial", model_
     return versions[0] if versions else None
 
 
-def _readable(value: object) -> str:
-    """A hyperparameter as a person reads it: floats to 4 significant digits (the run's
-    params keep every digit)."""
-    return f"{value:.4g}" if isinstance(value, float) else str(value)
-
-
 def describe(tags: dict, params: dict) -> str:
     """The Markdown description a person reads on the version's page in the MLflow UI."""
-    rows = "\n".join(f"| {name} | {_readable(value)} |" for name, value in params.items())
+    rows = "\n".join(f"| {name} | {space.readable(value, 4)} |" for name, value in params.items())
     what = (
         f"Best trial {tags['trial']} of study **{tags['study']}**"
         if tags.get("kind", "trial") == "trial"

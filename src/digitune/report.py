@@ -22,7 +22,7 @@ import pandas as pd  # noqa: E402
 from optuna.trial import TrialState  # noqa: E402
 from optuna.visualization import matplotlib as optuna_plots  # noqa: E402
 
-from digitune import config, objectives, tracking  # noqa: E402
+from digitune import config, objectives, space, tracking  # noqa: E402
 
 TOP_TRIALS = 10
 
@@ -90,7 +90,7 @@ def summary(study: optuna.Study, ranked: dict[str, float] | None = None) -> str:
         best = objectives.best_trial(study)
         lines.append(
             f"best trial {best.number}: value {objectives.accuracy(best):.4f}, "
-            + ", ".join(f"{k}={_short(v)}" for k, v in best.params.items())
+            + ", ".join(f"{k}={space.readable(v)}" for k, v in best.params.items())
         )
         top = table[table["state"] == "COMPLETE"].sort_values("value", ascending=False)
         lines += ["", f"top {TOP_TRIALS} trials:", top.head(TOP_TRIALS).to_string(index=False)]
@@ -221,7 +221,3 @@ def _has_best(study: optuna.Study) -> bool:
 
 def _completed(study: optuna.Study) -> int:
     return len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
-
-
-def _short(value: object) -> str:
-    return f"{value:.3g}" if isinstance(value, float) else str(value)

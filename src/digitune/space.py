@@ -250,6 +250,12 @@ def suggest(trial: optuna.Trial, definition: StudyDefinition) -> dict:
     return {**definition.fixed, **sampled}
 
 
+def readable(value: object, digits: int = 3) -> str:
+    """A hyperparameter's value as a person reads it in a line or a table: floats to `digits`
+    significant digits (the study and the runs keep every digit)."""
+    return f"{value:.{digits}g}" if isinstance(value, float) else str(value)
+
+
 def params_of(trial: optuna.trial.FrozenTrial) -> dict:
     """The whole hyperparameter dict of a finished trial, as `suggest` gave it."""
     return {**trial.user_attrs.get(FIXED_PARAMS_ATTR, {}), **trial.params}

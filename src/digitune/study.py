@@ -270,12 +270,8 @@ def trial_line(trial: optuna.trial.FrozenTrial, label: str = "") -> str:
         detail = f"not trained: {detail}"
     elif trial.user_attrs.get(DEADLINE_ATTR):
         detail = f"cut short by the study's deadline after {epochs}"
-    params = " ".join(f"{k}={_short(v)}" for k, v in trial.params.items())
+    params = " ".join(f"{k}={space.readable(v)}" for k, v in trial.params.items())
     return (
         f"{label}trial {trial.number:3d} {trial.state.name:8s} value={value} {seconds:6.1f}s "
         f"{params} {detail}"
     ).rstrip()
-
-
-def _short(value: object) -> str:
-    return f"{value:.3g}" if isinstance(value, float) else str(value)

@@ -275,8 +275,6 @@ def _trial_line(number: int, history: dict, seconds: float, hp) -> str:
     tuner_epochs = hp.values.get("tuner/epochs")
     extra = f" epochs={len(values)}" + (f" of {tuner_epochs}" if tuner_epochs else "")
     params = " ".join(
-        f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
-        for k, v in hp.values.items()
-        if not k.startswith("tuner/")
+        f"{k}={space.readable(v)}" for k, v in hp.values.items() if not k.startswith("tuner/")
     )
     return f"trial {number:3d} COMPLETE value={value} {seconds:6.1f}s {params}{extra}"
