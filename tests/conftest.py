@@ -99,8 +99,9 @@ def register_trained_cnn(params: dict, epochs: int, study_name: str):
     import keras
 
     from digitune import config, data, model, registry, tracking
+    from digitune.data import mnist
 
-    split = data.split(data.load_folder(FIXTURE_DIR))
+    split = data.split(mnist.load_folder(FIXTURE_DIR))
     keras.utils.set_random_seed(0)
     cnn = model.build_model(params)
     cnn.fit(split.x_train, split.y_train, batch_size=32, epochs=epochs, verbose=0)

@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 
 from conftest import TINY_STUDY, write_study
-from digitune import cleanup, cli, config, data, ensemble, tracking
-from digitune.engines import optuna as optuna_engine
+from digitune import cli, config, data, ensemble, garbage, tracking
+from digitune.data import mnist
+from digitune.engines import optuna_search
 
 pytestmark = pytest.mark.slow
 
@@ -24,7 +25,7 @@ def artifact_bytes(client, run_id, path=None) -> int:
 
 def test_gc_frees_all_but_the_best_trials_and_the_registry_still_serves(project, capsys):
     study_file = write_study(project, TINY_STUDY.replace("n_trials = 3", "n_trials = 4"))
-    outcome = optuna_engine.run(study_file)
+    outcome = optuna_search.run(study_file)
     client = tracking.configure()
     trials = {
         int(run.data.tags["trial_number"]): run
@@ -33,7 +34,7 @@ def test_gc_frees_all_but_the_best_trials_and_the_registry_still_serves(project,
     }
     before = {number: artifact_bytes(client, run.info.run_id) for number, run in trials.items()}
     assert all(size > 0 for size in before.values())
-    best = outcome.best_trial.number
+    best = outcome.best.number
 
     # A dry run says what would go and deletes nothing.
     assert cli.main(["gc", "--keep", "1", "--dry-run"]) == 0
@@ -42,21 +43,23 @@ def test_gc_frees_all_but_the_best_trials_and_the_registry_still_serves(project,
     assert f"would free {others / 1e6:.1f} MB of artifacts of 3 trial runs" in printed
     assert {n: artifact_bytes(client, r.info.run_id) for n, r in trials.items()} == before
 
-    collected = cleanup.collect(keep=1)
+    collected = garbage.collect(keep=1)
     assert collected.freed_bytes == others
     assert sorted(collected.runs["trial"]) == sorted(n for n in trials if n != best)
     after = {number: artifact_bytes(client, run.info.run_id) for number, run in trials.items()}
     assert after == {number: (before[best] if number == best else 0) for number in trials}
-    assert cleanup.DELETED_TAG in client.get_run(trials[(best + 1) % 4].info.run_id).data.tags
+    assert garbage.DELETED_TAG in client.get_run(trials[(best + 1) % 4].info.run_id).data.tags
     # Runs and their metrics stay for the MLflow UI.
     assert all(client.get_run(r.info.run_id).data.metrics for r in trials.values())
 
     # The registered model never depended on trial artifacts; the best trial still ensembles.
-    mnist = data.load()
+    digits = mnist.load()
     challenger = mlflow.pyfunc.load_model(f"models:/{config.REGISTERED_MODEL_NAME}@challenger")
-    predicted = np.asarray(challenger.predict(data.preprocess(mnist.test_images))).argmax(1)
-    assert np.mean(predicted == mnist.test_labels) == pytest.approx(outcome.test_accuracy, abs=1e-4)
+    predicted = np.asarray(challenger.predict(data.preprocess(digits.test_images))).argmax(1)
+    assert np.mean(predicted == digits.test_labels) == pytest.approx(
+        outcome.test_accuracy, abs=1e-4
+    )
     assert ensemble.run(study_file, top=1).members == [best]
 
     # A second collection finds nothing left to free.
-    assert cleanup.collect(keep=1).freed_bytes == 0
+    assert garbage.collect(keep=1).freed_bytes == 0

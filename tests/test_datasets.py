@@ -21,7 +21,9 @@ import pytest
 from PIL import Image
 
 from conftest import FIXTURE_DIR, TINY_STUDY, write_study
-from digitune import cli, config, data, datasets, download, model, space
+from digitune import cli, config, data, model, promotion, serve, study_file
+from digitune.data import mnist, published
+from digitune.engines import optuna_search
 
 # The fixture's digits saved as PNG files under class folders named in words: the class
 # names come from the folders, in sorted order (eight, five, four, nine, one, ...).
@@ -31,10 +33,10 @@ WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight",
 def picture_folder(root: Path, per_class: int = 30, split: bool = False) -> Path:
     """A folder of the fixture's digits as PNGs, one sub-folder per class (in train/ and
     test/ with `split`)."""
-    mnist = data.load_folder(FIXTURE_DIR)
-    parts = {"train": (mnist.train_images, mnist.train_labels)}
+    digits = mnist.load_folder(FIXTURE_DIR)
+    parts = {"train": (digits.train_images, digits.train_labels)}
     if split:
-        parts["test"] = (mnist.test_images, mnist.test_labels)
+        parts["test"] = (digits.test_images, digits.test_labels)
     for part, (images, labels) in parts.items():
         for digit, word in enumerate(WORDS):
             folder = root / part / word if split else root / word
@@ -52,17 +54,19 @@ def settings(**values) -> config.DataSettings:
 
 
 def test_data_and_registry_tables_are_read_and_default_to_mnist(project):
-    default = space.load(write_study(project, _study("")))
+    default = study_file.load(write_study(project, _study("")))
     assert default.data == config.DataSettings() and default.model_name == "mnist-cnn"
-    digits = space.load(write_study(project, _study('[data]\ndataset = "sklearn-digits"\n')))
+    digits = study_file.load(write_study(project, _study('[data]\ndataset = "sklearn-digits"\n')))
     assert digits.model_name == "sklearn-digits-cnn"
-    pictures = space.load(write_study(project, _study('[data]\nfolder = "pictures/My Shapes"\n')))
+    pictures = study_file.load(
+        write_study(project, _study('[data]\nfolder = "pictures/My Shapes"\n'))
+    )
     assert pictures.data.name == "my-shapes" and pictures.model_name == "my-shapes-cnn"
-    named = space.load(write_study(project, _study('[registry]\nmodel_name = "mine"\n')))
+    named = study_file.load(write_study(project, _study('[registry]\nmodel_name = "mine"\n')))
     assert named.model_name == "mine"
     # The shipped quick study never moves the real study's @challenger.
-    assert space.load(_shipped("quick.toml")).model_name != "mnist-cnn"
-    assert space.load(_shipped("mnist-cnn.toml")).model_name == "mnist-cnn"
+    assert study_file.load(_shipped("quick.toml")).model_name != "mnist-cnn"
+    assert study_file.load(_shipped("mnist-cnn.toml")).model_name == "mnist-cnn"
 
 
 @pytest.mark.parametrize(
@@ -81,14 +85,14 @@ def test_data_and_registry_tables_are_read_and_default_to_mnist(project):
 def test_bad_data_and_registry_tables_name_file_table_and_key(project, table, message):
     path = write_study(project, _study(table))
     with pytest.raises(ValueError) as error:
-        space.load(path)
+        study_file.load(path)
     assert str(path) in str(error.value) and message in str(error.value)
 
 
 def test_the_dataset_s_shape_is_not_a_hyperparameter(project):
     path = write_study(project, _study("").replace("dense_units = 32", "num_classes = 5"))
     with pytest.raises(ValueError, match=r"\[space\] 'num_classes': set by \[data\]"):
-        space.load(path)
+        study_file.load(path)
 
 
 # A folder of pictures.
@@ -96,12 +100,15 @@ def test_the_dataset_s_shape_is_not_a_hyperparameter(project):
 
 def test_a_folder_is_read_with_its_class_names_and_an_honest_held_out_test_set(tmp_path):
     root = picture_folder(tmp_path / "digits")
-    dataset = datasets.load(settings(folder=str(root)))
+    dataset = data.load(settings(folder=str(root)))
     assert dataset.class_names == tuple(sorted(WORDS))
     assert dataset.image_shape == (28, 28, 1)
     assert dataset.params == {
-        "image_height": 28, "image_width": 28, "image_channels": 1, "num_classes": 10,
-    }  # fmt: skip
+        "image_height": 28,
+        "image_width": 28,
+        "image_channels": 1,
+        "num_classes": 10,
+    }
     assert len(dataset.train_labels) + len(dataset.test_labels) == 300
     # A stratified fifth: 6 of each class's 30.
     assert np.bincount(dataset.test_labels).tolist() == [6] * 10
@@ -110,30 +117,30 @@ def test_a_folder_is_read_with_its_class_names_and_an_honest_held_out_test_set(t
     on_disk = [np.asarray(Image.open(p)) for p in sorted((root / word).glob("*.png"))]
     assert any(np.array_equal(dataset.test_images[0], picture) for picture in on_disk)
     # Held out once: the same list again, another with another seed.
-    again = datasets.load(settings(folder=str(root)))
+    again = data.load(settings(folder=str(root)))
     assert again.test_files_sha256 == dataset.test_files_sha256 != ""
     assert again.digest == dataset.digest
-    other = datasets.load(settings(folder=str(root), split_seed=1))
+    other = data.load(settings(folder=str(root), split_seed=1))
     assert other.test_files_sha256 != dataset.test_files_sha256
 
 
 def test_a_folder_with_train_and_test_keeps_its_own_test_set(tmp_path):
     root = picture_folder(tmp_path / "split", per_class=10, split=True)
-    dataset = datasets.load(settings(folder=str(root)))
+    dataset = data.load(settings(folder=str(root)))
     assert len(dataset.test_labels) == len(list((root / "test").glob("*/*.png"))) == 100
     assert len(dataset.train_labels) == 100 and dataset.test_files_sha256 == ""
 
 
 def test_pictures_are_resized_and_coloured_as_asked(tmp_path):
     root = picture_folder(tmp_path / "digits", per_class=5)
-    dataset = datasets.load(settings(folder=str(root), image_size=16, color_mode="rgb"))
+    dataset = data.load(settings(folder=str(root), image_size=16, color_mode="rgb"))
     assert dataset.train_images.shape[1:] == (16, 16, 3)
     assert dataset.params["image_channels"] == 3
     # "auto": grey pictures stay grey until one picture has colour; then all are RGB, the grey
     # ones repeated in the three channels.
-    assert datasets.load(settings(folder=str(root))).image_shape == (28, 28, 1)
+    assert data.load(settings(folder=str(root))).image_shape == (28, 28, 1)
     Image.new("RGB", (28, 28), (200, 30, 30)).save(root / "one" / "red.png")
-    mixed = datasets.load(settings(folder=str(root), test_fraction=0.5))
+    mixed = data.load(settings(folder=str(root), test_fraction=0.5))
     assert mixed.image_shape == (28, 28, 3)
     every = np.concatenate([mixed.train_images, mixed.test_images])
     assert sum(not np.array_equal(image[..., 0], image[..., 1]) for image in every) == 1
@@ -161,7 +168,7 @@ def test_a_bad_folder_gets_an_error_naming_the_path(tmp_path, fault):
         named = root / "two" / "broken.png"
         named.write_bytes(b"\x89PNG\r\n\x1a\n not really")
     with pytest.raises(data.DataError) as error:
-        datasets.load(settings(folder=str(root)))
+        data.load(settings(folder=str(root)))
     assert str(named) in str(error.value)
 
 
@@ -169,8 +176,8 @@ def test_a_bad_folder_gets_an_error_naming_the_path(tmp_path, fault):
 
 
 def test_sklearn_digits_are_a_second_real_dataset():
-    dataset = datasets.load(settings(dataset="sklearn-digits"))
-    assert dataset.image_shape == (8, 8, 1) and dataset.class_names == datasets.DIGITS
+    dataset = data.load(settings(dataset="sklearn-digits"))
+    assert dataset.image_shape == (8, 8, 1) and dataset.class_names == data.DIGITS
     assert len(dataset.train_labels) + len(dataset.test_labels) == 1797
     assert len(dataset.test_labels) == 360  # a stratified fifth
     assert dataset.train_images.max() == 255  # ink levels 0-16 as bytes
@@ -178,8 +185,15 @@ def test_sklearn_digits_are_a_second_real_dataset():
 
 
 def test_the_model_follows_the_data():
-    cnn = model.build_model({"num_conv_blocks": 2, "image_height": 8, "image_width": 8,
-                             "image_channels": 3, "num_classes": 4})  # fmt: skip
+    cnn = model.build_model(
+        {
+            "num_conv_blocks": 2,
+            "image_height": 8,
+            "image_width": 8,
+            "image_channels": 3,
+            "num_classes": 4,
+        }
+    )
     assert cnn.input_shape == (None, 8, 8, 3) and cnn.output_shape == (None, 4)
     with pytest.raises(ValueError, match="4 convolution blocks halve 8x8 images 4 times"):
         model.build_model({"num_conv_blocks": 4, "image_height": 8, "image_width": 8})
@@ -219,7 +233,7 @@ def fashion_files(folder: Path, count: int = 60) -> dict[str, str]:
     }
     sums = {}
     for name, array in arrays.items():
-        raw = gzip.compress(data.to_idx(array))
+        raw = gzip.compress(mnist.to_idx(array))
         (folder / name).write_bytes(raw)
         sums[name] = hashlib.md5(raw).hexdigest()  # noqa: S324 -- as published
     return sums
@@ -228,24 +242,25 @@ def fashion_files(folder: Path, count: int = 60) -> dict[str, str]:
 def test_a_known_dataset_is_downloaded_checked_and_cached(project, file_server, monkeypatch):
     served, server = file_server
     sums = fashion_files(served)
-    published = download.PUBLISHED["fashion-mnist"]
+    original = published.PUBLISHED["fashion-mnist"]
     monkeypatch.setitem(
-        download.PUBLISHED, "fashion-mnist", download.Published(published.base_url, sums,
-                                                                published.class_names),
-    )  # fmt: skip
-    dataset = datasets.load(settings(dataset="fashion-mnist"))
+        published.PUBLISHED,
+        "fashion-mnist",
+        published.Published(original.base_url, sums, original.class_names),
+    )
+    dataset = data.load(settings(dataset="fashion-mnist"))
     assert dataset.train_images.shape == (60, 28, 28) and len(dataset.test_labels) == 30
     assert dataset.class_names[9] == "Ankle boot"
     assert sorted(p.name for p in (project / "data" / "fashion-mnist").iterdir()) == sorted(sums)
     server.shutdown()  # Cached: the second load needs no server.
-    assert datasets.load(settings(dataset="fashion-mnist")).digest == dataset.digest
+    assert data.load(settings(dataset="fashion-mnist")).digest == dataset.digest
 
 
 def test_a_download_that_does_not_match_the_published_checksum_is_refused(project, file_server):
     served, _ = file_server
     fashion_files(served)  # Not Zalando's files: their MD5s differ from the published ones.
-    with pytest.raises(download.DownloadError) as error:
-        datasets.load(settings(dataset="fashion-mnist"))
+    with pytest.raises(published.DownloadError) as error:
+        data.load(settings(dataset="fashion-mnist"))
     message = str(error.value)
     assert "does not match its published checksum 8d4fb7e6c68d591d4c3dfef9ec88bf0d" in message
     assert "train-images-idx3-ubyte.gz" in message
@@ -270,18 +285,18 @@ def cifar_archive(path: Path, per_batch: int = 40) -> str:
 
 @pytest.mark.slow
 def test_the_cifar10_smoke_study_tunes_colour_pictures(project, file_server, monkeypatch):
-    from digitune.engines import optuna as optuna_engine
 
     served, _ = file_server
     digest = cifar_archive(served / "cifar-10-python.tar.gz")
-    published = download.PUBLISHED["cifar10"]
+    original = published.PUBLISHED["cifar10"]
     monkeypatch.setitem(
-        download.PUBLISHED,
+        published.PUBLISHED,
         "cifar10",
-        download.Published(published.base_url, {"cifar-10-python.tar.gz": digest},
-                           published.class_names),
-    )  # fmt: skip
-    outcome = optuna_engine.run(_shipped("cifar10-quick.toml"), n_trials=1)
+        published.Published(
+            original.base_url, {"cifar-10-python.tar.gz": digest}, original.class_names
+        ),
+    )
+    outcome = optuna_search.run(_shipped("cifar10-quick.toml"), n_trials=1)
     assert outcome.model_name == "cifar10-cnn"
     version = mlflow.MlflowClient().get_model_version("cifar10-cnn", outcome.model_version)
     assert json.loads(version.tags["class_names"])[0] == "airplane"
@@ -305,8 +320,6 @@ def _shipped(name: str) -> Path:
 
 @pytest.mark.slow
 def test_a_folder_of_pictures_is_tuned_registered_promoted_and_served(project, capsys):
-    from digitune import promote, serve
-    from digitune.engines import optuna as optuna_engine
     from test_serve import png, started
 
     picture_folder(project / "pictures" / "Hand Written", per_class=60)
@@ -316,7 +329,7 @@ def test_a_folder_of_pictures_is_tuned_registered_promoted_and_served(project, c
             "[space]", '[data]\nfolder = "pictures/Hand Written"\n\n[space]'
         ),
     )
-    outcome = optuna_engine.run(study_file, n_trials=2)
+    outcome = optuna_search.run(study_file, n_trials=2)
 
     # Registered under the folder's own model, with what serving needs to know.
     assert outcome.model_name == "hand-written-cnn"
@@ -327,15 +340,16 @@ def test_a_folder_of_pictures_is_tuned_registered_promoted_and_served(project, c
     assert version.tags["dataset"] == "hand-written"
     info = mlflow.models.get_model_info(f"models:/hand-written-cnn/{outcome.model_version}")
     assert info.metadata["class_names"] == sorted(WORDS)
-    dataset = datasets.load(config.DataSettings(folder="pictures/Hand Written"))
+    dataset = data.load(config.DataSettings(folder="pictures/Hand Written"))
     parent = client.get_run(outcome.parent_run_id)
     assert parent.data.params["data_test_files_sha256"] == dataset.test_files_sha256
     assert parent.data.params["data.folder"] == "pictures/Hand Written"
     assert {d.dataset.name for d in parent.inputs.dataset_inputs} == {
-        "hand-written-train", "hand-written-validation",
-    }  # fmt: skip
+        "hand-written-train",
+        "hand-written-validation",
+    }
 
-    decision = promote.promote(model_name="hand-written-cnn")
+    decision = promotion.promote(model_name="hand-written-cnn")
     assert decision.promoted and decision.challenger_evaluation.class_names == tuple(sorted(WORDS))
     assert len(decision.challenger_evaluation.confusion_matrix) == 10
 

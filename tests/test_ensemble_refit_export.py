@@ -8,8 +8,18 @@ import optuna
 import pytest
 
 from conftest import TINY_STUDY, register_trained_cnn, write_study
-from digitune import cli, config, data, ensemble, export, records, registry, space, tracking
-from digitune.engines import optuna as optuna_engine
+from digitune import (
+    cli,
+    config,
+    data,
+    deployment,
+    ensemble,
+    registry,
+    space,
+    tracking,
+)
+from digitune.data import mnist
+from digitune.engines import optuna_search
 
 pytestmark = pytest.mark.slow
 
@@ -22,7 +32,7 @@ STUDY = TINY_STUDY.replace("n_trials = 3", "n_trials = 4").replace(
 def _member_predictions(study: optuna.Study, numbers, images):
     trials = {t.number: t for t in study.trials}
     return [
-        records.load_model(
+        tracking.load_model(
             space.params_of(trials[n]), trials[n].user_attrs[tracking.TRIAL_RUN_ATTR]
         ).predict(images, verbose=0)
         for n in numbers
@@ -31,19 +41,19 @@ def _member_predictions(study: optuna.Study, numbers, images):
 
 def test_refit_then_ensembles_through_the_registry(project, capsys):
     study_file = write_study(project, STUDY)
-    outcome = optuna_engine.run(study_file, refit=True)
+    outcome = optuna_search.run(study_file, refit_best=True)
     client = mlflow.MlflowClient()
-    mnist = data.load()
+    digits = mnist.load()
 
     # Refit: a second version, tagged refit, trained on all 1,800 fixture training images for
     # the epochs at which the best trial peaked; it is now the challenger.
     refit = outcome.refit
-    trial_version = registry.find_version("tiny", outcome.best_trial.number)
+    trial_version = registry.find_version("tiny", outcome.best.number)
     refit_version = client.get_model_version(config.REGISTERED_MODEL_NAME, refit.version)
     assert trial_version is not None and str(trial_version.version) != str(refit_version.version)
     assert refit_version.tags["kind"] == "refit"
-    assert refit_version.tags["train_images"] == str(len(mnist.train_labels)) == "1800"
-    best = outcome.best_trial
+    assert refit_version.tags["train_images"] == str(len(digits.train_labels)) == "1800"
+    best = outcome.study.trials[outcome.best.number]
     peak = max(best.intermediate_values, key=best.intermediate_values.get) + 1
     assert refit.epochs == peak == int(refit_version.tags["epochs"])
     assert refit_version.aliases == [config.CHALLENGER_ALIAS]
@@ -51,8 +61,8 @@ def test_refit_then_ensembles_through_the_registry(project, capsys):
         outcome.test_accuracy, abs=1e-4
     )
     refit_model = registry.load_pyfunc(refit_version)
-    test_images = data.preprocess(mnist.test_images)
-    accuracy = np.mean(refit_model.predict(test_images).argmax(1) == mnist.test_labels)
+    test_images = data.preprocess(digits.test_images)
+    accuracy = np.mean(refit_model.predict(test_images).argmax(1) == digits.test_labels)
     assert accuracy == pytest.approx(refit.test_accuracy, abs=1e-6)
 
     study = optuna.load_study(study_name="tiny", storage=config.default_storage("tiny"))
@@ -70,7 +80,7 @@ def test_refit_then_ensembles_through_the_registry(project, capsys):
     (alone,) = _member_predictions(study, one.members, test_images)
     np.testing.assert_allclose(loaded.predict(test_images), alone, atol=1e-5)
     # Its test accuracy, counted here from the member's own predictions.
-    alone_accuracy = np.mean(alone.argmax(1) == mnist.test_labels)
+    alone_accuracy = np.mean(alone.argmax(1) == digits.test_labels)
     assert one.test_accuracy == pytest.approx(alone_accuracy, abs=1e-6)
     assert one.best_member_test_accuracy == pytest.approx(alone_accuracy, abs=1e-6)
 
@@ -86,7 +96,9 @@ def test_refit_then_ensembles_through_the_registry(project, capsys):
     expected = np.mean(_member_predictions(study, two.members, test_images), axis=0)
     probabilities = loaded.predict(test_images)
     np.testing.assert_allclose(probabilities, expected, atol=1e-5)
-    assert np.mean(probabilities.argmax(1) == mnist.test_labels) == pytest.approx(two.test_accuracy)
+    assert np.mean(probabilities.argmax(1) == digits.test_labels) == pytest.approx(
+        two.test_accuracy
+    )
     assert float(version.tags["test_accuracy"]) == pytest.approx(two.test_accuracy, abs=1e-4)
 
     # Promotion treats the ensemble like any model.
@@ -121,15 +133,15 @@ def test_tflite_int8_agrees_with_keras_and_is_small(project):
     cnn, version = register_trained_cnn(params, epochs=6, study_name="export")
     client = mlflow.MlflowClient()
 
-    table = export.run().set_index("format")
+    table = deployment.export().set_index("format")
     keras_accuracy = table.loc["Keras SavedModel (float32)", "test_accuracy"]
     assert table.loc["TFLite float32", "test_accuracy"] == pytest.approx(keras_accuracy, abs=1e-9)
     assert table.loc["TFLite int8", "size_ratio_to_float32"] >= 3
     assert table.loc["TFLite float16", "size_ratio_to_float32"] >= 1.8
 
     # The int8 model's predictions agree with the Keras model's on most of the fixture.
-    mnist = data.load()
-    images = data.preprocess(mnist.test_images)
+    digits = mnist.load()
+    images = data.preprocess(digits.test_images)
     artifacts = {a.path for a in client.list_artifacts(version.run_id, "tflite")}
     assert {
         "tflite/mnist-cnn-v1-float16.tflite",
@@ -140,7 +152,7 @@ def test_tflite_int8_agrees_with_keras_and_is_small(project):
         run_id=version.run_id, artifact_path="tflite/mnist-cnn-v1-int8.tflite"
     )
     with open(int8_file, "rb") as handle:
-        int8 = export.Interpreter(handle.read(), batch=100)
+        int8 = deployment.Interpreter(handle.read(), batch=100)
     agreement = np.mean(int8.predict(images).argmax(1) == cnn.predict(images, verbose=0).argmax(1))
     assert agreement >= 0.97
     tags = client.get_model_version(config.REGISTERED_MODEL_NAME, "1").tags

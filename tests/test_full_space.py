@@ -14,7 +14,8 @@ import optuna
 import pytest
 
 from conftest import FIXTURE_DIR
-from digitune import custom_objects, data, model, space, trainer
+from digitune import data, model, space, study_file, trainer
+from digitune.data import mnist
 
 AUGMENTED = {
     "augment_shift": 0.1,
@@ -27,7 +28,7 @@ AUGMENTED = {
 
 @pytest.fixture(scope="module")
 def split() -> data.Split:
-    return data.split(data.load_folder(FIXTURE_DIR))
+    return data.split(mnist.load_folder(FIXTURE_DIR))
 
 
 def test_augmentation_changes_training_batches_only(split):
@@ -58,7 +59,7 @@ def test_label_smoothing_matches_keras_categorical_crossentropy():
     rng = np.random.default_rng(0)
     labels = rng.integers(0, 10, size=32)
     probabilities = rng.dirichlet(np.ones(10), size=32).astype("float32")
-    ours = custom_objects.SparseCrossentropyWithLabelSmoothing(0.1)(labels, probabilities)
+    ours = model.SparseCrossentropyWithLabelSmoothing(0.1)(labels, probabilities)
     reference = keras.losses.CategoricalCrossentropy(label_smoothing=0.1)(
         keras.ops.one_hot(labels, 10), probabilities
     )
@@ -119,7 +120,7 @@ def test_cosine_schedule_decays_over_the_epochs(split):
 
 
 def test_full_study_file_trains_under_the_study_precision(split):
-    definition = space.load(Path(__file__).parents[1] / "studies" / "full.toml")
+    definition = study_file.load(Path(__file__).parents[1] / "studies" / "full.toml")
     assert {"augment_shift", "label_smoothing", "lr_schedule", "optimizer"} <= set(
         definition.distributions
     )

@@ -13,11 +13,10 @@ import pandas as pd
 import pytest
 
 from conftest import TINY_STUDY, write_study
-from digitune import bench, cli, config, space
+from digitune import bench, cli, config, study_file
 from digitune.bench import contenders
 from digitune.bench import race as racing
-from digitune.engines import hypermodel
-from digitune.engines import keras_tuner as keras_tuner_engine
+from digitune.engines import keras_tuner_search
 
 # Hyperband over 3 epochs with factor 3: three 1-epoch trials, then the best one continued.
 HYPERBAND_STUDY = TINY_STUDY.replace("n_trials = 3", "n_trials = 4").replace(
@@ -27,7 +26,7 @@ EPOCH_METRICS = ("loss", "accuracy", "val_loss", "val_accuracy", "epoch_seconds"
 
 
 def test_search_space_translates_every_kind_of_range(project):
-    definition = space.load(
+    definition = study_file.load(
         write_study(
             project,
             """
@@ -42,7 +41,10 @@ batch_size = 64
 """,
         )
     )
-    hp = {parameter.name: parameter for parameter in hypermodel.hyperparameters(definition).space}
+    hp = {
+        parameter.name: parameter
+        for parameter in keras_tuner_search.hyperparameters(definition).space
+    }
     assert list(hp) == list(definition.distributions)  # fixed values are not searched
     assert (hp["learning_rate"].min_value, hp["learning_rate"].max_value) == (1e-4, 1e-2)
     assert hp["learning_rate"].sampling == "log"
@@ -54,7 +56,7 @@ batch_size = 64
     assert hp["batch_normalization"].values == [True, False]
 
     # Every value Keras Tuner draws lies inside the study's Optuna distribution.
-    hyperparameters = hypermodel.hyperparameters(definition)
+    hyperparameters = keras_tuner_search.hyperparameters(definition)
     rng = np.random.default_rng(0)
     for _ in range(50):
         for name, parameter in hp.items():
@@ -68,7 +70,7 @@ batch_size = 64
 @pytest.mark.slow
 def test_hyperband_search_is_tracked_like_optuna_and_registered(project):
     study_file = write_study(project, HYPERBAND_STUDY)
-    outcome = keras_tuner_engine.run(study_file)
+    outcome = keras_tuner_search.run(study_file)
     assert outcome.study_name == "tiny-keras-tuner-hyperband"
     assert outcome.trials == 4
 
@@ -88,7 +90,7 @@ def test_hyperband_search_is_tracked_like_optuna_and_registered(project):
         for r in runs
         if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id
     }
-    assert set(children) == {"trial-0", "trial-1", "trial-2", "trial-3"}
+    assert set(children) == {"trial-0000", "trial-0001", "trial-0002", "trial-0003"}
     for name, child in children.items():
         assert child.info.status == "FINISHED"
         assert child.data.tags["engine"] == "keras-tuner"
@@ -102,13 +104,15 @@ def test_hyperband_search_is_tracked_like_optuna_and_registered(project):
 
     # Successive halving: the fourth trial continues the best first-round trial from its
     # checkpoint, and its epochs are logged at the steps after the ones it started from.
-    continued = children["trial-3"].data.tags
+    continued = children["trial-0003"].data.tags
     assert continued["hyperband_epochs"] == "3"
     assert continued["hyperband_initial_epoch"] == "1"
-    first_round = {n: children[f"trial-{n}"].data.metrics["val_accuracy"] for n in range(3)}
+    first_round = {n: children[f"trial-{n:04d}"].data.metrics["val_accuracy"] for n in range(3)}
     assert int(continued["hyperband_trial_id"]) == max(first_round, key=first_round.get)
-    steps = client.get_metric_history(children["trial-3"].info.run_id, "val_accuracy")
-    assert sorted(m.step for m in steps) == [1, 2]
+    # Steps count training images seen: its epochs 1 and 2 end at 2 and 3 passes over the
+    # fixture's 1,500 tuning images.
+    steps = client.get_metric_history(children["trial-0003"].info.run_id, "val_accuracy")
+    assert sorted(m.step for m in steps) == [3000, 4500]
 
     # The best trial's model, rebuilt from its logged weights, is the registered challenger.
     version = client.get_model_version_by_alias(config.REGISTERED_MODEL_NAME, "challenger")
@@ -124,15 +128,15 @@ def test_hyperband_search_is_tracked_like_optuna_and_registered(project):
 
     # Running it again resumes: Keras Tuner's state and the same parent run; the four trials
     # run so far are not run again, only a fifth one is.
-    again = keras_tuner_engine.run(study_file, n_trials=5)
+    again = keras_tuner_search.run(study_file, n_trials=5)
     assert again.trials == 5 and again.parent_run_id == parent.info.run_id
     after = [
         (r.info.run_name, r.info.run_id)
         for r in client.search_runs([experiment.experiment_id])
         if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id
     ]
-    assert sorted(name for name, _ in after) == [f"trial-{n}" for n in range(5)]
-    assert {name: run_id for name, run_id in after if name != "trial-4"} == {
+    assert sorted(name for name, _ in after) == [f"trial-{n:04d}" for n in range(5)]
+    assert {name: run_id for name, run_id in after if name != "trial-0004"} == {
         name: child.info.run_id for name, child in children.items()
     }
 
@@ -228,22 +232,22 @@ def test_tuning_race_writes_its_tables_and_plot(project):
 
 
 def test_hyperband_in_the_race_trains_whole_passes_of_the_study_s_length():
-    default = space.load(config.default_study_file()).training
-    hyperband = keras_tuner_engine.whole_passes(default)
+    default = study_file.load(config.default_study_file()).training
+    hyperband = keras_tuner_search.whole_passes(default)
     # The default study's epochs are quarter passes; Hyperband gets the same images a trial.
-    assert default.epoch_images and default.epoch_images < keras_tuner_engine.MNIST_TUNING_IMAGES
+    assert default.epoch_images and default.epoch_images < keras_tuner_search.MNIST_TUNING_IMAGES
     assert hyperband.epoch_images == 0
-    assert hyperband.max_epochs * keras_tuner_engine.MNIST_TUNING_IMAGES == (
+    assert hyperband.max_epochs * keras_tuner_search.MNIST_TUNING_IMAGES == (
         default.max_epochs * default.epoch_images
     )
     whole = config.TrainingSettings(max_epochs=6)
-    assert keras_tuner_engine.whole_passes(whole) == whole
+    assert keras_tuner_search.whole_passes(whole) == whole
     subset = config.TrainingSettings(max_epochs=8, epoch_images=2000, train_images=4000)
-    assert keras_tuner_engine.whole_passes(subset).max_epochs == 4
+    assert keras_tuner_search.whole_passes(subset).max_epochs == 4
 
 
 def test_the_ablation_takes_the_default_study_s_levers_apart():
-    default = space.load(config.default_study_file())
+    default = study_file.load(config.default_study_file())
     cells = [
         (
             cell.pruner or default.study.pruner,
@@ -265,7 +269,7 @@ def test_the_ablation_takes_the_default_study_s_levers_apart():
     # Every cell trains the same images in a full trial: 10 passes of the 50,000.
     for cell in contenders.ABLATION:
         training = cell.training(default.training)
-        images = training.epoch_images or keras_tuner_engine.MNIST_TUNING_IMAGES
+        images = training.epoch_images or keras_tuner_search.MNIST_TUNING_IMAGES
         assert training.max_epochs * images == 500_000
     # One store per contender and seed: their names differ.
     everyone = {*contenders.CONTENDERS, *contenders.ABLATION}
@@ -322,10 +326,10 @@ def test_trials_not_carried_to_the_next_round_count_as_dropped():
     full_length = {"trial_number": "4", "state": "COMPLETE", "hyperband_epochs": "8"}
     failed = {"trial_number": "5", "state": "FAIL", "hyperband_epochs": "3"}
     tags = [*first_round, continued, full_length, failed]
-    assert keras_tuner_engine.dropped_by_successive_halving(tags, max_epochs=8) == {0, 2}
-    # Keras Tuner's zero-padded id of the continued trial is tagged as its plain number.
+    assert keras_tuner_search.dropped_by_successive_halving(tags, max_epochs=8) == {0, 2}
+    # Keras Tuner's id of the continued trial is tagged as digitune writes trial numbers.
     assert (
-        keras_tuner_engine._hyperband_tags({"tuner/trial_id": "0001"})["hyperband_trial_id"] == "1"
+        keras_tuner_search._hyperband_tags({"tuner/trial_id": "01"})["hyperband_trial_id"] == "0001"
     )
 
 
@@ -337,8 +341,8 @@ def test_a_missing_extra_says_which_to_install(project, monkeypatch, capsys):
     import digitune.engines
 
     monkeypatch.setitem(sys.modules, "keras_tuner", None)
-    monkeypatch.delitem(sys.modules, "digitune.engines.keras_tuner", raising=False)
-    monkeypatch.delattr(digitune.engines, "keras_tuner", raising=False)
+    monkeypatch.delitem(sys.modules, "digitune.engines.keras_tuner_search", raising=False)
+    monkeypatch.delattr(digitune.engines, "keras_tuner_search", raising=False)
     study_file = write_study(project, TINY_STUDY)
     assert cli.main(["tune", "--engine", "keras-tuner", "--study", str(study_file)]) == 1
     assert "pip install 'digitune[keras-tuner]'" in capsys.readouterr().err

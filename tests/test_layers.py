@@ -1,5 +1,5 @@
-"""The package's shape: layers without cycles, one owner per concern, small modules, and the
-entry points a Python user expects."""
+"""The package's shape: floors without cycles, one owner per concern, modules of a readable
+size, and the entry points a Python user expects."""
 
 from __future__ import annotations
 
@@ -35,10 +35,12 @@ def test_the_layers_contracts_hold():
     assert "Contracts: 2 kept, 0 broken." in result.stdout
 
 
-def test_every_module_stays_under_300_lines():
+def test_no_module_is_far_past_the_soft_ceiling():
+    # About 450 lines is where a module is worth reading again for a second concern; this fence
+    # stands a little above it, so that a stage is never split by count alone.
     sizes = {name: text.count("\n") for name, text in _modules().items()}
     assert len(sizes) > 20
-    assert {name: lines for name, lines in sizes.items() if lines > 300} == {}
+    assert {name: lines for name, lines in sizes.items() if lines > 500} == {}
 
 
 def test_one_module_knows_the_run_layout_and_one_registers():
@@ -46,8 +48,16 @@ def test_one_module_knows_the_run_layout_and_one_registers():
     assert [name for name, text in modules.items() if "mlflow.parentRunId" in text] == [
         "tracking.py"
     ]
+    # Run names and artifact folders are written in one place.
+    layout = re.compile(r'f"(trial|refit-trial|ensemble|select-trial)-|"(report|tflite)/')
+    assert [name for name, text in modules.items() if layout.search(text)] == ["tracking.py"]
     registering = re.compile(r"registered_model_name|create_model_version")
     assert [name for name, text in modules.items() if registering.search(text)] == ["registry.py"]
+
+
+def test_only_config_reads_the_environment():
+    reading = re.compile(r"os\.environ\.get\(|os\.getenv\(|os\.environ\[")
+    assert [name for name, text in _modules().items() if reading.search(text)] == ["config.py"]
 
 
 def test_only_the_command_line_prints():

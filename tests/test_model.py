@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from digitune import custom_objects, model
+from digitune import model
 
 
 def conv_params(kernel, channels_in, filters):
@@ -81,7 +81,7 @@ def test_fused_batch_normalization_computes_what_keras_batch_normalization_does(
     tolerance = {"float32": 1e-4, "mixed_bfloat16": 3e-2}[dtype]
     images = np.random.default_rng(0).normal(3.0, 2.0, (16, 7, 7, 5)).astype("float32")
     reference = keras.layers.BatchNormalization(momentum=0.9, dtype=dtype)
-    fused = custom_objects.FusedBatchNormalization(momentum=0.9, dtype=dtype)
+    fused = model.FusedBatchNormalization(momentum=0.9, dtype=dtype)
     for layer in (reference, fused):
         layer.build(images.shape)
         layer.gamma.assign(np.linspace(0.5, 1.5, 5))
@@ -121,5 +121,5 @@ def test_a_saved_network_with_batch_normalization_loads_with_its_statistics(tmp_
     cnn.fit(images, np.arange(32) % 10, epochs=1, verbose=0)
     cnn.save(tmp_path / "cnn.keras")
     loaded = keras.models.load_model(tmp_path / "cnn.keras")
-    assert isinstance(loaded.get_layer("batch_norm_1"), custom_objects.FusedBatchNormalization)
+    assert isinstance(loaded.get_layer("batch_norm_1"), model.FusedBatchNormalization)
     np.testing.assert_allclose(loaded.predict(images, verbose=0), cnn.predict(images, verbose=0))

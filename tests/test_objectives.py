@@ -13,9 +13,9 @@ import pytest
 from optuna.trial import TrialState
 
 from conftest import FIXTURE_DIR, write_study
-from digitune import config, model, objectives, registry, space, study, tracking
+from digitune import config, model, pareto, registry, space, study, study_file, tracking
 from digitune.cli import main
-from digitune.engines import optuna as optuna_engine
+from digitune.engines import optuna_search
 
 EDGE_STUDY = """
 [study]
@@ -60,14 +60,14 @@ separable_convolutions = false
 
 def _definition(
     tmp_path: Path, objectives_table: str, study_table: str = ""
-) -> space.StudyDefinition:
+) -> study_file.StudyDefinition:
     text = (
         f'[study]\nname = "x"\n{study_table}\n[objectives]\n{objectives_table}\n'
         '[space]\nlearning_rate = { type = "float", low = 1e-3, high = 1e-2 }\n'
     )
     path = tmp_path / "x.toml"
     path.write_text(text)
-    return space.load(path)
+    return study_file.load(path)
 
 
 def test_objectives_and_limits_are_read_from_the_study_file(tmp_path):
@@ -77,13 +77,13 @@ def test_objectives_and_limits_are_read_from_the_study_file(tmp_path):
     settings = definition.objectives
     assert settings.minimize == ("params", "latency_ms")
     assert settings.limits == {"params": 9000.0, "int8_kb": 20.0}
-    assert objectives.directions(settings) == ["maximize", "minimize", "minimize"]
-    assert objectives.metric_names(settings) == ["val_accuracy", "params", "latency_ms"]
+    assert pareto.directions(settings) == ["maximize", "minimize", "minimize"]
+    assert pareto.metric_names(settings) == ["val_accuracy", "params", "latency_ms"]
     # Optuna cannot prune a multi-objective study: the default pruner gives way.
     assert definition.study.pruner == "none"
     # Limits alone keep one objective, and its pruner.
     limited = _definition(tmp_path, "max_latency_ms = 0.5").objectives
-    assert objectives.directions(limited) == ["maximize"] and limited.measured
+    assert pareto.directions(limited) == ["maximize"] and limited.measured
     assert _definition(tmp_path, "max_latency_ms = 0.5").study.pruner == "median"
 
 
@@ -128,9 +128,9 @@ TRIALS = pd.DataFrame(
 
 
 def test_the_front_matches_a_hand_checked_case_and_optunas_own():
-    assert list(objectives.front(TRIALS, ["params"])["trial"]) == [0, 2, 4, 6]
+    assert list(pareto.front(TRIALS, ["params"])["trial"]) == [0, 2, 4, 6]
     # With latency too, 1 and 3 are cheaper in latency, so nothing but 6 (beaten by 4) drops.
-    assert sorted(objectives.front(TRIALS, ["params", "latency_ms"])["trial"]) == [0, 1, 2, 3, 4]
+    assert sorted(pareto.front(TRIALS, ["params", "latency_ms"])["trial"]) == [0, 1, 2, 3, 4]
     # Optuna's own front of the same values, infeasible trial included as a constraint.
     reference = optuna.create_study(directions=["maximize", "minimize", "minimize"])
     for row in TRIALS.itertuples():
@@ -144,11 +144,11 @@ def test_the_front_matches_a_hand_checked_case_and_optunas_own():
 
 
 def test_choose_takes_the_most_accurate_front_model_within_the_limits():
-    assert objectives.choose(TRIALS, ["params"], {})["trial"] == 0
-    assert objectives.choose(TRIALS, ["params"], {"params": 5000})["trial"] == 2
-    assert objectives.choose(TRIALS, ["params"], {"params": 5000, "latency_ms": 0.5})["trial"] == 2
+    assert pareto.choose(TRIALS, ["params"], {})["trial"] == 0
+    assert pareto.choose(TRIALS, ["params"], {"params": 5000})["trial"] == 2
+    assert pareto.choose(TRIALS, ["params"], {"params": 5000, "latency_ms": 0.5})["trial"] == 2
     with pytest.raises(ValueError, match=r"no Pareto-front model has parameters <= 100; .*500"):
-        objectives.choose(TRIALS, ["params"], {"params": 100})
+        pareto.choose(TRIALS, ["params"], {"params": 100})
 
 
 @pytest.fixture(scope="module")
@@ -161,7 +161,7 @@ def edge_home(tmp_path_factory):
         patch.setenv("DIGITUNE_HOME", str(home))
         patch.setenv("MNIST_DIR", str(FIXTURE_DIR))
         patch.delenv("MLFLOW_TRACKING_URI", raising=False)
-        outcome = optuna_engine.run(study_file)
+        outcome = optuna_search.run(study_file)
         yield home, study_file, outcome
         while mlflow.active_run() is not None:
             mlflow.end_run()
@@ -260,17 +260,21 @@ def test_select_refuses_when_nothing_fits_and_registers_what_does(edge_home, cap
 
 
 def test_a_study_without_objectives_has_no_front(project, capsys):
-    study_file = write_study(project, '[study]\nname = "plain"\n[space]\nlearning_rate = 0.001\n'
-                             'num_filters = { type = "int", low = 4, high = 8 }\n')  # fmt: skip
-    definition = space.load(study_file)
+    study_path = write_study(
+        project,
+        '[study]\nname = "plain"\n[space]\nlearning_rate = 0.001\n'
+        'num_filters = { type = "int", low = 4, high = 8 }\n',
+    )
+    definition = study_file.load(study_path)
     optuna_study = study.load_or_create(definition, None)
     optuna_study.add_trial(
         optuna.trial.create_trial(
-            value=0.9, params={"num_filters": 4},
+            value=0.9,
+            params={"num_filters": 4},
             distributions={"num_filters": definition.distributions["num_filters"]},
         )
-    )  # fmt: skip
-    assert main(["pareto", "--study", str(study_file)]) == 1
+    )
+    assert main(["pareto", "--study", str(study_path)]) == 1
     assert "no completed trial that measured its costs" in capsys.readouterr().err
 
 
@@ -288,9 +292,9 @@ def test_nsga2_searches_a_multi_objective_study_within_its_limits(tmp_path):
     assert isinstance(sampler, optuna.samplers.NSGAIISampler)
     # Its selection reads the limits each trial records: a feasible trial beats an infeasible
     # one whatever their values (Optuna's constrained domination).
-    reference = optuna.create_study(directions=objectives.directions(definition.objectives))
+    reference = optuna.create_study(directions=pareto.directions(definition.objectives))
     for accuracy, params in ((0.99, 12000.0), (0.90, 8000.0)):
-        over = objectives.violations({"params": params}, definition.objectives)
+        over = pareto.violations({"params": params}, definition.objectives)
         reference.add_trial(
             optuna.trial.create_trial(
                 values=[accuracy, params],
@@ -298,4 +302,4 @@ def test_nsga2_searches_a_multi_objective_study_within_its_limits(tmp_path):
             )
         )
     assert [t.number for t in reference.best_trials] == [1]
-    assert objectives.best_trial(reference).number == 1
+    assert pareto.best_trial(reference).number == 1

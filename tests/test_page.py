@@ -14,7 +14,7 @@ import time
 import pytest
 import uvicorn
 
-from digitune import serve
+from digitune import config, model, registry, serve, study, study_file, tracking
 
 pytestmark = pytest.mark.slow
 
@@ -166,8 +166,6 @@ def colour_server(tmp_path, monkeypatch):
     import mlflow
     import numpy as np
 
-    from digitune import config, model, registry, tracking
-
     monkeypatch.setenv("DIGITUNE_HOME", str(tmp_path))
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     params = {"image_height": 16, "image_width": 16, "image_channels": 3, "num_classes": 2}
@@ -181,11 +179,18 @@ def colour_server(tmp_path, monkeypatch):
     cnn.fit(images, labels, epochs=3, batch_size=20, verbose=0)
     with mlflow.start_run(experiment_id=tracking.experiment_id(tracking.configure(), "colours")):
         registry.register(
-            cnn, model_name="colours-cnn", study_name="colours", trial_number=0, params=params,
-            validation_accuracy=1.0, test_accuracy=1.0, test_images=0, data_sha256="0" * 64,
+            cnn,
+            model_name="colours-cnn",
+            study_name="colours",
+            trial_number=0,
+            params=params,
+            validation_accuracy=1.0,
+            test_accuracy=1.0,
+            test_images=0,
+            data_sha256="0" * 64,
             extra_tags={"class_names": json.dumps(["blue", "red"]), "dataset": "colours"},
             alias=config.CHAMPION_ALIAS,
-        )  # fmt: skip
+        )
     yield from _serve(serve.create_app("models:/colours-cnn@champion", poll_seconds=0))
     mlflow.set_tracking_uri(None)
 
@@ -226,7 +231,6 @@ def test_the_dashboard_shows_single_and_multi_objective_studies(project, browser
     import optuna
 
     from conftest import write_study
-    from digitune import config, space, study
 
     storage = config.default_storage("watched")
     files = []
@@ -242,7 +246,7 @@ def test_the_dashboard_shows_single_and_multi_objective_studies(project, browser
                 f"{name}.toml",
             )
         )
-        definition = space.load(files[-1])
+        definition = study_file.load(files[-1])
         watched = study.load_or_create(definition, storage)
         for number, filters in enumerate((4, 12, 32)):
             values = [0.9 + number / 100] + ([filters * 100.0] if objectives_table else [])

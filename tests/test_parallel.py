@@ -19,9 +19,9 @@ import pytest
 from optuna.trial import TrialState
 
 from conftest import TINY_STUDY, write_study
-from digitune import config, tracking
+from digitune import cli, config, study_file, tracking
 from digitune import study as studies
-from digitune.engines import optuna as optuna_engine
+from digitune.engines import optuna_search
 
 pytestmark = pytest.mark.slow
 
@@ -41,7 +41,7 @@ def assert_one_parent_with_a_child_per_trial(study: optuna.Study) -> None:
     assert len(parents) == 1
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
     assert sorted(r.info.run_name for r in children) == sorted(
-        f"trial-{t.number}" for t in study.trials
+        f"trial-{t.number:04d}" for t in study.trials
     )
     assert all(r.info.status != "RUNNING" for r in runs)
 
@@ -55,7 +55,7 @@ def test_two_workers_share_one_study(project, storage, request, capfd, caplog):
     study_file = write_study(
         project, TINY_STUDY.replace("n_trials = 3", "n_trials = 6\nworkers = 2")
     )
-    outcome = optuna_engine.run(study_file, storage=url)
+    outcome = optuna_search.run(study_file, storage=url)
 
     trials = outcome.study.trials
     # Six, or seven when both workers finished a trial at the same instant (see study.optimize).
@@ -130,7 +130,7 @@ def test_a_killed_tune_s_trial_is_retried_by_a_rerun_within_the_grace_period(pro
     assert killed.state == TrialState.RUNNING  # Nobody could say otherwise yet.
 
     # At once, well within the 3 s grace period: the trial's process is known dead.
-    outcome = optuna_engine.run(study_file)
+    outcome = optuna_search.run(study_file)
 
     trials = outcome.study.trials
     assert trials[0].state == TrialState.FAIL
@@ -187,7 +187,6 @@ def test_sigterm_stops_every_worker_cleanly_like_ctrl_c(project):
 
 
 def test_joining_before_the_parent_run_exists_is_a_clear_error(project, monkeypatch, capsys):
-    from digitune import cli
 
     monkeypatch.setattr(studies, "PARENT_RUN_WAIT_SECONDS", 1.0)
     study_file = write_study(project, TINY_STUDY)
@@ -215,7 +214,7 @@ def test_ctrl_c_stops_cleanly_and_the_study_resumes(project):
     parent = client.get_run(study.user_attrs[tracking.PARENT_RUN_ATTR])
     assert parent.info.status == "KILLED"
 
-    outcome = optuna_engine.run(study_file)
+    outcome = optuna_search.run(study_file)
     assert len(outcome.study.trials) == 2
     assert outcome.study.trials[1].state in (TrialState.COMPLETE, TrialState.PRUNED)
     assert mlflow.get_run(parent.info.run_id).info.status == "FINISHED"
@@ -223,8 +222,8 @@ def test_ctrl_c_stops_cleanly_and_the_study_resumes(project):
 
 def test_join_adds_trials_to_a_running_study_without_registering(project, postgres_url):
     study_file = write_study(project, TINY_STUDY.replace("n_trials = 3", "n_trials = 2"))
-    first = optuna_engine.run(study_file, storage=postgres_url)
-    assert optuna_engine.run(study_file, storage=postgres_url, n_trials=4, join=True) is None
+    first = optuna_search.run(study_file, storage=postgres_url)
+    assert optuna_search.run(study_file, storage=postgres_url, n_trials=4, join=True) is None
 
     study = optuna.load_study(study_name="tiny", storage=postgres_url)
     assert len(study.trials) == 4
@@ -243,7 +242,7 @@ def test_four_workers_on_sqlite_lose_nothing_and_never_error(project, capfd):
     study_file = write_study(
         project, TINY_STUDY.replace("n_trials = 3", "n_trials = 8\nworkers = 4")
     )
-    outcome = optuna_engine.run(study_file)
+    outcome = optuna_search.run(study_file)
     trials = outcome.study.trials
     assert len(trials) >= 8
     assert all(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in trials), [
@@ -262,12 +261,11 @@ def test_a_stale_trial_is_retried_while_mlflow_is_down_and_its_run_closed_later(
 ):
     """A worker on another machine stops sending heartbeats while MLflow cannot be reached:
     the retry must not wait for MLflow, and the trial's run is closed once it is back."""
-    from digitune import space
 
-    study_file = write_study(project, CRASHABLE_STUDY)  # Heartbeat 1 s, grace 3 s.
+    study_path = write_study(project, CRASHABLE_STUDY)  # Heartbeat 1 s, grace 3 s.
     client = tracking.configure()
     run = client.create_run(tracking.experiment_id(client, "tiny"), run_name="trial-0")
-    optuna_study = studies.load_or_create(space.load(study_file), None)
+    optuna_study = studies.load_or_create(study_file.load(study_path), None)
     trial = optuna_study.ask()
     trial.suggest_float("learning_rate", 1e-3, 3e-3, log=True)
     trial.set_user_attr(studies.WORKER_ATTR, "another-machine:12345")
@@ -293,7 +291,6 @@ def test_a_stale_trial_is_retried_while_mlflow_is_down_and_its_run_closed_later(
 
 
 def test_join_without_a_study_says_how_to_start_one(project, capsys):
-    from digitune import cli
 
     study_file = write_study(project, TINY_STUDY)
     assert cli.main(["tune", "--study", str(study_file), "--join"]) == 1

@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from digitune import champion, cli, config, data, evaluate, model, promote, registry, tracking
+from digitune import cli, config, data, evaluate, model, promotion, registry, tracking
+from digitune.data import mnist
 
 pytestmark = pytest.mark.slow
 
@@ -26,7 +27,7 @@ POOR = {"learning_rate": 1e-4, "num_filters": 4, "dense_units": 16, "batch_size"
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """Weights of a good and a poor model, trained once for the whole module."""
-    fixture = data.load_folder(Path(__file__).parent / "fixtures" / "mnist-subset")
+    fixture = mnist.load_folder(Path(__file__).parent / "fixtures" / "mnist-subset")
     split = data.split(fixture)
     folder = tmp_path_factory.mktemp("weights")
     weights = {}
@@ -99,7 +100,7 @@ def test_promotion_lifecycle(project, trained, capsys):
     poor = register(trained, "poor", trial=1)
 
     # No champion yet: the challenger is promoted whatever its accuracy.
-    decision = promote.promote()
+    decision = promotion.promote()
     assert decision.promoted and not decision.forced and decision.champion is None
     assert aliases(client) == {"champion": poor, "challenger": poor}
 
@@ -127,7 +128,7 @@ def test_promotion_lifecycle(project, trained, capsys):
     assert float(good_tags["promotion.test_accuracy"]) > float(poor_tags["promotion.test_accuracy"])
 
     # The test accuracy is the fixture's test set, computed independently here.
-    fixture = data.load()
+    fixture = mnist.load()
     served = mlflow.pyfunc.load_model("models:/mnist-cnn@champion")
     probabilities = np.asarray(served.predict(data.preprocess(fixture.test_images)))
     assert probabilities.shape == (300, 10)
@@ -148,7 +149,7 @@ def test_promotion_lifecycle(project, trained, capsys):
     # --force promotes it anyway, and says so in the history and the tags.
     assert cli.main(["promote", "--force"]) == 0
     assert aliases(client)["champion"] == worse
-    last = champion.history(client)[-1]
+    last = promotion.history(client)[-1]
     assert last["forced"] is True and last["version"] == worse and last["previous"] == good
     assert (
         client.get_model_version(config.REGISTERED_MODEL_NAME, worse).tags["promotion.decision"]
@@ -186,7 +187,7 @@ def test_promote_without_model_or_challenger(project, trained, capsys):
 def test_missing_artifacts_leave_the_aliases_alone(project, trained, capsys):
     client = tracking.configure()
     first = register(trained, "poor", trial=1)
-    assert promote.promote().promoted
+    assert promotion.promote().promoted
     second = register(trained, "good", trial=2)
     # Delete the model files behind the new version, as a lost disk or a bad copy would.
     version = client.get_model_version(config.REGISTERED_MODEL_NAME, second)
@@ -216,7 +217,7 @@ def _delete_model_files(client, version: str) -> None:
 def test_force_replaces_a_champion_that_cannot_be_loaded(project, trained, capsys):
     client = tracking.configure()
     broken = register(trained, "good", trial=1)
-    assert promote.promote().promoted
+    assert promotion.promote().promoted
     _delete_model_files(client, broken)
     challenger = register(trained, "poor", trial=2)
     assert cli.main(["promote"]) == 1
@@ -226,7 +227,7 @@ def test_force_replaces_a_champion_that_cannot_be_loaded(project, trained, capsy
 
     assert cli.main(["promote", "--force"]) == 0
     assert aliases(client)["champion"] == challenger
-    last = champion.history(client)[-1]
+    last = promotion.history(client)[-1]
     assert last["forced"] is True and last["previous"] == broken
     assert "could not be loaded" in last["reason"]
 
@@ -234,28 +235,28 @@ def test_force_replaces_a_champion_that_cannot_be_loaded(project, trained, capsy
 def test_moving_the_champion_is_compare_and_set(project, trained):
     client = tracking.configure()
     first = register(trained, "poor", trial=1)
-    champion.move_champion(client, first, None, "promote", "first")
+    promotion.move_champion(client, first, None, "promote", "first")
     second = register(trained, "good", trial=2)
     # A promotion that compared against no champion, or against another version, loses.
     for stale in (None, second):
         with pytest.raises(registry.RegistryError, match=f"moved to version {first}"):
-            champion.move_champion(client, second, stale, "promote", "stale")
+            promotion.move_champion(client, second, stale, "promote", "stale")
     assert aliases(client)["champion"] == first
-    assert [event["version"] for event in champion.history(client)] == [first]
+    assert [event["version"] for event in promotion.history(client)] == [first]
 
 
 def test_a_held_champion_lock_makes_others_wait_then_refuse(project, trained, monkeypatch):
     client = tracking.configure()
     version = register(trained, "poor", trial=1)
-    monkeypatch.setattr(champion, "LOCK_WAIT_SECONDS", 0.5)
-    with champion.champion_lock(client):
+    monkeypatch.setattr(promotion, "LOCK_WAIT_SECONDS", 0.5)
+    with promotion.champion_lock(client):
         with pytest.raises(registry.RegistryError, match="@champion is locked by .*:"):
-            champion.move_champion(client, version, None, "promote", "while locked")
-    assert aliases(client)["champion"] is None and champion.history(client) == []
+            promotion.move_champion(client, version, None, "promote", "while locked")
+    assert aliases(client)["champion"] is None and promotion.history(client) == []
     # A lock left behind by a killed process is taken over once it is stale.
-    client.create_registered_model(config.REGISTERED_MODEL_NAME + champion.LOCK_SUFFIX)
-    monkeypatch.setattr(champion, "LOCK_STALE_SECONDS", 0.0)
-    champion.move_champion(client, version, None, "promote", "after a stale lock")
+    client.create_registered_model(config.REGISTERED_MODEL_NAME + promotion.LOCK_SUFFIX)
+    monkeypatch.setattr(promotion, "LOCK_STALE_SECONDS", 0.0)
+    promotion.move_champion(client, version, None, "promote", "after a stale lock")
     assert aliases(client)["champion"] == version
     lock_names = [m.name for m in client.search_registered_models() if "lock" in m.name]
     assert lock_names == []
@@ -264,7 +265,7 @@ def test_a_held_champion_lock_makes_others_wait_then_refuse(project, trained, mo
 def test_two_concurrent_promotions_have_one_winner_and_a_whole_history(project, trained):
     client = tracking.configure()
     first = register(trained, "poor", trial=1)
-    assert promote.promote().promoted
+    assert promotion.promote().promoted
     second = register(trained, "good", trial=2)
     mlflow.set_tracking_uri(None)
     command = [sys.executable, "-m", "digitune", "promote"]
@@ -281,7 +282,7 @@ def test_two_concurrent_promotions_have_one_winner_and_a_whole_history(project, 
     )
     client = tracking.configure()
     assert aliases(client)["champion"] == second
-    events = champion.history(client)
+    events = promotion.history(client)
     assert [(event["version"], event["previous"]) for event in events] == [
         (first, None),
         (second, first),

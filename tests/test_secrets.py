@@ -190,10 +190,19 @@ def test_make_passes_a_password_with_dollar_and_ampersand_without_echoing_it(pro
     environment = {**os.environ, "DIGITUNE_HOME": str(project)}
     environment.pop("MAKEFLAGS", None)
     finished = subprocess.run(
-        ["make", "-C", str(REPOSITORY), "report", f"STUDY={study_file}",
-         f"STORAGE={with_password(postgres_url)}"],
-        env=environment, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+        [
+            "make",
+            "-C",
+            str(REPOSITORY),
+            "report",
+            f"STUDY={study_file}",
+            f"STORAGE={with_password(postgres_url)}",
+        ],
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     printed = finished.stdout + finished.stderr
     assert PASSWORD not in printed
     # digitune got the whole URL: it looked in that database, and found no study there.

@@ -13,7 +13,8 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from digitune import config, data, imaging, payloads, registry, serve, tracking
+from digitune import config, data, preprocessing, registry, serve, tracking
+from digitune.data import mnist
 
 pytestmark = pytest.mark.slow
 
@@ -34,10 +35,10 @@ def client(serving):
 
 
 @pytest.fixture(scope="module")
-def mnist():
+def digits():
     from conftest import FIXTURE_DIR
 
-    return data.load_folder(FIXTURE_DIR)
+    return mnist.load_folder(FIXTURE_DIR)
 
 
 def png(image: np.ndarray, format: str = "PNG") -> bytes:
@@ -68,8 +69,8 @@ def test_health_and_metadata(client):
     assert "/predict" in client.get("/openapi.json").json()["paths"]
 
 
-def test_json_image_batch_and_scales(client, mnist):
-    images = mnist.test_images[:20]
+def test_json_image_batch_and_scales(client, digits):
+    images = digits.test_images[:20]
     reference = mlflow.pyfunc.load_model("models:/mnist-cnn@champion").predict(
         data.preprocess(images)
     )
@@ -87,10 +88,10 @@ def test_json_image_batch_and_scales(client, mnist):
     )
 
 
-def test_pictures_are_prepared_like_mnist(client, mnist):
+def test_pictures_are_prepared_like_mnist(client, digits):
     """Digits scaled up, inverted and moved on a big canvas read as the originals do."""
     rng = np.random.default_rng(0)
-    originals = mnist.test_images[:40]
+    originals = digits.test_images[:40]
     direct = client.post("/predict", json={"images": originals.tolist()}).json()["predictions"]
     agree, naive_agree = 0, 0
     for original, expected in zip(originals, direct, strict=True):
@@ -106,22 +107,24 @@ def test_pictures_are_prepared_like_mnist(client, mnist):
     assert naive_agree < agree - 10
 
 
-def test_prepare_is_identity_on_mnist_and_undoes_a_drawing(mnist):
+def test_prepare_is_identity_on_mnist_and_undoes_a_drawing(digits):
     rng = np.random.default_rng(1)
-    for digit in mnist.test_images[:30]:
+    for digit in digits.test_images[:30]:
         original = digit.astype(np.float32) / 255
         # MNIST is MNIST-like already: only faint fringe pixels outside the crop may go.
-        same = imaging.prepare(original)
-        assert np.abs(same - original).max() < imaging.INK_THRESHOLD
+        same = preprocessing.prepare(original)
+        assert np.abs(same - original).max() < preprocessing.INK_THRESHOLD
         assert np.corrcoef(same.ravel(), original.ravel())[0, 1] > 0.999
-        prepared = imaging.prepare(as_a_person_would_draw_it(digit, rng).astype(np.float32) / 255)
+        prepared = preprocessing.prepare(
+            as_a_person_would_draw_it(digit, rng).astype(np.float32) / 255
+        )
         assert np.corrcoef(prepared.ravel(), original.ravel())[0, 1] > 0.6
         centre = np.array(np.nonzero(prepared)).mean(axis=1)
         assert np.all(np.abs(centre - 14) < 3)
 
 
-def test_raw_jpeg_body(client, mnist):
-    picture = as_a_person_would_draw_it(mnist.test_images[1], np.random.default_rng(2))
+def test_raw_jpeg_body(client, digits):
+    picture = as_a_person_would_draw_it(digits.test_images[1], np.random.default_rng(2))
     answer = client.post(
         "/predict", content=png(picture, "JPEG"), headers={"Content-Type": "image/jpeg"}
     )
@@ -146,7 +149,7 @@ def test_raw_jpeg_body(client, mnist):
         ({"content": b"x" * 10, "headers": {"Content-Type": "text/plain"}}, 422, "content type"),
         (
             {
-                "content": b"x" * (payloads.MAX_BODY_BYTES + 1),
+                "content": b"x" * (serve.MAX_BODY_BYTES + 1),
                 "headers": {"Content-Type": "image/png"},
             },
             413,
@@ -187,7 +190,7 @@ def test_no_model_is_503_not_a_crash(project):
 
 
 def crown_a_new_version(mlflow_client):
-    """Register version 1's model again and make the new version @champion."""
+    """Register version 1's model again and make the new version @promotion."""
     source = mlflow_client.get_model_version(config.REGISTERED_MODEL_NAME, "1")
     new = mlflow_client.create_model_version(
         config.REGISTERED_MODEL_NAME, source.source, model_id=source.model_id
@@ -205,13 +208,13 @@ def wait_until(condition, seconds: float = 60) -> None:
         time.sleep(0.01)
 
 
-def test_alias_move_is_picked_up_without_failing_requests(project, champion_home, mnist):
+def test_alias_move_is_picked_up_without_failing_requests(project, champion_home, digits):
     """A copy of the champion store; a new version becomes champion while requests flow."""
     import shutil
 
     shutil.copytree(champion_home / "mlruns", project / "mlruns")
     app = serve.create_app(poll_seconds=0)
-    image = {"image": mnist.test_images[0].tolist()}
+    image = {"image": digits.test_images[0].tolist()}
     with started(app) as client:
         assert client.post("/predict", json=image).json()["version"] == "1"
         failures, versions, stop = [], set(), threading.Event()
@@ -282,19 +285,19 @@ def huge_blank_png(side: int) -> bytes:
             b'{"image": [' + b",".join([b"[" + b",".join([b"9" * 4000] * 28) + b"]"] * 28) + b"]}",
             "application/json",
             "array of numbers",
-        ),  # fmt: skip
+        ),
         (
             b'{"image": ' + json.dumps([[0] * 28] * 28).encode() + b', "prepare": "yes"}',
             "application/json",
             "'prepare' must be true or false",
-        ),  # fmt: skip
+        ),
         (json.dumps({"image": "a" * 100_000}).encode(), "application/json", "28x28"),
         (b'{"image": [[Infinity]]}', "application/json", "28x28"),
         (
             b'{"image": ' + json.dumps([[0] * 28] * 28).encode() + b', "lable": 3}',
             "application/json",
             "unknown field(s) 'lable'",
-        ),  # fmt: skip
+        ),
     ],
     ids=["pixels", "zTXt", "nesting", "huge-numbers", "prepare", "string", "infinity", "unknown"],
 )
@@ -312,7 +315,7 @@ def test_a_chunked_body_over_the_limit_is_refused_as_it_streams(client):
     sent = []
 
     def chunks():
-        for _ in range(payloads.MAX_BODY_BYTES // 65536 + 10):
+        for _ in range(serve.MAX_BODY_BYTES // 65536 + 10):
             sent.append(65536)
             yield b"\0" * 65536
 
@@ -321,9 +324,9 @@ def test_a_chunked_body_over_the_limit_is_refused_as_it_streams(client):
     assert "content-length" not in {k.lower() for k in answer.request.headers}
 
 
-def test_a_phone_s_multi_picture_jpeg_is_read(client, mnist):
+def test_a_phone_s_multi_picture_jpeg_is_read(client, digits):
     drawing = Image.fromarray(
-        as_a_person_would_draw_it(mnist.test_images[0], np.random.default_rng(0))
+        as_a_person_would_draw_it(digits.test_images[0], np.random.default_rng(0))
     )
     buffer = io.BytesIO()
     drawing.convert("RGB").save(
@@ -334,7 +337,7 @@ def test_a_phone_s_multi_picture_jpeg_is_read(client, mnist):
         "/predict", content=buffer.getvalue(), headers={"Content-Type": "image/jpeg"}
     )
     assert answer.status_code == 200, answer.text
-    assert answer.json()["predictions"][0]["digit"] == mnist.test_labels[0]
+    assert answer.json()["predictions"][0]["digit"] == digits.test_labels[0]
 
 
 def test_health_answers_at_once_while_a_big_picture_is_worked_on(client):
@@ -392,10 +395,15 @@ def test_a_version_whose_probe_fails_is_not_swapped_in(project, champion_home):
         with mlflow.start_run():
             version = registry.register(
                 broken,
-                study_name="served", trial_number=1, params={}, validation_accuracy=0.0,
-                test_accuracy=0.0, test_images=300, data_sha256="0" * 64,
+                study_name="served",
+                trial_number=1,
+                params={},
+                validation_accuracy=0.0,
+                test_accuracy=0.0,
+                test_images=300,
+                data_sha256="0" * 64,
                 alias=config.CHAMPION_ALIAS,
-            )  # fmt: skip
+            )
         reloaded = client.post("/reload").json()
         assert reloaded["reloaded"] is False and reloaded["version"] == "1"
         assert "probe prediction" in reloaded["error"] and "NaN" in reloaded["error"]
@@ -444,8 +452,10 @@ def test_a_registry_that_is_down_at_start_up_is_reported_within_seconds(project,
     environment.pop("MLFLOW_HTTP_REQUEST_MAX_RETRIES", None)
     server = subprocess.Popen(
         [sys.executable, "-m", "digitune", "serve", "--port", str(port)],
-        env=environment, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
+        env=environment,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         started, detail = time.monotonic(), ""
         while "cannot reach" not in detail:

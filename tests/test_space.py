@@ -7,20 +7,20 @@ from pathlib import Path
 import optuna
 import pytest
 
-from digitune import space
+from digitune import space, study_file
 
 STUDIES = Path(__file__).resolve().parents[1] / "studies"
 
 
 @pytest.mark.parametrize("name", ["mnist-cnn.toml", "quick.toml"])
 def test_shipped_study_files_load(name):
-    definition = space.load(STUDIES / name)
+    definition = study_file.load(STUDIES / name)
     assert definition.study.name == name.removesuffix(".toml")
     assert definition.distributions
 
 
 def test_default_study_samples_what_users_tune():
-    definition = space.load(STUDIES / "mnist-cnn.toml")
+    definition = study_file.load(STUDIES / "mnist-cnn.toml")
     sampled = set(definition.distributions)
     assert {
         "learning_rate",
@@ -45,7 +45,7 @@ def test_suggest_gives_a_plain_dict_with_fixed_values(tmp_path):
         'num_filters = { type = "int", low = 8, high = 32, step = 8 }\n'
         "dense_units = 64\n"
     )
-    definition = space.load(path)
+    definition = study_file.load(path)
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=1))
     trial = study.ask()
     params = space.suggest(trial, definition)
@@ -144,10 +144,10 @@ def test_mistakes_name_the_file_and_the_key(tmp_path, text, message):
     path = tmp_path / "broken.toml"
     path.write_text(text)
     with pytest.raises(ValueError, match=message) as caught:
-        space.load(path)
+        study_file.load(path)
     assert str(path) in str(caught.value)
 
 
 def test_missing_file(tmp_path):
     with pytest.raises(ValueError, match="study file not found"):
-        space.load(tmp_path / "nope.toml")
+        study_file.load(tmp_path / "nope.toml")

@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from digitune import trainer
+from digitune import backend, config, data, model, trainer
+from digitune.data import mnist
 
 PARAMS = {"learning_rate": 1e30}
 
@@ -73,9 +74,7 @@ def test_endless_batches_cover_each_pass_once_in_a_new_order():
 def test_an_epoch_of_epoch_images_trains_that_many_images(fixture_dir):
     import keras
 
-    from digitune import config, data, model
-
-    split = data.split(data.load_folder(fixture_dir))  # 1,500 training images
+    split = data.split(mnist.load_folder(fixture_dir))  # 1,500 training images
     steps = []
 
     class LastBatch(keras.callbacks.Callback):
@@ -98,9 +97,7 @@ def test_an_epoch_of_epoch_images_trains_that_many_images(fixture_dir):
 def test_tensorflow_s_retracing_hints_are_dropped_and_its_other_warnings_kept(caplog):
     import logging
 
-    from digitune import quiet
-
-    quiet.import_tensorflow()
+    backend.import_tensorflow()
     tensorflow_log = logging.getLogger("tensorflow")
     with caplog.at_level(logging.WARNING):
         tensorflow_log.warning(

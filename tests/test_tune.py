@@ -13,9 +13,10 @@ import pytest
 from optuna.trial import TrialState
 
 from conftest import TINY_STUDY, write_study
-from digitune import cli, config, data, space, tracking
+from digitune import cli, config, data, study_file, tracking
 from digitune import study as studies
-from digitune.engines import optuna as optuna_engine
+from digitune.data import mnist
+from digitune.engines import optuna_search
 
 pytestmark = pytest.mark.slow
 
@@ -27,7 +28,7 @@ def _runs(client, experiment_name):
 
 def test_tiny_study_is_tracked_and_registered(project):
     study_file = write_study(project, TINY_STUDY)
-    outcome = optuna_engine.run(study_file)
+    outcome = optuna_search.run(study_file)
 
     # Optuna: three finished trials in the default storage under studies/.
     assert (project / "studies" / "tiny.db").exists()
@@ -35,7 +36,7 @@ def test_tiny_study_is_tracked_and_registered(project):
     assert len(study.trials) == 3
     assert all(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in study.trials)
     completed = [t for t in study.trials if t.state == TrialState.COMPLETE]
-    assert completed and outcome.best_trial.number == study.best_trial.number
+    assert completed and outcome.best.number == study.best_trial.number
 
     # MLflow: one parent run and one child per trial, none left RUNNING.
     client = mlflow.MlflowClient()
@@ -48,26 +49,42 @@ def test_tiny_study_is_tracked_and_registered(project):
         for r in runs
         if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id
     }
-    assert set(children) == {"trial-0", "trial-1", "trial-2"}
+    assert set(children) == {"trial-0000", "trial-0001", "trial-0002"}
     assert all(r.info.status == "FINISHED" for r in runs)
     assert study.user_attrs[tracking.PARENT_RUN_ATTR] == parent.info.run_id
 
     for trial in study.trials:
-        child = children[f"trial-{trial.number}"]
+        child = children[f"trial-{trial.number:04d}"]
         assert child.data.tags["state"] == trial.state.name
-        assert child.data.tags["trial_number"] == str(trial.number)
+        assert child.data.tags["trial_number"] == f"{trial.number:04d}"  # sorts as text too
         assert float(child.data.params["learning_rate"]) == pytest.approx(
             trial.params["learning_rate"]
         )
         assert child.data.params["batch_size"] == "64"  # fixed values are logged too
         epochs = len(trial.intermediate_values)
-        for metric in ("loss", "accuracy", "val_loss", "val_accuracy", "epoch_seconds"):
+        # Each epoch is logged at the training images seen by its end: 1,500 an epoch here.
+        seen = [1500 * (epoch + 1) for epoch in range(epochs)]
+        for metric in (
+            "loss",
+            "accuracy",
+            "val_loss",
+            "val_accuracy",
+            "epoch_seconds",
+            "best_val_accuracy",
+        ):
             history = client.get_metric_history(child.info.run_id, metric)
-            assert [m.step for m in sorted(history, key=lambda m: m.step)] == list(range(epochs))
+            assert [m.step for m in sorted(history, key=lambda m: m.step)] == seen
         val_history = client.get_metric_history(child.info.run_id, "val_accuracy")
         assert [m.value for m in sorted(val_history, key=lambda m: m.step)] == pytest.approx(
             [trial.intermediate_values[step] for step in range(epochs)]
         )
+        # The objective so far, pruned trials included: what the runs table sorts trials by.
+        best_history = client.get_metric_history(child.info.run_id, "best_val_accuracy")
+        assert [m.value for m in sorted(best_history, key=lambda m: m.step)] == pytest.approx(
+            list(np.maximum.accumulate([trial.intermediate_values[s] for s in range(epochs)]))
+        )
+        if trial.state == TrialState.COMPLETE:
+            assert child.data.metrics["best_val_accuracy"] == pytest.approx(trial.value)
         artifacts = {a.path for a in client.list_artifacts(child.info.run_id)}
         if trial.state == TrialState.COMPLETE:
             assert {"val_confusion_matrix.png", "val_confusion_matrix.json", "weights"} <= artifacts
@@ -90,7 +107,7 @@ def test_tiny_study_is_tracked_and_registered(project):
     parent = client.get_run(parent.info.run_id)
     assert parent.data.params["study.name"] == "tiny"
     assert parent.data.metrics["test_accuracy"] == pytest.approx(outcome.test_accuracy)
-    assert parent.data.tags["best_trial"] == str(outcome.best_trial.number)
+    assert parent.data.tags["best_trial"] == str(outcome.best.number)
     parent_artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert {
         "test_confusion_matrix.png",
@@ -123,36 +140,36 @@ def test_tiny_study_is_tracked_and_registered(project):
     version = client.get_model_version_by_alias(config.REGISTERED_MODEL_NAME, "challenger")
     assert str(version.version) == outcome.model_version
     assert version.tags["study"] == "tiny"
-    assert version.tags["trial"] == str(outcome.best_trial.number)
+    assert version.tags["trial"] == str(outcome.best.number)
     assert float(version.tags["validation_accuracy"]) == pytest.approx(
-        outcome.best_trial.value, abs=1e-4
+        outcome.best.validation_accuracy, abs=1e-4
     )
     assert float(version.tags["test_accuracy"]) == pytest.approx(outcome.test_accuracy, abs=1e-4)
     assert len(version.tags["data_sha256"]) == 64
     assert "test accuracy" in version.description
     # It predicts the fixture's test set with the accuracy its tag claims, counted here.
     loaded = mlflow.pyfunc.load_model("models:/mnist-cnn@challenger")
-    mnist = data.load()
-    probabilities = np.asarray(loaded.predict(data.preprocess(mnist.test_images)))
+    digits = mnist.load()
+    probabilities = np.asarray(loaded.predict(data.preprocess(digits.test_images)))
     assert probabilities.shape == (300, 10)
-    accuracy = np.mean(probabilities.argmax(1) == mnist.test_labels)
+    accuracy = np.mean(probabilities.argmax(1) == digits.test_labels)
     assert float(version.tags["test_accuracy"]) == pytest.approx(accuracy, abs=1e-4)
     assert accuracy > 0.5  # Far above the 0.1 of a guess: it learned digits.
 
     # Resuming with a larger budget adds trials under the same parent and registers once more
     # only if the best trial changed.
-    again = optuna_engine.run(study_file, n_trials=4)
+    again = optuna_search.run(study_file, n_trials=4)
     assert len(again.study.trials) == 4
     runs = _runs(client, "tiny")
     assert len([r for r in runs if r.data.tags.get("digitune.role") == "study"]) == 1
     assert len(runs) == 5
     versions = client.search_model_versions("name = 'mnist-cnn'")
-    assert len(versions) == (1 if again.best_trial.number == outcome.best_trial.number else 2)
+    assert len(versions) == (1 if again.best.number == outcome.best.number else 2)
 
 
 def test_report_summarises_a_study(project, capsys):
     study_file = write_study(project, TINY_STUDY)
-    optuna_engine.run(study_file)
+    optuna_search.run(study_file)
     capsys.readouterr()
     assert cli.main(["report", "--study", str(study_file)]) == 0
     printed = capsys.readouterr().out
@@ -163,8 +180,10 @@ def test_report_summarises_a_study(project, capsys):
     lines = printed.splitlines()
     ranked = lines[lines.index("parameter importances (fANOVA):") + 1 :][:3]
     assert sorted(line.split()[0] for line in ranked) == [
-        "dropout_rate", "learning_rate", "num_filters"
-    ]  # fmt: skip
+        "dropout_rate",
+        "learning_rate",
+        "num_filters",
+    ]
 
 
 def test_report_of_a_study_that_was_never_run(project, capsys):
@@ -174,16 +193,16 @@ def test_report_of_a_study_that_was_never_run(project, capsys):
 
 
 def test_a_bad_trial_is_really_pruned(project):
-    study_file = write_study(
+    study_path = write_study(
         project,
         TINY_STUDY.replace("n_trials = 3", "n_trials = 2").replace("low = 1e-3", "low = 1e-6"),
     )
-    study = studies.load_or_create(space.load(study_file), None)
+    study = studies.load_or_create(study_file.load(study_path), None)
     # A sound trial first, then one whose learning rate is far too low to learn anything in
     # an epoch: the median pruner must stop it after its first epoch.
     study.enqueue_trial({"learning_rate": 3e-3, "num_filters": 16, "dropout_rate": 0.0})
     study.enqueue_trial({"learning_rate": 1e-6, "num_filters": 8, "dropout_rate": 0.0})
-    outcome = optuna_engine.run(study_file)
+    outcome = optuna_search.run(study_path)
     good, bad = outcome.study.trials
     assert good.state == TrialState.COMPLETE
     assert bad.state == TrialState.PRUNED
@@ -195,7 +214,7 @@ def test_a_bad_trial_is_really_pruned(project):
 
 
 def test_successive_halving_prunes_a_bad_trial_at_its_first_rung(project):
-    study_file = write_study(
+    study_path = write_study(
         project,
         TINY_STUDY.replace("n_trials = 3", "n_trials = 2")
         .replace("low = 1e-3", "low = 1e-6")
@@ -204,11 +223,11 @@ def test_successive_halving_prunes_a_bad_trial_at_its_first_rung(project):
             "pruner_warmup_epochs = 0", 'pruner_warmup_epochs = 1\npruner = "successive_halving"'
         ),
     )
-    study = studies.load_or_create(space.load(study_file), None)
+    study = studies.load_or_create(study_file.load(study_path), None)
     assert isinstance(study.pruner, optuna.pruners.SuccessiveHalvingPruner)
     study.enqueue_trial({"learning_rate": 3e-3, "num_filters": 16, "dropout_rate": 0.0})
     study.enqueue_trial({"learning_rate": 1e-6, "num_filters": 8, "dropout_rate": 0.0})
-    outcome = optuna_engine.run(study_file)
+    outcome = optuna_search.run(study_path)
     good, bad = outcome.study.trials
     # The first trial meets no competitor at its rungs; the second is compared with it after
     # its second epoch (rung 0, step 1) and, worse, stops there.
@@ -217,7 +236,7 @@ def test_successive_halving_prunes_a_bad_trial_at_its_first_rung(project):
     assert list(bad.intermediate_values) == [0, 1]
     assert bad.intermediate_values[1] < good.intermediate_values[1]
     # Its line says how far it trained, in epochs of the fixture's training images.
-    images = len(data.split(data.load()).y_train)
+    images = len(data.split(mnist.load()).y_train)
     assert bad.user_attrs[studies.EPOCH_IMAGES_ATTR] == images
     assert studies.trial_line(bad).endswith(f"pruned after 2 epoch(s) of {images:,} images")
     assert studies.DEADLINE_ATTR not in good.user_attrs
@@ -238,21 +257,21 @@ def test_a_trial_the_study_s_deadline_cuts_short_says_so(project, capsys):
     epochs = len(trial.intermediate_values)
     assert trial.state == TrialState.COMPLETE and 1 <= epochs < 500
     assert trial.user_attrs["epochs"] == epochs and trial.user_attrs[studies.DEADLINE_ATTR]
-    images = len(data.split(data.load()).y_train)
+    images = len(data.split(mnist.load()).y_train)
     assert studies.trial_line(trial).endswith(
         f"cut short by the study's deadline after {epochs} epoch(s) of {images:,} images"
     )
 
 
 def test_a_diverging_trial_fails_with_its_reason_and_the_study_goes_on(project):
-    study_file = write_study(
+    study_path = write_study(
         project,
         TINY_STUDY.replace("n_trials = 3", "n_trials = 2").replace("high = 3e-3", "high = 1e30"),
     )
-    study = studies.load_or_create(space.load(study_file), None)
+    study = studies.load_or_create(study_file.load(study_path), None)
     study.enqueue_trial({"learning_rate": 1e30, "num_filters": 8, "dropout_rate": 0.0})
     study.enqueue_trial({"learning_rate": 3e-3, "num_filters": 8, "dropout_rate": 0.0})
-    outcome = optuna_engine.run(study_file)
+    outcome = optuna_search.run(study_path)
     diverged, sound = outcome.study.trials
     assert diverged.state == TrialState.FAIL
     assert "learning_rate=1e+30 is probably too high" in diverged.user_attrs["fail_reason"]
@@ -260,7 +279,7 @@ def test_a_diverging_trial_fails_with_its_reason_and_the_study_goes_on(project):
     assert run.info.status == "FAILED" and run.data.tags["state"] == "FAIL"
     assert "too high" in run.data.tags["fail_reason"]
     assert sound.state == TrialState.COMPLETE
-    assert outcome.best_trial.number == sound.number
+    assert outcome.best.number == sound.number
 
 
 def test_cli_reports_a_broken_study_file_before_training(project, capsys):
@@ -299,7 +318,7 @@ def test_enqueued_configurations_run_first_and_once(project):
     study_file = write_study(
         project, TINY_STUDY.replace("n_trials = 3", "n_trials = 2") + warm_start
     )
-    optuna_engine.run(study_file, register=False)
+    optuna_search.run(study_file, register=False)
     study = optuna.load_study(study_name="tiny", storage=config.default_storage("tiny"))
     first = study.trials[0]
     assert first.params["num_filters"] == 16
@@ -307,7 +326,7 @@ def test_enqueued_configurations_run_first_and_once(project):
     assert 0.0 <= first.params["dropout_rate"] <= 0.3  # the sampler filled in the rest
 
     # Resumed for one more trial, the study does not run its warm start again.
-    optuna_engine.run(study_file, n_trials=3, register=False)
+    optuna_search.run(study_file, n_trials=3, register=False)
     study = optuna.load_study(study_name="tiny", storage=config.default_storage("tiny"))
     assert len(study.trials) == 3
     assert [t.params["learning_rate"] for t in study.trials].count(0.002) == 1
@@ -321,7 +340,7 @@ def test_every_trial_trains_in_the_study_precision(project):
         .replace("max_epochs = 2", "max_epochs = 1")
         .replace('precision = "float32"', 'precision = "mixed_bfloat16"')
     )
-    optuna_engine.run(write_study(project, study), register=False)
+    optuna_search.run(write_study(project, study), register=False)
     runs = mlflow.search_runs(experiment_names=["tiny"], output_format="list")
     trials = [r for r in runs if r.data.tags.get("digitune.role") != "study"]
     assert [r.data.tags["precision"] for r in trials] == ["mixed_bfloat16"] * 2

@@ -33,8 +33,44 @@ def studies_dir() -> Path:
     return project_dir() / "studies"
 
 
+# The study `digitune tune` runs when none is named.
+DEFAULT_STUDY = "mnist-cnn"
+
+
 def default_study_file() -> Path:
-    return studies_dir() / "mnist-cnn.toml"
+    return study_path(DEFAULT_STUDY)
+
+
+def shipped_studies() -> Path:
+    """The study files that ship inside the package (the repository's studies/)."""
+    return Path(__file__).parent / "studies"
+
+
+def study_path(value: str | Path) -> Path:
+    """The study file `value` names: a path, else the name of a study in the project's
+    studies/, else of one shipped with digitune (`quick`, `full`, ...)."""
+    path = Path(value)
+    if path.exists() or path.suffix or len(path.parts) > 1:
+        return path
+    for folder in (studies_dir(), shipped_studies()):
+        if (folder / f"{value}.toml").is_file():
+            return folder / f"{value}.toml"
+    return path
+
+
+def copy_shipped_studies() -> tuple[list[Path], list[str]]:
+    """Copy the shipped study files into the project's studies/, keeping any already there.
+    Returns the files written and the names kept."""
+    studies_dir().mkdir(parents=True, exist_ok=True)
+    copied, kept = [], []
+    for source in sorted(shipped_studies().glob("*.toml")):
+        target = studies_dir() / source.name
+        if target.exists():
+            kept.append(source.name)
+            continue
+        target.write_text(source.read_text(encoding="utf-8"), encoding="utf-8")
+        copied.append(target)
+    return copied, kept
 
 
 def data_cache_dir() -> Path:

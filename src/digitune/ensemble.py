@@ -25,7 +25,7 @@ import numpy as np
 import optuna
 from optuna.trial import TrialState
 
-from digitune import data, datasets, evaluate, objectives, records, registry, space, study, tracking
+from digitune import data, evaluate, pareto, registry, space, study, tracking
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +81,7 @@ def select(
     greedy: bool,
 ) -> list[int]:
     """Trial numbers of the members: the `top` best, or greedy forward selection."""
-    ranked = [t.number for t in sorted(candidates, key=objectives.accuracy, reverse=True)]
+    ranked = [t.number for t in sorted(candidates, key=pareto.accuracy, reverse=True)]
     if not greedy:
         return ranked[:top]
     chosen = [ranked[0]]
@@ -127,15 +127,15 @@ def run(
     ]
     if not completed:
         raise ValueError(f"study '{optuna_study.study_name}' has no completed trial to ensemble")
-    completed.sort(key=objectives.accuracy, reverse=True)
+    completed.sort(key=pareto.accuracy, reverse=True)
     candidates = completed[: 2 * top] if greedy else completed[:top]
 
-    dataset = datasets.load(definition.data)
+    dataset = data.load(definition.data)
     model_name = model_name or definition.model_name
     training = definition.training
     split = data.split(dataset, training.train_images, training.validation_images)
     models = {
-        t.number: records.load_model(space.params_of(t), t.user_attrs[tracking.TRIAL_RUN_ATTR])
+        t.number: tracking.load_model(space.params_of(t), t.user_attrs[tracking.TRIAL_RUN_ATTR])
         for t in candidates
     }
     validation = {n: average_probabilities([m], split.x_validation) for n, m in models.items()}
@@ -164,11 +164,7 @@ def run(
         )
     members_text = ",".join(map(str, members))
     with (
-        tracking.child_run(
-            parent_run_id,
-            f"ensemble-{len(members)}",
-            {"kind": "ensemble", "members": members_text},
-        ),
+        tracking.ensemble_run(parent_run_id, members),
         tempfile.TemporaryDirectory() as scratch,
     ):
         mlflow.log_metrics(
@@ -178,7 +174,7 @@ def run(
                 "best_member_test_accuracy": best_test.accuracy,
             }
         )
-        records.log_evaluation(ensemble_test, "test", f"ensemble of {len(members)}, test set")
+        tracking.log_evaluation(ensemble_test, "test", f"ensemble of {len(members)}, test set")
         artifacts = {}
         for index, number in enumerate(members):
             path = Path(scratch) / f"member_{index:02d}_trial_{number}.keras"
@@ -206,7 +202,7 @@ def run(
             test_images=len(test_labels),
             data_sha256=dataset.digest,
             extra_tags={
-                **datasets.version_tags(dataset, definition.data),
+                **data.version_tags(dataset, definition.data),
                 "kind": "ensemble",
                 "members": members_text,
                 "best_member_test_accuracy": f"{best_test.accuracy:.4f}",

@@ -15,8 +15,10 @@ matplotlib.use("Agg")  # Figures are written to files; no display is needed or w
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-NUM_CLASSES = 10  # MNIST's; other datasets' count comes with their probabilities
-DIGITS = tuple(str(digit) for digit in range(NUM_CLASSES))
+from digitune import data  # noqa: E402
+
+DIGITS = data.DIGITS
+NUM_CLASSES = len(DIGITS)  # MNIST's; other datasets' count comes with their probabilities
 
 
 @dataclasses.dataclass(frozen=True)

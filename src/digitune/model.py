@@ -2,7 +2,10 @@
 
 `build_model(params)` is a pure function of plain values: a test, the registry or a refit
 can rebuild any trial's model from the params that trial logged. It never sees an Optuna
-trial; `digitune.space` turns trials into these dicts.
+trial; `digitune.space` turns trials into these dicts. Two building blocks go beyond Keras's
+own, `FusedBatchNormalization` and `SparseCrossentropyWithLabelSmoothing`, registered with
+Keras under the package name "digitune", so that a saved model holding them loads wherever
+digitune is installed.
 """
 
 from __future__ import annotations
@@ -12,8 +15,6 @@ import numbers
 
 import keras
 from keras import layers
-
-from digitune import custom_objects
 
 IMAGE_SHAPE = (28, 28, 1)
 NUM_CLASSES = 10
@@ -131,10 +132,9 @@ def check_hyperparameter(name: str, value: object) -> None:
 
 # How much of its moving mean and variance batch normalisation keeps at each training batch.
 # Keras's default, 0.99, keeps 14% of the initial statistics after an epoch of 195 batches
-# (50,000 images at batch 256), so the first epochs' validation accuracy measured a network
-# with wrong statistics (0.11 and 0.19 after epoch 1, 0.98 after epoch 3, in the default
-# study on 2026-11-26) and pruning had to wait. At 0.9 the statistics follow within an
-# epoch and the first epoch's validation accuracy ranks the trials.
+# (50,000 images at batch 256), so the first epochs' validation accuracy measures a network
+# with wrong statistics and the pruner has nothing to rank. At 0.9 the statistics follow
+# within an epoch, and the first epoch's validation accuracy ranks the trials.
 BATCH_NORM_MOMENTUM = 0.9
 
 
@@ -195,7 +195,7 @@ def build_model(params: dict) -> keras.Model:
                 name=f"conv_{suffix}",
             )(features)
             if params["batch_normalization"]:
-                features = custom_objects.FusedBatchNormalization(
+                features = FusedBatchNormalization(
                     momentum=BATCH_NORM_MOMENTUM, name=f"batch_norm_{suffix}"
                 )(features)
         features = layers.MaxPooling2D(2, name=f"pool_{block}")(features)
@@ -218,7 +218,7 @@ def build_model(params: dict) -> keras.Model:
     label_smoothing = float(params["label_smoothing"])
     model.compile(
         optimizer=_optimizer(params),
-        loss=custom_objects.SparseCrossentropyWithLabelSmoothing(label_smoothing)
+        loss=SparseCrossentropyWithLabelSmoothing(label_smoothing)
         if label_smoothing
         else "sparse_categorical_crossentropy",
         metrics=["accuracy"],
@@ -274,3 +274,75 @@ def _optimizer(params: dict) -> keras.optimizers.Optimizer:
     if name == "rmsprop":
         return keras.optimizers.RMSprop(learning_rate)
     return keras.optimizers.Adam(learning_rate)
+
+
+@keras.saving.register_keras_serializable(package="digitune")
+class FusedBatchNormalization(layers.BatchNormalization):
+    """Keras's BatchNormalization, computed by TensorFlow's fused kernel.
+
+    Keras 3 normalises with separate reductions and element-wise ops, upcast to float32; on
+    a CPU that makes batch normalisation cost more than the convolutions, and TensorFlow's
+    fused kernel computes the same function, moving averages included, several times faster
+    (docs/benchmarks.md). Other backends, masks and other axes take Keras's own path. The
+    weights are Keras's, so a model saved with this layer has exactly BatchNormalization's
+    variables.
+    """
+
+    def call(self, inputs, training=None, mask=None):
+        if (
+            keras.backend.backend() != "tensorflow"
+            or mask is not None
+            or len(inputs.shape) != 4
+            or self.axis not in (-1, 3, [3])
+        ):
+            return super().call(inputs, training=training, mask=mask)
+        import tensorflow as tf
+
+        gamma, beta = tf.cast(self.gamma, tf.float32), tf.cast(self.beta, tf.float32)
+        features = (
+            inputs if inputs.dtype in (tf.float32, tf.bfloat16) else tf.cast(inputs, "float32")
+        )
+        if training and self.trainable:
+            outputs, batch_mean, batch_variance = tf.compat.v1.nn.fused_batch_norm(
+                features, gamma, beta, epsilon=self.epsilon, is_training=True
+            )
+            # The kernel returns the variance corrected by n / (n - 1); Keras averages the
+            # uncorrected one, and so does this layer.
+            count = tf.cast(tf.size(features) // tf.shape(features)[-1], tf.float32)
+            batch_variance *= (count - 1.0) / count
+            for average, value in (
+                (self.moving_mean, batch_mean),
+                (self.moving_variance, batch_variance),
+            ):
+                average.assign(average * self.momentum + value * (1.0 - self.momentum))
+        else:
+            outputs, _, _ = tf.compat.v1.nn.fused_batch_norm(
+                features,
+                gamma,
+                beta,
+                epsilon=self.epsilon,
+                is_training=False,
+                mean=tf.cast(self.moving_mean, tf.float32),
+                variance=tf.cast(self.moving_variance, tf.float32),
+            )
+        return tf.cast(outputs, self.compute_dtype)
+
+
+@keras.saving.register_keras_serializable(package="digitune")
+class SparseCrossentropyWithLabelSmoothing(keras.losses.Loss):
+    """Cross-entropy on integer labels with label smoothing, which Keras's sparse loss lacks."""
+
+    def __init__(self, label_smoothing: float = 0.0, name="sparse_crossentropy_smoothed", **kwargs):
+        super().__init__(name=name, **kwargs)
+        self.label_smoothing = label_smoothing
+
+    def call(self, y_true, y_pred):
+        labels = keras.ops.one_hot(
+            keras.ops.cast(keras.ops.reshape(y_true, (-1,)), "int32"), y_pred.shape[-1]
+        )
+        return keras.losses.categorical_crossentropy(
+            labels, y_pred, label_smoothing=self.label_smoothing
+        )
+
+    def get_config(self):
+        return {**super().get_config(), "label_smoothing": self.label_smoothing}

@@ -21,18 +21,7 @@ import mlflow
 import numpy as np
 import optuna
 
-from digitune import (
-    data,
-    datasets,
-    evaluate,
-    model,
-    objectives,
-    records,
-    registry,
-    space,
-    tracking,
-    trainer,
-)
+from digitune import data, evaluate, model, pareto, registry, space, study_file, tracking, trainer
 
 log = logging.getLogger(__name__)
 
@@ -56,13 +45,13 @@ def best_epochs(trial: optuna.trial.FrozenTrial) -> int:
 
 def run(
     study: optuna.Study,
-    definition: space.StudyDefinition,
-    dataset: datasets.Dataset,
+    definition: study_file.StudyDefinition,
+    dataset: data.Dataset,
     parent_run_id: str,
     trial_test_accuracy: float,
 ) -> Refit:
     """Retrain the study's best trial on all training images and register the model."""
-    best = objectives.best_trial(study)
+    best = pareto.best_trial(study)
     model_name = definition.model_name
     existing = registry.find_version(
         study.study_name, best.number, kind="refit", model_name=model_name
@@ -93,11 +82,7 @@ def run(
         epochs,
     )
     trainer.fresh_session(definition.training.precision, definition.study.seed + best.number)
-    with tracking.child_run(
-        parent_run_id,
-        f"refit-trial-{best.number}",
-        {"kind": "refit", "trial_number": str(best.number)},
-    ) as run:
+    with tracking.refit_run(parent_run_id, best.number) as run:
         mlflow.log_params(params)
         cnn = model.build_model(params)
         history = trainer.fit(
@@ -105,16 +90,20 @@ def run(
             params,
             everything,
             epochs,
-            [trainer.StopOnRequest(), keras.callbacks.TerminateOnNaN(), records.EpochTimer()],
+            [
+                trainer.StopOnRequest(),
+                keras.callbacks.TerminateOnNaN(),
+                tracking.EpochLogger(len(everything.y_train)),
+            ],
             settings=definition.training,
         ).history
         trainer.check_finite(history, params)
-        records.log_weights(cnn)
-        float32_model = records.load_model(params, run.info.run_id)
+        tracking.log_weights(cnn)
+        float32_model = tracking.load_model(params, run.info.run_id)
         test = evaluate.evaluate(
             float32_model, data.preprocess(dataset.test_images), dataset.test_labels
         )
-        records.log_evaluation(
+        tracking.log_evaluation(
             test,
             "test",
             f"refit of trial {best.number}, {dataset.name} test set",
@@ -129,12 +118,12 @@ def run(
             study_name=study.study_name,
             trial_number=best.number,
             params=params,
-            validation_accuracy=objectives.accuracy(best),
+            validation_accuracy=pareto.accuracy(best),
             test_accuracy=test.accuracy,
             test_images=len(dataset.test_labels),
             data_sha256=dataset.digest,
             extra_tags={
-                **datasets.version_tags(dataset, definition.data),
+                **data.version_tags(dataset, definition.data),
                 "kind": "refit",
                 "epochs": str(epochs),
                 "train_images": str(len(everything.y_train)),

@@ -1,5 +1,9 @@
-"""The MLflow model registry: register a study's best model as a new version of its model
-(`[registry] model_name`, `mnist-cnn` for the default study).
+"""The MLflow model registry: test a study's best model and register it as a new version of
+its model (`[registry] model_name`, `mnist-cnn` for the default study).
+
+`register_best` rebuilds the best trial's model from its logged weights, evaluates it on the
+test set (the only time the test set is touched) and registers it as `@challenger`; every
+other registration (refit, ensemble) goes through `register`, the one place that registers.
 
 Versions are addressed by alias (`challenger` for a study's newest best model, `champion`
 for the one in production), never by the deprecated stages: load one with
@@ -10,20 +14,25 @@ name; MNIST's `mnist-cnn` is the default.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime
 import io
 import json
+import logging
 import tempfile
 
 import mlflow
 import mlflow.keras
 import mlflow.pyfunc
 import numpy as np
+import optuna
 import pandas as pd
 from mlflow.models import ModelSignature
 from mlflow.types import Schema, TensorSpec
 
-from digitune import config, model, space
+from digitune import config, data, evaluate, model, pareto, space, tracking
+
+log = logging.getLogger(__name__)
 
 MODEL_NAME = config.REGISTERED_MODEL_NAME
 
@@ -121,14 +130,14 @@ def register(
 def data_params(params: dict) -> dict:
     """The input shape's and classes' params among `params` (MNIST's where absent; an
     ensemble's params hold nothing else)."""
-    data = {key: value for key, value in params.items() if key in model.DATA_PARAMS}
-    return {**model.DATA_PARAMS, **data}
+    given = {key: value for key, value in params.items() if key in model.DATA_PARAMS}
+    return {**model.DATA_PARAMS, **given}
 
 
 def signature_of(params: dict) -> ModelSignature:
     """The signature of a model built from `params`: its input shape and classes."""
-    data = data_params(params)
-    return signature(model.image_shape(data), int(data["num_classes"]))
+    shape = data_params(params)
+    return signature(model.image_shape(shape), int(shape["num_classes"]))
 
 
 def describe_version(
@@ -248,3 +257,77 @@ def versions_table(client: mlflow.MlflowClient, model_name: str = MODEL_NAME) ->
         for v in versions
     ]
     return pd.DataFrame(rows).sort_values("version") if rows else pd.DataFrame(rows)
+
+
+@dataclasses.dataclass(frozen=True)
+class BestTrial:
+    """The best trial of a study, whichever engine ran it: enough to rebuild its model."""
+
+    study_name: str
+    number: int
+    params: dict
+    run_id: str
+    validation_accuracy: float
+    engine: str = "optuna"
+    costs: dict | None = None  # in a study with [objectives]: `deployment.measure`'s
+
+    @classmethod
+    def of(cls, study: optuna.Study, number: int | None = None) -> BestTrial:
+        """The study's best trial (the most accurate within its limits), or trial `number`."""
+        best = pareto.best_trial(study) if number is None else study.trials[number]
+        return cls(
+            study.study_name,
+            best.number,
+            space.params_of(best),
+            best.user_attrs[tracking.TRIAL_RUN_ATTR],
+            pareto.accuracy(best),
+            costs=best.user_attrs.get(pareto.COSTS_ATTR),
+        )
+
+
+def register_best(
+    best: BestTrial,
+    definition,
+    dataset: data.Dataset,
+    parent_run_id: str,
+    registering: bool = True,
+    run_id: str | None = None,
+) -> tuple[float, str | None]:
+    """Rebuild the best trial's model from its params and weights, evaluate it on the test
+    set into the parent run (or `run_id`), and (with `registering`) register it as @challenger,
+    with its costs as tags and its int8 TFLite file beside it when it has them, unless that
+    trial already is. Returns the test accuracy and the registered version."""
+    model_name = definition.model_name
+    with mlflow.start_run(run_id=run_id or parent_run_id):
+        cnn = tracking.load_model(best.params, best.run_id)
+        test = evaluate.evaluate(cnn, data.preprocess(dataset.test_images), dataset.test_labels)
+        tracking.log_evaluation(
+            test, "test", f"trial {best.number}, {dataset.name} test set", dataset.class_names
+        )
+        mlflow.log_metrics(
+            {"test_accuracy": test.accuracy, "best_val_accuracy": best.validation_accuracy}
+        )
+        mlflow.set_tags({"best_trial": str(best.number)})
+        if not registering:
+            return test.accuracy, None
+        cost_tags = pareto.version_tags(best.costs)
+        existing = find_version(best.study_name, best.number, model_name=model_name)
+        if existing is not None:
+            log.info("trial %d is already registered as version %s", best.number, existing.version)
+            return test.accuracy, str(existing.version)
+        if best.costs:
+            tracking.copy_int8_file(best.run_id)
+        version = register(
+            cnn,
+            model_name=model_name,
+            study_name=best.study_name,
+            trial_number=best.number,
+            params=best.params,
+            validation_accuracy=best.validation_accuracy,
+            test_accuracy=test.accuracy,
+            test_images=len(dataset.test_labels),
+            data_sha256=dataset.digest,
+            engine=best.engine,
+            extra_tags={**data.version_tags(dataset, definition.data), **cost_tags},
+        )
+    return test.accuracy, str(version.version)

@@ -16,13 +16,12 @@ import matplotlib
 matplotlib.use("Agg")
 
 import matplotlib.pyplot as plt  # noqa: E402
-import mlflow  # noqa: E402
 import optuna  # noqa: E402
 import pandas as pd  # noqa: E402
 from optuna.trial import TrialState  # noqa: E402
 from optuna.visualization import matplotlib as optuna_plots  # noqa: E402
 
-from digitune import config, objectives, space, tracking  # noqa: E402
+from digitune import config, pareto, space, tracking  # noqa: E402
 
 TOP_TRIALS = 10
 
@@ -65,7 +64,7 @@ def importances(study: optuna.Study) -> dict[str, float]:
         return optuna.importance.get_param_importances(
             study,
             evaluator=_evaluator(),
-            target=objectives.accuracy if len(study.directions) > 1 else None,
+            target=pareto.accuracy if len(study.directions) > 1 else None,
         )
     except (RuntimeError, ValueError):  # Too few distinct values to fit a forest on.
         return {}
@@ -87,9 +86,9 @@ def summary(study: optuna.Study, ranked: dict[str, float] | None = None) -> str:
         + ")"
     ]
     if _completed(study) and _has_best(study):
-        best = objectives.best_trial(study)
+        best = pareto.best_trial(study)
         lines.append(
-            f"best trial {best.number}: value {objectives.accuracy(best):.4f}, "
+            f"best trial {best.number}: value {pareto.accuracy(best):.4f}, "
             + ", ".join(f"{k}={space.readable(v)}" for k, v in best.params.items())
         )
         top = table[table["state"] == "COMPLETE"].sort_values("value", ascending=False)
@@ -110,7 +109,7 @@ def figures(study: optuna.Study, ranked: dict[str, float]) -> dict[str, plt.Figu
     ranked = list(ranked)
     # Optuna's plots take one objective: validation accuracy, when a study has several.
     target = (
-        {"target": objectives.accuracy, "target_name": config.OBJECTIVE_METRIC}
+        {"target": pareto.accuracy, "target_name": config.OBJECTIVE_METRIC}
         if len(study.directions) > 1
         else {}
     )
@@ -181,21 +180,24 @@ def log_to_run(
 ) -> None:
     """Log the trials table and the figures to a run (the study's parent) under report/;
     with a study's [objectives] `settings`, its Pareto front too (figure and table)."""
-    client = mlflow.MlflowClient()
+    files: dict = {}
     table = trials_table(study)
     if not table.empty:
-        client.log_text(run_id, table.to_csv(index=False), "report/trials.csv")
-    measured = objectives.table(study) if settings and settings.measured else None
+        files["trials.csv"] = table.to_csv(index=False)
+    measured = pareto.table(study) if settings and settings.measured else None
     if measured is not None and not measured.empty:
-        front = objectives.front(measured, objectives.front_costs(settings))
-        client.log_text(run_id, front.to_csv(index=False), "report/pareto_front.csv")
-        figure = objectives.plot(measured, settings, f"study {study.study_name}: Pareto front")
-        client.log_figure(run_id, figure, "report/pareto_front.png")
-        plt.close(figure)
+        front = pareto.front(measured, pareto.front_costs(settings))
+        files["pareto_front.csv"] = front.to_csv(index=False)
+        title = f"study {study.study_name}: Pareto front"
+        files["pareto_front.png"] = pareto.plot(measured, settings, title)
     ranked = importances(study) if ranked is None else ranked
-    for name, figure in figures(study, ranked).items():
-        client.log_figure(run_id, figure, f"report/{name}")
-        plt.close(figure)
+    files.update(figures(study, ranked))
+    try:
+        tracking.log_report(run_id, files)
+    finally:
+        for content in files.values():
+            if isinstance(content, plt.Figure):
+                plt.close(content)
 
 
 def report(study: optuna.Study, settings: config.ObjectiveSettings | None = None) -> str:
@@ -213,7 +215,7 @@ def report(study: optuna.Study, settings: config.ObjectiveSettings | None = None
 
 def _has_best(study: optuna.Study) -> bool:
     try:
-        objectives.best_trial(study)
+        pareto.best_trial(study)
     except ValueError:  # every completed trial is over a limit
         return False
     return True

@@ -5,7 +5,7 @@
 - `POST /predict`: an uploaded PNG or JPEG (multipart field `file`, or the raw body with an
   `image/*` content type), or JSON `{"image": 28x28}` or `{"images": [28x28, ...]}` with values
   0-255 or 0-1; answers class indices and names. A digit model's pictures are prepared the way
-  MNIST was built (`digitune.imaging`), any other model's resized to its input; JSON arrays
+  MNIST was built (`digitune.preprocessing`), any other model's resized to its input; JSON arrays
   are taken as prepared (`"prepare": true` prepares a digit model's too).
 - `GET /health`, `GET /metadata` (input shape, class names), `POST /reload`, `/docs`, page `/`.
 
@@ -14,9 +14,9 @@ The server listens at once and loads the model in the background (`/health` answ
 when it moves, once a probe prediction on it succeeds, so `make promote` or `make rollback`
 take effect without a restart and requests in flight finish on the model they started with.
 
-Every request does bounded work (`digitune.payloads`): bodies over `MAX_BODY_BYTES` are
-refused as they stream in (chunked too), pictures over `imaging.MAX_PIXELS` before they are
-decoded, batches over `MAX_BATCH` before they are converted; decoding and prediction run in a
+Every request does bounded work: bodies over `MAX_BODY_BYTES` are refused as they stream in
+(chunked too), pictures over `preprocessing.MAX_PIXELS` before they are decoded, batches over
+`preprocessing.MAX_BATCH` before they are converted; decoding and prediction run in a
 worker thread, never on the event loop. Every error is a JSON body with a `detail`.
 """
 
@@ -32,12 +32,165 @@ import time
 import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse
+from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
+from starlette.formparsers import MultiPartException
 
-from digitune import config, evaluate, imaging, payloads, registry, tracking
+from digitune import config, data, preprocessing, registry, tracking
 
-DIGITS = evaluate.DIGITS  # the class names of versions registered before datasets
+# A phone's photo of a digit is a few megabytes.
+MAX_BODY_BYTES = 8 * 1024 * 1024
+
+
+class BodyTooLarge(Exception):
+    """The request body is over MAX_BODY_BYTES."""
+
+
+# The API's answers, for the OpenAPI schema (the `/docs` page) and for clients.
+class _Answer(BaseModel):
+    model_config = ConfigDict(protected_namespaces=())
+
+
+class Prediction(_Answer):
+    class_index: int = Field(ge=0)
+    class_name: str
+    # The class index again for a digit model (class names 0-9), else null.
+    digit: int | None = Field(default=None, ge=0, le=9)
+    probabilities: list[float] = Field(min_length=2)
+
+
+class PredictionAnswer(_Answer):
+    model: str
+    version: str
+    alias: str | None
+    milliseconds: float
+    predictions: list[Prediction]
+
+
+class HealthAnswer(_Answer):
+    status: str
+    model: str
+    version: str
+
+
+class MetadataAnswer(_Answer):
+    model: str
+    version: str
+    alias: str | None
+    model_uri: str
+    signature: dict | None
+    dataset: str | None
+    input_shape: list[int]
+    class_names: list[str]
+    # Whether uploaded pictures are prepared as MNIST was (digit models), else resized.
+    digit_preparation: bool
+    test_accuracy: str | None
+    study: str | None
+    trial: str | None
+
+
+class ReloadAnswer(_Answer):
+    reloaded: bool
+    model: str
+    version: str
+    alias: str | None
+    error: str | None
+
+
+class ErrorAnswer(_Answer):
+    detail: str = Field(description="what is wrong, in words")
+
+
+def error_responses(*statuses: int) -> dict:
+    words = {
+        413: "the body is over the size limit",
+        422: "the request is not an image or batch the model can take",
+        503: "no model is loaded yet (loading, or the registry cannot be reached)",
+    }
+    return {status: {"model": ErrorAnswer, "description": words[status]} for status in statuses}
+
+
+# The JSON forms of /predict: one 28x28 image, or a batch, of 0-255 or 0-1 values.
+_ROW = {
+    "type": "array",
+    "items": {"type": "number", "minimum": 0, "maximum": 255},
+    "minItems": preprocessing.SIZE,
+    "maxItems": preprocessing.SIZE,
+}
+_IMAGE = {
+    "type": "array",
+    "items": _ROW,
+    "minItems": preprocessing.SIZE,
+    "maxItems": preprocessing.SIZE,
+}
+PREDICT_JSON_SCHEMA = {
+    "oneOf": [
+        {
+            "type": "object",
+            "properties": {"image": _IMAGE, "prepare": {"type": "boolean"}},
+            "required": ["image"],
+            "additionalProperties": False,
+        },
+        {
+            "type": "object",
+            "properties": {
+                "images": {
+                    "type": "array",
+                    "items": _IMAGE,
+                    "minItems": 1,
+                    "maxItems": preprocessing.MAX_BATCH,
+                },
+                "prepare": {"type": "boolean"},
+            },
+            "required": ["images"],
+            "additionalProperties": False,
+        },
+    ]
+}
+
+
+def prediction(probabilities: np.ndarray, class_names, digits: bool) -> dict:
+    """One image's answer: the likeliest class by index and name, and every probability."""
+    best = int(probabilities.argmax())
+    return {
+        "class_index": best,
+        "class_name": class_names[best],
+        "digit": best if digits else None,
+        "probabilities": [round(float(p), 6) for p in probabilities],
+    }
+
+
+async def read_body(request: Request) -> bytes:
+    """The body, refused as soon as it is over MAX_BODY_BYTES, whether or not it said its
+    length (a chunked body does not)."""
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > MAX_BODY_BYTES:
+            raise BodyTooLarge(f"the body is over the limit of {MAX_BODY_BYTES:,} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def file_from_form(request: Request, body: bytes) -> bytes:
+    """The bytes of the multipart field `file`, parsed from the body already read."""
+
+    async def replay():
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    try:
+        form = await Request(request.scope, replay).form(max_files=1, max_fields=8)
+    except (HTTPException, MultiPartException) as error:
+        detail = error.detail if isinstance(error, HTTPException) else error.message
+        raise preprocessing.ImageError(f"not a readable multipart form ({detail})") from None
+    upload = form.get("file")
+    if upload is None or isinstance(upload, str):
+        raise preprocessing.ImageError("the form has no file field named 'file'")
+    return await upload.read()
+
+
+DIGITS = data.DIGITS  # the class names of versions registered before datasets
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,7 +204,7 @@ class Served:
     tags: dict
     signature: dict | None
     # From the version's signature and tags (MNIST's for versions registered before datasets).
-    input_shape: tuple[int, int, int] = (imaging.SIZE, imaging.SIZE, 1)
+    input_shape: tuple[int, int, int] = (preprocessing.SIZE, preprocessing.SIZE, 1)
     class_names: tuple[str, ...] = DIGITS
 
     @property
@@ -157,9 +310,9 @@ def create_app(model_uri: str | None = None, poll_seconds: float = 10.0) -> Fast
     @app.middleware("http")
     async def limit_body_size(request: Request, call_next):
         length = request.headers.get("content-length")
-        if length is not None and length.isdigit() and int(length) > payloads.MAX_BODY_BYTES:
+        if length is not None and length.isdigit() and int(length) > MAX_BODY_BYTES:
             return _error(
-                413, f"the body is {int(length):,} bytes; the limit is {payloads.MAX_BODY_BYTES:,}"
+                413, f"the body is {int(length):,} bytes; the limit is {MAX_BODY_BYTES:,}"
             )
         return await call_next(request)
 
@@ -172,18 +325,14 @@ def create_app(model_uri: str | None = None, poll_seconds: float = 10.0) -> Fast
     def page() -> str:
         return importlib.resources.files("digitune").joinpath("page.html").read_text()
 
-    @app.get(
-        "/health", response_model=payloads.HealthAnswer, responses=payloads.error_responses(503)
-    )
+    @app.get("/health", response_model=HealthAnswer, responses=error_responses(503))
     def health():
         served = holder.served
         if served is None:
             return _error(503, _not_ready(holder))
         return {"status": "ready", "model": served.name, "version": served.version}
 
-    @app.get(
-        "/metadata", response_model=payloads.MetadataAnswer, responses=payloads.error_responses(503)
-    )
+    @app.get("/metadata", response_model=MetadataAnswer, responses=error_responses(503))
     def metadata():
         served = holder.served
         if served is None:
@@ -201,9 +350,7 @@ def create_app(model_uri: str | None = None, poll_seconds: float = 10.0) -> Fast
             "trial": served.tags.get("trial"),
         }
 
-    @app.post(
-        "/reload", response_model=payloads.ReloadAnswer, responses=payloads.error_responses(503)
-    )
+    @app.post("/reload", response_model=ReloadAnswer, responses=error_responses(503))
     def reload():
         swapped = holder.reload()
         if holder.served is None:
@@ -212,14 +359,14 @@ def create_app(model_uri: str | None = None, poll_seconds: float = 10.0) -> Fast
 
     @app.post(
         "/predict",
-        response_model=payloads.PredictionAnswer,
-        responses=payloads.error_responses(413, 422, 503),
+        response_model=PredictionAnswer,
+        responses=error_responses(413, 422, 503),
         openapi_extra={
             "requestBody": {
                 "content": {
                     "application/json": {
-                        "schema": payloads.PREDICT_JSON_SCHEMA,
-                        "example": {"image": [[0] * imaging.SIZE] * imaging.SIZE},
+                        "schema": PREDICT_JSON_SCHEMA,
+                        "example": {"image": [[0] * preprocessing.SIZE] * preprocessing.SIZE},
                     },
                 },
                 "required": True,
@@ -233,18 +380,18 @@ def create_app(model_uri: str | None = None, poll_seconds: float = 10.0) -> Fast
         content_type = request.headers.get("content-type", "")
         served = holder.served  # One reference for the whole request, whatever reloads.
         try:
-            body = await payloads.read_body(request)
+            body = await read_body(request)
             if content_type.startswith("multipart/form-data"):
-                body = await payloads.file_from_form(request, body)
+                body = await file_from_form(request, body)
             if served is None:
                 return _error(503, _not_ready(holder))
             # Decoding and preparing take a thread of their own, not the event loop.
             images = await run_in_threadpool(
-                payloads.images_from, content_type, body, served.input_shape, served.digits
+                preprocessing.images_from, content_type, body, served.input_shape, served.digits
             )
-        except payloads.BodyTooLarge as error:
+        except BodyTooLarge as error:
             return _error(413, str(error))
-        except imaging.ImageError as error:
+        except preprocessing.ImageError as error:
             return _error(422, str(error))
         started = time.perf_counter()
         probabilities = np.asarray(await run_in_threadpool(served.model.predict, images))
@@ -252,7 +399,7 @@ def create_app(model_uri: str | None = None, poll_seconds: float = 10.0) -> Fast
             **_identity(served),
             "milliseconds": round((time.perf_counter() - started) * 1000, 3),
             "predictions": [
-                payloads.prediction(row, served.class_names, served.digits) for row in probabilities
+                prediction(row, served.class_names, served.digits) for row in probabilities
             ],
         }
 

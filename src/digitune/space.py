@@ -1,30 +1,26 @@
-"""Study files: the search space, budget and training settings of a study, declared as data.
+"""The search space: a study file's [space] as Optuna distributions, and a trial as plain params.
 
-A study file (`studies/*.toml`): [study], [training], [data] and [registry] override the typed
-defaults in `digitune.config`, and [space] names hyperparameters of `digitune.model`. A
-[space] entry is either a plain value (fixed for every trial) or a distribution:
+A [space] entry is either a plain value (fixed for every trial) or a distribution:
 
     learning_rate = { type = "float", low = 1e-4, high = 1e-2, log = true }
     num_filters   = { type = "int", low = 16, high = 64, step = 16 }
     kernel_size   = { type = "categorical", choices = [3, 5] }
 
-An optional array of [[enqueue]] tables warm-starts the study with configurations worth
-trying first (Optuna's `enqueue_trial`): each names values for some or all of the sampled
-hyperparameters, within their ranges, and the sampler fills in the rest.
+Every value a distribution can draw is checked against what `digitune.model` takes before
+anything trains. [[enqueue]] tables name configurations worth trying first (Optuna's
+`enqueue_trial`), each within its ranges; the sampler fills in the rest.
 
 `suggest(trial, definition)` is the one place an Optuna trial becomes a plain dict.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
-import tomllib
 from pathlib import Path
 
 import optuna
 
-from digitune import config, model, tables
+from digitune import model
 
 FIXED_PARAMS_ATTR = "fixed_params"
 _DISTRIBUTION_KEYS = {
@@ -34,76 +30,16 @@ _DISTRIBUTION_KEYS = {
 }
 
 
-@dataclasses.dataclass(frozen=True)
-class StudyDefinition:
-    """Everything a study file says, validated."""
-
-    path: Path
-    study: config.StudySettings
-    training: config.TrainingSettings
-    # Sampled hyperparameters as Optuna distributions, in the file's order.
-    distributions: dict[str, optuna.distributions.BaseDistribution]
-    # Hyperparameters fixed for every trial.
-    fixed: dict[str, object]
-    # Configurations the study tries first, in the file's order (partial: the sampler fills in).
-    enqueued: tuple[dict, ...] = ()
-    data: config.DataSettings = config.DataSettings()
-    registry: config.RegistrySettings = config.RegistrySettings()
-    objectives: config.ObjectiveSettings = config.ObjectiveSettings()
-
-    @property
-    def model_name(self) -> str:  # the registered model its best models become versions of
-        return self.registry.model_name or f"{self.data.name}-cnn"
-
-    def with_budget(
-        self, n_trials: int | None = None, timeout_minutes: float | None = None
-    ) -> StudyDefinition:
-        """The definition with the command line's budget in place of the file's."""
-        overrides = {"n_trials": n_trials, "timeout_minutes": timeout_minutes}
-        overrides = {key: value for key, value in overrides.items() if value is not None}
-        if not overrides:
-            return self
-        return dataclasses.replace(self, study=dataclasses.replace(self.study, **overrides))
-
-    def resolved(self) -> dict:
-        """The whole resolved configuration, as one flat dict for logging."""
-        flat = {f"study.{k}": v for k, v in dataclasses.asdict(self.study).items()}
-        flat.update({f"training.{k}": v for k, v in dataclasses.asdict(self.training).items()})
-        flat.update({f"fixed.{k}": v for k, v in self.fixed.items()})
-        flat.update({f"space.{k}": repr(v) for k, v in self.distributions.items()})
-        flat.update({f"data.{k}": v for k, v in dataclasses.asdict(self.data).items()})
-        flat.update({f"objectives.{k}": v for k, v in dataclasses.asdict(self.objectives).items()})
-        flat["registry.model_name"] = self.model_name
-        flat["study_file"] = str(self.path)
-        return flat
-
-
-def load(path: str | Path) -> StudyDefinition:
-    """Read and validate a study file; every error names the file and the key."""
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"{path}: study file not found")
-    try:
-        document = tomllib.loads(path.read_text(encoding="utf-8"))
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
-        raise ValueError(f"{path}: not a valid TOML file: {error}") from None
-
-    known = {"study", "training", "space", "enqueue", "data", "registry", "objectives"}
-    unknown = sorted(set(document) - known)
-    if unknown:
-        raise ValueError(
-            f"{path}: unknown table(s) {', '.join(unknown)}; expected [study], [training], "
-            "[data], [registry], [objectives], [space] and [[enqueue]]"
-        )
-
-    study, training, data, registry, objectives = tables.checked_settings(document, path)
-
-    space_table = document.get("space", {})
-    if not isinstance(space_table, dict):
+def read(
+    table: object, path: Path
+) -> tuple[dict[str, optuna.distributions.BaseDistribution], dict]:
+    """A [space] table as (distributions, fixed values), in the file's order; every error
+    names the file and the hyperparameter."""
+    if not isinstance(table, dict):
         raise ValueError(f"{path} [space]: expected a table")
     distributions: dict[str, optuna.distributions.BaseDistribution] = {}
     fixed: dict[str, object] = {}
-    for name, spec in space_table.items():
+    for name, spec in table.items():
         source = f"{path} [space] '{name}'"
         if name not in model.HYPERPARAMETER_DEFAULTS:
             raise ValueError(
@@ -119,10 +55,7 @@ def load(path: str | Path) -> StudyDefinition:
             fixed[name] = spec
     if not distributions:
         raise ValueError(f"{path} [space]: nothing to search; give at least one distribution")
-    enqueued = _enqueued(document.get("enqueue", []), distributions, fixed, path)
-    return StudyDefinition(
-        path, study, training, distributions, fixed, enqueued, data, registry, objectives
-    )
+    return distributions, fixed
 
 
 def _check_value(name: str, value: object, source: str) -> None:
@@ -150,7 +83,7 @@ def _check_distribution(name: str, distribution, source: str) -> None:
         _check_value(name, getattr(distribution, end), f"{source} '{end}'")
 
 
-def _enqueued(tables: object, distributions: dict, fixed: dict, path: Path) -> tuple[dict, ...]:
+def enqueued(tables: object, distributions: dict, fixed: dict, path: Path) -> tuple[dict, ...]:
     """The [[enqueue]] tables, each checked against the sampled hyperparameters' ranges."""
     if not isinstance(tables, list) or not all(isinstance(t, dict) for t in tables):
         raise ValueError(f"{path} [[enqueue]]: expected an array of tables ([[enqueue]] blocks)")
@@ -239,7 +172,7 @@ def _distribution(spec: dict, source: str) -> optuna.distributions.BaseDistribut
     return optuna.distributions.IntDistribution(low, high, log=log, step=step or 1)
 
 
-def suggest(trial: optuna.Trial, definition: StudyDefinition) -> dict:
+def suggest(trial: optuna.Trial, definition) -> dict:
     """The trial's hyperparameters as a plain dict: sampled values plus the fixed ones."""
     sampled = {
         name: _sample(trial, name, distribution)

@@ -18,7 +18,7 @@ from pathlib import Path
 import optuna
 from optuna.trial import TrialState
 
-from digitune import config, objectives, pruners, space, tracking
+from digitune import config, pareto, pruners, space, study_file, tracking
 
 log = logging.getLogger(__name__)
 
@@ -139,7 +139,7 @@ def close_runs_of_failed_trials(optuna_study: optuna.Study) -> None:
 
 
 def load_or_create(
-    definition: space.StudyDefinition, storage: str | None, worker: int = 0, join: bool = False
+    definition: study_file.StudyDefinition, storage: str | None, worker: int = 0, join: bool = False
 ) -> optuna.Study:
     """The study named in the file, created in `storage` or resumed from it; with `join`,
     it must exist already (another machine started it)."""
@@ -159,7 +159,7 @@ def load_or_create(
         study = optuna.create_study(
             study_name=definition.study.name,
             storage=make_storage(url, definition.study),
-            directions=objectives.directions(definition.objectives),
+            directions=pareto.directions(definition.objectives),
             pruner=pruners.make_pruner(definition.study, definition.training.max_epochs),
             load_if_exists=True,
         )
@@ -167,7 +167,7 @@ def load_or_create(
             # Experimental in Optuna 5, and harmless: it names the value in Optuna's plots
             # and in optuna-dashboard.
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            study.set_metric_names(objectives.metric_names(definition.objectives))
+            study.set_metric_names(pareto.metric_names(definition.objectives))
         # Optuna skips a configuration it has already run or queued, so a resumed study
         # does not repeat its warm start.
         for params in definition.enqueued:
@@ -201,24 +201,24 @@ def parent_run_id(optuna_study: optuna.Study) -> str:
         time.sleep(1.0)
 
 
-def load_existing(study_file: str | Path, storage: str | None = None):
+def load_existing(source: str | Path, storage: str | None = None):
     """The study a study file names, as it is in `storage` (default: studies/<name>.db);
     an error that says how to create it when there is none. Returns (definition, study)."""
-    definition = space.load(study_file)
+    definition = study_file.load(source)
     url = storage or config.default_storage(definition.study.name)
     try:
         study = optuna.load_study(study_name=definition.study.name, storage=url)
     except KeyError:
         raise ValueError(
             f"no study '{definition.study.name}' in {config.redact(url)}; "
-            f"run `make tune STUDY={study_file}` first"
+            f"run `make tune STUDY={source}` first"
         ) from None
     return definition, study
 
 
 def optimize(
     study: optuna.Study,
-    definition: space.StudyDefinition,
+    definition: study_file.StudyDefinition,
     objective: Callable[[optuna.Trial], float],
     deadline: float | None,
     progress_bar: bool = False,
@@ -256,8 +256,8 @@ def count(study: optuna.Study, states=FINISHED_STATES) -> int:  # finished trial
 def trial_line(trial: optuna.trial.FrozenTrial, label: str = "") -> str:
     """The one line a finished trial prints."""
     seconds = trial.duration.total_seconds() if trial.duration else 0.0
-    accuracy = objectives.accuracy(trial)
-    value = (f"{accuracy:.4f}" if accuracy is not None else "-") + objectives.costs_text(trial)
+    accuracy = pareto.accuracy(trial)
+    value = (f"{accuracy:.4f}" if accuracy is not None else "-") + pareto.costs_text(trial)
     detail, images = (
         trial.user_attrs.get("fail_reason", ""),
         trial.user_attrs.get(EPOCH_IMAGES_ATTR),

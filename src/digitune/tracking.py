@@ -2,40 +2,77 @@
 
 Layout, as a user sees it in the MLflow UI:
 - experiment `<study name>`;
-- one parent run per engine (tags `digitune.role=study`, `engine`, `algorithm`): `<study
-  name>` for Optuna, `<study name> keras-tuner <algorithm>` for Keras Tuner, reused when the
-  study resumes; it holds the resolved configuration, the datasets, and the final test
-  evaluation;
-- child runs of the parent: `trial-<number>` with the sampled params, per-epoch `loss`,
-  `accuracy`, `val_loss`, `val_accuracy` and `epoch_seconds` (step = epoch), tags
-  `trial_number`, `engine` and `state` (COMPLETE, PRUNED, FAIL), and at the end
-  `trial_seconds` and `tracking_seconds`; `refit-trial-<n>` and `ensemble-<k>` runs of the
-  models built from the study afterwards. What each run records besides its params and tags
-  (metrics per epoch, confusion matrices, weights) is `digitune.records`'s.
+- one parent run per engine (tags `digitune.role=study`, `engine`, `algorithm`), named by
+  `parent_run_name`: the resolved configuration as params and `config.json`, the datasets,
+  the best model's test evaluation and the study's report (`report/`). A resumed study
+  reopens it, and refuses a study file whose settings differ from the params it started with;
+- a child run per trial, `trial-0007`: its params; per epoch `loss`, `accuracy`, `val_loss`,
+  `val_accuracy`, `epoch_seconds` and the objective so far, `best_val_accuracy` (what the
+  engines rank trials by: sort the runs table by it), each at step = training images seen;
+  tags `trial_number` (zero-padded, so that it sorts), `engine`, `state` (COMPLETE, PRUNED,
+  FAIL) and `precision`; at its end `trial_seconds` and `tracking_seconds`; a completed
+  trial's validation confusion matrix and weights (from which `load_model` rebuilds its model
+  without retraining) and, in a study with [objectives], its costs and int8 file;
+- child runs of the models made from the study afterwards: `refit-trial-0007`,
+  `ensemble-<k>` and `select-trial-0007`.
 
-Optuna's own MLflowCallback is deprecated in Optuna 5 and logs only after a trial ends, so
-the tracking is done here, with MLflow's Keras callback doing the per-epoch logging.
+Every write of a trial is timed into `STOPWATCH`, so its `tracking_seconds` says what tracking
+cost it. Optuna's own MLflowCallback is deprecated in Optuna 5 and logs only after a trial
+ends, so the tracking is done here, on MLflow's Keras callback.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import tempfile
 import time
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import keras
 import mlflow
+import mlflow.keras
 import numpy as np
 import optuna
 from mlflow.entities import RunStatus
 
-from digitune import config
+from digitune import config, data, evaluate, model
 
 # Where an Optuna study and its trials keep the ids of their MLflow runs (user attributes).
 PARENT_RUN_ATTR = "mlflow_parent_run_id"
 TRIAL_RUN_ATTR = "mlflow_run_id"
 _PARENT_TAG = "mlflow.parentRunId"
+# The objective every engine ranks trials by, as a trial run's metric.
+OBJECTIVE = "best_val_accuracy"
+# Artifacts: a trial's weights and int8 file, a parent's configuration, report and TFLite files.
+WEIGHTS_ARTIFACT = "weights/model.weights.h5"
+INT8_ARTIFACT = "tflite/model-int8.tflite"
+CONFIG_ARTIFACT = "config.json"
+REPORT_FOLDER = "report"
+TFLITE_FOLDER = "tflite"
+# Settings of one invocation, not of the study: they may change when it resumes, and are in
+# config.json but not among the parent run's params.
+INVOCATION_KEYS = {
+    "study.n_trials",
+    "study.timeout_minutes",
+    "study.workers",
+    "study.heartbeat_seconds",
+    "study.heartbeat_grace_seconds",
+    "study.max_retries",
+    "study_file",
+}
+
+
+def trial_tag(number: int | str) -> str:
+    """A trial's number as its runs say it: zero-padded, so that the MLflow UI sorts it."""
+    return f"{int(number):04d}"
+
+
+def parent_run_name(study_name: str, engine: str, algorithm: str) -> str:
+    """The parent run of a study: its name for Optuna, with the engine's for another."""
+    return study_name if engine == "optuna" else f"{study_name} {engine} {algorithm}"
 
 
 class Stopwatch:
@@ -138,6 +175,9 @@ def study_run(
         except mlflow.exceptions.MlflowException:
             run_id = None  # The study moved to another tracking store: start afresh there.
     resumed = run_id is not None
+    params = {key: value for key, value in resolved_config.items() if key not in INVOCATION_KEYS}
+    if resumed:
+        _check_unchanged(client.get_run(run_id), params, experiment_name)
     with mlflow.start_run(
         run_id=run_id,
         experiment_id=experiment,
@@ -145,10 +185,10 @@ def study_run(
         tags=None if resumed else {"digitune.role": "study", **tags},
     ) as run:
         if not resumed:
-            mlflow.log_params(resolved_config)
+            mlflow.log_params(params)
             for context, dataset in datasets.items():
                 mlflow.log_input(dataset, context=context)
-        mlflow.log_dict(resolved_config, "config.json")
+        mlflow.log_dict(resolved_config, CONFIG_ARTIFACT)
     run_id = run.info.run_id
     client.update_run(run_id, status=RunStatus.to_string(RunStatus.RUNNING))
     try:
@@ -157,6 +197,24 @@ def study_run(
         client.set_terminated(run_id, _status_for(error))
         raise
     client.set_terminated(run_id, RunStatus.to_string(RunStatus.FINISHED))
+
+
+def _check_unchanged(run: mlflow.entities.Run, params: dict, study_name: str) -> None:
+    """A ValueError naming each setting that differs from the params the study started with:
+    its trials were tuned under those, and a resumed study keeps them."""
+    logged = run.data.params
+    changed = [
+        f"{key} = {logged.get(key, '(unset)')} when it started, now {value}"
+        for key, value in params.items()
+        if logged.get(key) != str(value)[:6000]
+    ]
+    if changed:
+        raise ValueError(
+            f"study '{study_name}' cannot resume with other settings than it started with "
+            f"(its MLflow parent run's params): {'; '.join(changed)}. Put them back, or give "
+            "the study a new name in [study] to start afresh; budgets (n_trials, "
+            "timeout_minutes, workers) may change"
+        )
 
 
 def child_run(parent_run_id: str, run_name: str, tags: dict[str, str]) -> mlflow.ActiveRun:
@@ -182,11 +240,6 @@ def child_runs(parent_run_id: str, filter_string: str = "") -> list[mlflow.entit
     )
 
 
-def parent_of(run: mlflow.entities.Run) -> str | None:
-    """The id of the run a child run belongs to, if any."""
-    return run.data.tags.get(_PARENT_TAG)
-
-
 @contextlib.contextmanager
 def trial_run(
     number: int,
@@ -195,7 +248,7 @@ def trial_run(
     engine: str,
     remember: Callable[[str, object], None] = lambda key, value: None,
 ):
-    """A child run `trial-<number>` of the study's parent run, ended with the trial's state.
+    """A child run `trial-0007` of the study's parent run, ended with the trial's state.
 
     A pruned trial's run ends FINISHED with tag state=PRUNED; a failed one FAILED with the
     reason in tag `fail_reason` (also given to `remember`, which keeps it on the engine's own
@@ -207,8 +260,8 @@ def trial_run(
     with STOPWATCH:
         run = child_run(
             parent_run_id,
-            f"trial-{number}",
-            {"trial_number": str(number), "engine": engine, "state": "RUNNING"},
+            f"trial-{trial_tag(number)}",
+            {"trial_number": trial_tag(number), "engine": engine, "state": "RUNNING"},
         )
         remember(TRIAL_RUN_ATTR, run.info.run_id)
         mlflow.log_params(params)
@@ -251,6 +304,24 @@ def end_stale_trial_run(trial: optuna.trial.FrozenTrial, reason: str) -> None:
     client.set_terminated(run_id, RunStatus.to_string(RunStatus.KILLED))
 
 
+def refit_run(parent_run_id: str, number: int) -> mlflow.ActiveRun:
+    """The run of trial `number`'s configuration retrained on every training image."""
+    tags = {"kind": "refit", "trial_number": trial_tag(number)}
+    return child_run(parent_run_id, f"refit-trial-{trial_tag(number)}", tags)
+
+
+def ensemble_run(parent_run_id: str, members: list[int]) -> mlflow.ActiveRun:
+    """The run of an ensemble of the trials `members`."""
+    tags = {"kind": "ensemble", "members": ",".join(map(str, members))}
+    return child_run(parent_run_id, f"ensemble-{len(members)}", tags)
+
+
+def select_run(parent_run_id: str, number: int) -> mlflow.ActiveRun:
+    """The run of `digitune select` taking trial `number` for a device."""
+    tags = {"kind": "select", "trial_number": trial_tag(number)}
+    return child_run(parent_run_id, f"select-trial-{trial_tag(number)}", tags)
+
+
 def _status_for(error: BaseException) -> str:
     if isinstance(error, optuna.TrialPruned):
         return RunStatus.to_string(RunStatus.FINISHED)
@@ -267,3 +338,141 @@ def dataset(images: np.ndarray, labels: np.ndarray, name: str, source: str, dige
         return mlflow.data.from_numpy(
             images, targets=labels, source=source, name=name, digest=digest
         )
+
+
+class EpochLogger(mlflow.keras.MlflowCallback):
+    """MLflow's Keras callback, logging each epoch at step = training images seen, with the
+    epoch's wall time (`epoch_seconds`) and the objective so far (`best_val_accuracy`).
+
+    Its `on_test_end` is silenced: Keras already hands the validation metrics to
+    `on_epoch_end` as `val_loss` and `val_accuracy`, and logging them twice clutters the UI.
+    """
+
+    def __init__(self, epoch_images: int):
+        super().__init__()
+        self.epoch_images = epoch_images
+        self.best = float("-inf")
+
+    def on_train_begin(self, logs=None):
+        with STOPWATCH:
+            super().on_train_begin(logs)
+            # The precision the model really trains in, read off the model itself.
+            mlflow.set_tag("precision", self.model.dtype_policy.name)
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._epoch_started = time.perf_counter()
+
+    def on_epoch_end(self, epoch, logs=None):
+        metrics = dict(logs or {})
+        metrics["epoch_seconds"] = time.perf_counter() - self._epoch_started
+        if config.OBJECTIVE_METRIC in metrics:
+            self.best = max(self.best, metrics[config.OBJECTIVE_METRIC])
+            metrics[OBJECTIVE] = self.best
+        with STOPWATCH:
+            mlflow.log_metrics(metrics, step=(epoch + 1) * self.epoch_images, synchronous=False)
+
+    def on_test_end(self, logs=None):
+        pass
+
+
+def log_evaluation(
+    evaluation: evaluate.Evaluation, prefix: str, title: str, class_names=None
+) -> None:
+    """Log the confusion matrix (PNG and JSON) to the active run, as `<prefix>_confusion_matrix`."""
+    if class_names is not None:
+        evaluation = dataclasses.replace(evaluation, class_names=tuple(class_names))
+    with STOPWATCH:
+        mlflow.log_dict(evaluation.as_dict(), f"{prefix}_confusion_matrix.json")
+        matrix, names = evaluation.confusion_matrix, evaluation.class_names
+        figure = evaluate.plot_confusion_matrix(matrix, title, names)
+        mlflow.log_figure(figure, f"{prefix}_confusion_matrix.png")
+        evaluate.plt.close(figure)
+
+
+def log_weights(model) -> None:
+    """Keep a trial's weights cheaply (an .h5 file, not a full MLflow model)."""
+    with STOPWATCH, tempfile.TemporaryDirectory() as scratch:
+        path = Path(scratch) / Path(WEIGHTS_ARTIFACT).name
+        model.save_weights(path)
+        mlflow.log_artifact(str(path), artifact_path=str(Path(WEIGHTS_ARTIFACT).parent))
+
+
+def download_weights(run_id: str, destination: Path) -> Path:
+    """The weights file a completed trial logged."""
+    try:
+        return Path(
+            mlflow.artifacts.download_artifacts(
+                run_id=run_id, artifact_path=WEIGHTS_ARTIFACT, dst_path=str(destination)
+            )
+        )
+    except Exception as error:  # noqa: BLE001 -- missing file, unreachable store, ...
+        raise TrackingError(f"run {run_id} has no readable {WEIGHTS_ARTIFACT}: {error}") from None
+
+
+def evaluate_validation(cnn: keras.Model, split: data.Split) -> evaluate.Evaluation:
+    """The trained model on the validation images, timed apart from tracking."""
+    with STOPWATCH.evaluating():
+        return evaluate.evaluate(cnn, split.x_validation, split.y_validation)
+
+
+def log_trial_result(cnn: keras.Model, validation: evaluate.Evaluation, number: int) -> None:
+    """Log a finished trial's validation confusion matrix and weights to its run."""
+    log_evaluation(validation, "val", f"trial {number}, validation set")
+    log_weights(cnn)
+
+
+def log_costs(measured: tuple[dict[str, float], bytes], accuracy: float) -> dict[str, float]:
+    """Log a trial's deployment costs (`deployment.measure`) to its run, as metrics the MLflow
+    UI sorts by (`params`, `int8_kb`, `latency_ms`, `latency_iqr_ms`, beside the objective
+    `best_val_accuracy`), and its int8 TFLite file; returns the costs."""
+    costs, int8 = measured
+    with STOPWATCH, tempfile.TemporaryDirectory() as scratch:
+        mlflow.log_metrics({**costs, OBJECTIVE: accuracy})
+        path = Path(scratch) / Path(INT8_ARTIFACT).name
+        path.write_bytes(int8)
+        mlflow.log_artifact(str(path), artifact_path=str(Path(INT8_ARTIFACT).parent))
+    return costs
+
+
+def copy_int8_file(trial_run_id: str) -> None:
+    """Log a trial's int8 TFLite file (`log_costs`) to the active run, beside the model that
+    is registered from it."""
+    with tempfile.TemporaryDirectory() as scratch:
+        path = mlflow.artifacts.download_artifacts(
+            run_id=trial_run_id, artifact_path=INT8_ARTIFACT, dst_path=scratch
+        )
+        mlflow.log_artifact(path, artifact_path=str(Path(INT8_ARTIFACT).parent))
+
+
+def load_model(params: dict, run_id: str) -> keras.Model:
+    """A trial's model, in float32 and without augmentation layers, from its params and the
+    weights its run logged."""
+    with tempfile.TemporaryDirectory() as scratch:
+        # The registered model computes in float32 whatever precision the trials trained in:
+        # it must run anywhere, and it is what the test accuracy is measured on.
+        keras.mixed_precision.set_global_policy("float32")
+        cnn = model.build_model(params)
+        # The weights file holds the optimizer's state too; building the optimizer first lets
+        # it load whole instead of warning that half the file was skipped.
+        cnn.optimizer.build(cnn.trainable_variables)
+        cnn.load_weights(download_weights(run_id, Path(scratch)))
+    # Registered, exported and served without the augmentation that only training uses.
+    return model.for_deployment(cnn, params)
+
+
+def log_report(run_id: str, files: dict) -> None:
+    """Log a study's report to its parent run under report/: each file name with its text
+    (CSV) or its matplotlib figure."""
+    client = mlflow.MlflowClient()
+    for name, content in files.items():
+        if isinstance(content, str):
+            client.log_text(run_id, content, f"{REPORT_FOLDER}/{name}")
+        else:
+            client.log_figure(run_id, content, f"{REPORT_FOLDER}/{name}")
+
+
+def log_tflite(run_id: str, paths: list[Path]) -> None:
+    """Log a version's TFLite files and their table to its run, under tflite/."""
+    client = mlflow.MlflowClient()
+    for path in paths:
+        client.log_artifact(run_id, str(path), TFLITE_FOLDER)

@@ -18,7 +18,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from digitune import config, data, model, records
+from digitune import config, data, model, tracking
 
 log = logging.getLogger(__name__)
 
@@ -153,6 +153,12 @@ def fit(
     )
 
 
+def images_per_epoch(settings: config.TrainingSettings, split: data.Split) -> int:
+    """The training images an epoch of `fit` trains: `epoch_images`, or one whole pass."""
+    whole = len(split.y_train)
+    return settings.epoch_images if 0 < settings.epoch_images < whole else whole
+
+
 def endless_batches(images: np.ndarray, labels: np.ndarray, batch_size: int) -> tf.data.Dataset:
     """Batches of the training images without end, each pass in a new order, gathered by
     index as Keras does for arrays, prepared while the model trains."""
@@ -189,13 +195,16 @@ def learning_rate_schedule(params: dict, epochs: int) -> list[keras.callbacks.Ca
     return []
 
 
-def training_callbacks(training: config.TrainingSettings, deadline: float | None) -> list:
+def training_callbacks(
+    training: config.TrainingSettings, deadline: float | None, epoch_images: int
+) -> list:
     """The callbacks every trial of either engine trains with, besides the engine's own
-    pruning: Ctrl-C, NaN, per-epoch tracking, the study's deadline, early stopping."""
+    pruning: Ctrl-C, NaN, per-epoch tracking (`epoch_images` an epoch), the study's deadline,
+    early stopping."""
     return [
         StopOnRequest(),
         keras.callbacks.TerminateOnNaN(),
-        records.EpochTimer(),
+        tracking.EpochLogger(epoch_images),
         StopAtDeadline(deadline),
         keras.callbacks.EarlyStopping(
             monitor=config.OBJECTIVE_METRIC,

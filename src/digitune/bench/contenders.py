@@ -12,7 +12,7 @@ import dataclasses
 import re
 
 from digitune import config
-from digitune.engines import keras_tuner
+from digitune.engines import keras_tuner_search
 
 
 @dataclasses.dataclass(frozen=True)
@@ -22,7 +22,7 @@ class Contender:
     sampler: str | None = None
     pruner: str | None = None
     # Epochs of one whole pass each, as many passes as the study's full trial trains
-    # (`keras_tuner.whole_passes`), instead of the study file's `epoch_images`.
+    # (`keras_tuner_search.whole_passes`), instead of the study file's `epoch_images`.
     whole_passes: bool = False
 
     @property
@@ -33,7 +33,7 @@ class Contender:
 
     def training(self, training: config.TrainingSettings) -> config.TrainingSettings:
         """The study's training, in whole passes where this contender trains them."""
-        return keras_tuner.whole_passes(training) if self.whole_passes else training
+        return keras_tuner_search.whole_passes(training) if self.whole_passes else training
 
 
 DEFAULT_STUDY = Contender("default study", "optuna")

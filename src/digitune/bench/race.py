@@ -20,10 +20,9 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from digitune import config, space, tracking
+from digitune import config, study_file, tracking
 from digitune.bench.contenders import CONTENDERS, Contender
-from digitune.engines import keras_tuner as keras_tuner_engine
-from digitune.engines import optuna as optuna_engine
+from digitune.engines import keras_tuner_search, optuna_search
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +43,7 @@ class Race:
 def tuning_race(
     budget_minutes: float = 10.0,
     seeds: int = 3,
-    study_file: Path | None = None,
+    source: Path | None = None,
     contenders: tuple[Contender, ...] = CONTENDERS,
     title: str = "Tuning race on the default study",
 ) -> Race:
@@ -53,7 +52,7 @@ def tuning_race(
     heads the plot of best-so-far curves logged to each contender's parent run."""
     if seeds < 1:
         raise ValueError(f"--seeds must be at least 1, got {seeds}")
-    definition = space.load(study_file or config.default_study_file())
+    definition = study_file.load(source or config.default_study_file())
     folder = config.project_dir() / "bench" / "results" / "race"
     folder.mkdir(parents=True, exist_ok=True)
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
@@ -80,26 +79,27 @@ def tuning_race(
             count = f"{len(parents) + 1} of {total}"
             log.info(f"\n== race {count}: {contender.name}, seed {seed}, {budget_minutes:g} min ==")
             if contender.engine == "optuna":
-                outcome = optuna_engine.run(
+                outcome = optuna_search.run(
                     race_definition,
                     storage=f"sqlite:///{folder / (race_definition.study.name + '.db')}",
                     register=False,
                     experiment=RACE_EXPERIMENT,
                 )
-                trials, best = len(outcome.study.trials), outcome.best_trial.value
             else:
-                outcome = keras_tuner_engine.run(
+                outcome = keras_tuner_search.run(
                     race_definition,
                     "hyperband",
                     register=False,
                     experiment=RACE_EXPERIMENT,
                     directory=folder / race_definition.study.name,
                 )
-                trials, best = outcome.trials, outcome.best.validation_accuracy
-            done = f"{trials} trials, best validation {best:.4f}, test {outcome.test_accuracy:.4f}"
+            done = (
+                f"{outcome.trials} trials, best validation "
+                f"{outcome.best.validation_accuracy:.4f}, test {outcome.test_accuracy:.4f}"
+            )
             log.info(f"== {contender.name}, seed {seed}: {done}")
             parents[contender.name, seed] = outcome.parent_run_id
-    passes = keras_tuner_engine.whole_passes(definition.training).max_epochs
+    passes = keras_tuner_search.whole_passes(definition.training).max_epochs
     trials, curves = _race_trials(parents, passes)
     runs = _runs_table(trials, curves, parents)
     race = Race(runs, summarise(runs), _overhead_table(trials), curves)
@@ -119,7 +119,7 @@ def _race_trials(parents: dict, max_epochs: int) -> tuple[pd.DataFrame, pd.DataF
         parent = client.get_run(parent_id)
         runs = tracking.child_runs(parent_id)
         tags = [run.data.tags for run in runs]
-        dropped = keras_tuner_engine.dropped_by_successive_halving(tags, max_epochs)
+        dropped = keras_tuner_search.dropped_by_successive_halving(tags, max_epochs)
         continuations = {t["trial_number"] for t in tags if "hyperband_trial_id" in t}
         for run in runs:
             tags, metrics = run.data.tags, run.data.metrics

@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from digitune import data
+from digitune.data import mnist
 
 
 def _connect(url: str) -> http.client.HTTPConnection:
@@ -58,7 +58,7 @@ def _png_form(image: np.ndarray) -> tuple[bytes, str]:
 def serve_latency(url: str, requests: int = 500, batch: int = 64) -> pd.DataFrame:
     """p50 and p99 latency of single-image requests (JSON and PNG upload) and the images per
     second of batched JSON requests, against a running service."""
-    images = data.load().test_images[: max(batch, 100)]
+    images = mnist.load().test_images[: max(batch, 100)]
     connection = _connect(url)
     single_json = [json.dumps({"image": image.tolist()}).encode() for image in images]
     single_png = [_png_form(image) for image in images]

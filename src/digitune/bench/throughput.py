@@ -15,14 +15,14 @@ from __future__ import annotations
 import importlib.util
 import logging
 import multiprocessing
-import pickle
 import time
 
 import keras
 import pandas as pd
 
-from digitune import config, data, model, quiet, space, trainer
-from digitune.engines import workers as workers_module
+from digitune import backend, config, data, model, study_file, trainer
+from digitune.data import mnist
+from digitune.engines import parallel
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +73,7 @@ def _worker_threads(threads: int) -> None:
 def _train_two_epochs(params: dict, policy: str, seed: int) -> tuple:
     """In a worker process: digitune's trainer on `params` for two epochs; the second
     epoch's wall-clock span (start, end), its CPU seconds, validation accuracy, images."""
-    split = data.split(data.load())
+    split = data.split(mnist.load())
     keras.utils.clear_session(free_memory=True)
     keras.utils.set_random_seed(seed)
     keras.mixed_precision.set_global_policy(policy)
@@ -93,11 +93,11 @@ def _as_the_study_trains(
     the first of those epochs' start to the last one's end: where the workers' epochs do not
     overlap (a slow start), the figure is low, never high."""
     context = multiprocessing.get_context("spawn")
-    threads = workers_module.thread_share(workers)
-    # The initializer through `quiet.call`, which imports TensorFlow before this module does:
-    # without TensorFlow's start-up lines, as in the study's workers.
-    setup = (__name__, _worker_threads.__name__, pickle.dumps((threads,)))
-    with context.Pool(workers, initializer=quiet.call, initargs=setup) as pool:
+    threads = parallel.thread_share(workers)
+    # The initializer through `backend.spawned`, which imports the backend before this module
+    # does: without TensorFlow's start-up lines, as in the study's workers.
+    initializer, initargs = backend.spawn_call(_worker_threads, threads)
+    with context.Pool(workers, initializer=initializer, initargs=initargs) as pool:
         results = pool.starmap(
             _train_two_epochs, [(params, policy, seed + index) for index in range(workers)], 1
         )
@@ -140,15 +140,13 @@ def training_throughput(repeats: int = 3) -> pd.DataFrame:
     once (`_as_the_study_trains`). Each measurement is the second of two epochs (the first
     traces and warms up), interleaved over `repeats` rounds; validation accuracy after the
     two epochs checks that speed did not cost accuracy."""
-    split = data.split(data.load())
+    split = data.split(mnist.load())
     baseline = _baseline()
     policy = trainer.precision_policy("auto")
     steps = config.TrainingSettings.steps_per_execution
-    workers = space.load(config.default_study_file()).study.workers
+    workers = study_file.load(config.default_study_file()).study.workers
     one_process = f"digitune ({policy}, {steps} steps/call)"
-    as_the_study = (
-        f"digitune, {workers} workers of {workers_module.thread_share(workers)} thread(s)"
-    )
+    as_the_study = f"digitune, {workers} workers of {parallel.thread_share(workers)} thread(s)"
     rows = []
     for round_number in range(repeats):
         for network, batch_size, params, baseline_network in CASES:

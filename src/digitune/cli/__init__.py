@@ -1,29 +1,9 @@
 """The `digitune` command (also `python -m digitune`); every make target is a thin call of
-one of its subcommands.
-
-    digitune data                              fetch and verify MNIST
-    digitune tune --study studies/quick.toml   run (or resume) a study
-    digitune tune --workers 2                  ... in two worker processes
-    digitune tune --storage URL --join         add this machine's workers to a study
-    digitune tune --engine keras-tuner         the same study with Keras Tuner's Hyperband
-    digitune report --study studies/quick.toml  summarise a study, log its figures
-    digitune ensemble --top 5                  register the average of the 5 best trials
-    digitune pareto --study studies/edge.toml  the front of accuracy against size and latency
-    digitune select --max-params 10000         the best front model within limits -> challenger
-    digitune dashboard                         optuna-dashboard on a study, live
-    digitune bench                             training throughput, tuning race, ablation
-    digitune promote [--margin M] [--force]    challenger -> champion, on evidence
-    digitune rollback                          champion back to the previous one
-    digitune models                            list the registered versions
-    digitune export [--version N]              TFLite float16/int8 files of a version
-    digitune serve [--port 8000]               the champion behind an API and a page
-    digitune bench-serve                       latency of a running service
-    digitune mlflow-server                     a tracking server for several machines
-    digitune ui                                the MLflow UI on the project's store
-
-`digitune <command> --help` lists each command's options. The commands of the tuning stage
-are in `cli.tuning`, those of the registry and serving stage in `cli.models`. Library modules
-log through `logging`; this module decides how that reaches the terminal.
+one of its subcommands, grouped by stage: `cli.tuning` (init, data, tune, report, ensemble,
+bench), `cli.models` (promote, rollback, models, gc, export, serve, bench-serve,
+mlflow-server, ui) and `cli.deployment` (pareto, select, dashboard). `digitune <command>
+--help` lists each command's options. Library modules log through `logging`; this module
+decides how that reaches the terminal.
 """
 
 from __future__ import annotations
@@ -36,7 +16,7 @@ import sys
 import tqdm
 
 import digitune
-from digitune import config, quiet
+from digitune import backend, config
 from digitune.cli import deployment, models, tuning
 
 
@@ -52,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
         if args.uses_tensorflow:
-            quiet.import_tensorflow()
+            backend.import_tensorflow()
         return args.handler(args)
     except KeyboardInterrupt:
         print(
@@ -96,8 +76,27 @@ _EXTRAS = {
 }
 
 
+DESCRIPTION = """Tune Keras CNNs with Optuna, track every trial in MLflow, and promote the best
+model through the MLflow model registry."""
+EXAMPLES = """examples:
+  digitune tune                         run (or resume) the default study, register its best
+  digitune tune --study quick           a two-minute smoke study shipped with digitune
+  digitune ui                           compare the trials in the MLflow UI
+  digitune promote                      @challenger -> @champion if better on the test set
+  digitune serve                        @champion behind an API and a page to draw on
+  digitune init                         copy the shipped study files into ./studies to edit
+
+Every make target calls one of these (`make` lists them); see the README.
+"""
+
+
 def parser() -> argparse.ArgumentParser:
-    command_line = argparse.ArgumentParser(prog="digitune", description=__doc__.split("\n")[0])
+    command_line = argparse.ArgumentParser(
+        prog="digitune",
+        description=DESCRIPTION,
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     command_line.add_argument(
         "--version", action="version", version=f"%(prog)s {digitune.__version__}"
     )

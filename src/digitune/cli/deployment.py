@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import argparse
 
-from digitune.cli import tuning
+from digitune.cli import models, tuning
 
 
 def add_commands(commands) -> None:
@@ -35,26 +35,24 @@ def add_commands(commands) -> None:
         )
     select.set_defaults(handler=_select)
 
-    dashboard = commands.add_parser(
-        "dashboard", help="optuna-dashboard on a study's storage, at 127.0.0.1"
-    )
+    dashboard = commands.add_parser("dashboard", help="optuna-dashboard on a study's storage, live")
     tuning.add_study_arguments(dashboard)
-    dashboard.add_argument("--port", type=int, default=8080, help="port (default: %(default)s)")
+    models.address_arguments(dashboard, 8080, "the dashboard")
     dashboard.set_defaults(handler=_dashboard)
 
 
 def _pareto(args: argparse.Namespace) -> int:
-    from digitune import objectives, study
+    from digitune import pareto, study
 
     definition, optuna_study = study.load_existing(args.study, args.storage)
-    trials = objectives.table(optuna_study)
+    trials = pareto.table(optuna_study)
     if trials.empty:
         raise ValueError(
             f"study '{optuna_study.study_name}' has no completed trial that measured its costs; "
             f"give {args.study} an [objectives] table (see studies/edge.toml) and tune it"
         )
-    costs = objectives.front_costs(definition.objectives)
-    front = objectives.front(trials, costs)
+    costs = pareto.front_costs(definition.objectives)
+    front = pareto.front(trials, costs)
     limits = definition.objectives.limits
     print(
         f"study '{optuna_study.study_name}': {len(front)} of {len(trials)} measured trials on the "
@@ -63,7 +61,7 @@ def _pareto(args: argparse.Namespace) -> int:
         + "\n(latency: median ± half the interquartile range of one image through the served "
         "SavedModel)\n"
     )
-    print(objectives.as_text(front))
+    print(pareto.as_text(front))
     return 0
 
 
@@ -77,14 +75,14 @@ def _select(args: argparse.Namespace) -> int:
     with contextlib.suppress(RuntimeError):
         tf.config.threading.set_intra_op_parallelism_threads(1)
         tf.config.threading.set_inter_op_parallelism_threads(1)
-    from digitune import selection
+    from digitune import deployment
 
     limits = {
         cost: getattr(args, cost)
         for cost in ("params", "int8_kb", "latency_ms")
         if getattr(args, cost) is not None
     }
-    chosen = selection.run(args.study, args.storage, limits)
+    chosen = deployment.select(args.study, args.storage, limits)
     costs = chosen.costs
     print(
         f"selected trial {chosen.trial}: validation accuracy {chosen.validation_accuracy:.4f}, "
@@ -112,11 +110,11 @@ def _dashboard(args: argparse.Namespace) -> int:
             pass
 
     server = simple_server.make_server(
-        "127.0.0.1", args.port, optuna_dashboard.wsgi(url), handler_class=QuietHandler
+        args.host, args.port, optuna_dashboard.wsgi(url), handler_class=QuietHandler
     )
     print(
         f"optuna-dashboard for study '{definition.study.name}' at "
-        f"http://127.0.0.1:{server.server_port}/dashboard (Ctrl-C to stop)"
+        f"http://{args.host}:{server.server_port}/dashboard (Ctrl-C to stop)"
     )
     with server:
         server.serve_forever()

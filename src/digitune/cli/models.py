@@ -58,8 +58,7 @@ def add_commands(commands) -> None:
     export.set_defaults(handler=_export)
 
     serve = commands.add_parser("serve", help="serve the champion: API and drawing page")
-    serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=8000)
+    address_arguments(serve, 8000, "the API and the page")
     _model_option(serve)
     serve.add_argument(
         "--model-uri",
@@ -72,16 +71,21 @@ def add_commands(commands) -> None:
     serve.set_defaults(handler=_serve)
 
     bench_serve = commands.add_parser("bench-serve", help="measure a running service")
-    bench_serve.add_argument("--url", default="http://127.0.0.1:8000")
-    bench_serve.add_argument("--requests", type=int, default=500)
-    bench_serve.add_argument("--batch", type=int, default=64)
+    bench_serve.add_argument(
+        "--url", default="http://127.0.0.1:8000", help="the service (default: %(default)s)"
+    )
+    bench_serve.add_argument(
+        "--requests", type=int, default=500, help="single-image requests (default: %(default)s)"
+    )
+    bench_serve.add_argument(
+        "--batch", type=int, default=64, help="images per batched request (default: %(default)s)"
+    )
     bench_serve.set_defaults(handler=_bench_serve, uses_tensorflow=False)
 
     server = commands.add_parser(
         "mlflow-server", help="an MLflow tracking server that workers on several machines share"
     )
-    server.add_argument("--host", default="127.0.0.1")
-    server.add_argument("--port", type=int, default=5000)
+    address_arguments(server, 5000, "the tracking server")
     server.add_argument(
         "--backend-store-uri",
         default=config.backend_store_uri(),
@@ -91,9 +95,20 @@ def add_commands(commands) -> None:
     server.set_defaults(handler=_mlflow_server, uses_tensorflow=False)
 
     ui = commands.add_parser("ui", help="start the MLflow UI on the project's store")
-    ui.add_argument("--host", default="127.0.0.1")
-    ui.add_argument("--port", type=int, default=5000)
+    address_arguments(ui, 5000, "the MLflow UI")
     ui.set_defaults(handler=_ui, uses_tensorflow=False)
+
+
+def address_arguments(parser: argparse.ArgumentParser, port: int, what: str) -> None:
+    parser.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help=f"the address {what} listens on (default: %(default)s, this machine only; "
+        "0.0.0.0 for every network interface)",
+    )
+    parser.add_argument(
+        "--port", type=int, default=port, help=f"the port {what} listens on (default: %(default)s)"
+    )
 
 
 def _model_option(parser: argparse.ArgumentParser) -> None:
@@ -105,10 +120,10 @@ def _model_option(parser: argparse.ArgumentParser) -> None:
 
 
 def _promote(args: argparse.Namespace) -> int:
-    from digitune import promote
+    from digitune import promotion
 
-    decision = promote.promote(margin=args.margin, force=args.force, model_name=args.model)
-    print(promote.table(decision).to_string())
+    decision = promotion.promote(margin=args.margin, force=args.force, model_name=args.model)
+    print(promotion.table(decision).to_string())
     if decision.promoted:
         forced = " (FORCED)" if decision.forced else ""
         print(f"\npromoted version {decision.challenger} to @champion{forced}: {decision.reason}")
@@ -119,9 +134,9 @@ def _promote(args: argparse.Namespace) -> int:
 
 
 def _rollback(args: argparse.Namespace) -> int:
-    from digitune import champion, tracking
+    from digitune import promotion, tracking
 
-    previous, current = champion.rollback(tracking.configure(), args.model)
+    previous, current = promotion.rollback(tracking.configure(), args.model)
     print(f"@champion moved back from version {previous} to version {current}")
     return 0
 
@@ -139,18 +154,18 @@ def _models(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from digitune import export
+    from digitune import deployment
 
-    table = export.run(args.version, args.alias, args.model)
+    table = deployment.export(args.version, args.alias, args.model)
     print(table.to_string(index=False))
     print("logged under tflite/ in the version's run; sizes as version tags")
     return 0
 
 
 def _collect(args: argparse.Namespace) -> int:
-    from digitune import cleanup
+    from digitune import garbage
 
-    print(cleanup.summary(cleanup.collect(args.keep, args.dry_run)))
+    print(garbage.summary(garbage.collect(args.keep, args.dry_run)))
     return 0
 
 
@@ -177,11 +192,18 @@ def _bench_serve(args: argparse.Namespace) -> int:
 def _mlflow_server(args: argparse.Namespace) -> int:
     artifacts = config.mlruns_dir() / "artifacts"
     command = [
-        sys.executable, "-m", "mlflow", "server",
+        sys.executable,
+        "-m",
+        "mlflow",
+        "server",
         # The server stores and serves artifacts itself, so workers need no shared disk.
-        "--artifacts-destination", str(artifacts),
-        "--host", args.host, "--port", str(args.port),
-    ]  # fmt: skip
+        "--artifacts-destination",
+        str(artifacts),
+        "--host",
+        args.host,
+        "--port",
+        str(args.port),
+    ]
     print(
         f"MLflow tracking server on http://{args.host}:{args.port} with the store "
         f"{config.redact(args.backend_store_uri)}; on each worker machine set "

@@ -1,4 +1,4 @@
-"""The tuning stage's commands: data, tune, report, ensemble and bench.
+"""The tuning stage's commands: init, data, tune, report, ensemble and bench.
 
 Each handler imports what it runs when it runs, so that `digitune --help` answers without
 loading TensorFlow.
@@ -7,22 +7,51 @@ loading TensorFlow.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 
 from digitune import config
 
+TUNE_EXAMPLES = """examples:
+  digitune tune                                 the default study (studies/mnist-cnn.toml)
+  digitune tune --study quick                   a shipped study by name: a two-minute smoke run
+  digitune tune --study studies/full.toml --refit
+  digitune tune --workers 2 --timeout-minutes 30
+  digitune tune --storage postgresql://... --join   add this machine's workers to a study
+  digitune tune --engine keras-tuner --algorithm bayesian
+  digitune tune --no-register --json            tune only; the summary as JSON on stdout
+"""
+
 
 def add_commands(commands) -> None:
+    init = commands.add_parser(
+        "init",
+        help="copy the shipped study files into ./studies to edit them",
+        description="Copy the study files that ship with digitune into the project's "
+        "studies/ folder (DIGITUNE_HOME, else the working directory); existing files are kept.",
+    )
+    init.set_defaults(handler=_init, uses_tensorflow=False)
+
     data = commands.add_parser("data", help="fetch and verify MNIST (or a study's [data])")
-    data.add_argument("--study", default=None, help="a study file whose [data] to fetch and check")
+    data.add_argument("--study", default=None, help="a study whose [data] to fetch and check")
     data.set_defaults(handler=_data)
 
-    tune = commands.add_parser("tune", help="run or resume a study")
+    tune = commands.add_parser(
+        "tune",
+        help="run or resume a study, then test and register its best model",
+        description="Run (or resume) a study: trials until its budget is spent, each a child "
+        "run in MLflow; then the best trial's model is tested once on the test set and "
+        "registered as @challenger.",
+        epilog=TUNE_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     add_study_arguments(tune)
     tune.add_argument(
         "--trials", type=int, default=None, help="the study's total trials (overrides the file)"
     )
-    tune.add_argument("--timeout-minutes", type=float, default=None, help="time limit of this run")
+    tune.add_argument(
+        "--timeout-minutes", type=float, default=None, help="time limit of this run, in minutes"
+    )
     tune.add_argument(
         "--workers",
         type=int,
@@ -37,8 +66,20 @@ def add_commands(commands) -> None:
     tune.add_argument(
         "--refit",
         action="store_true",
-        help="then retrain the best configuration on all 60,000 training images and register "
-        "it as the challenger",
+        help="then retrain the best configuration on all training images and register it as "
+        "the challenger",
+    )
+    tune.add_argument(
+        "--no-register",
+        dest="register",
+        action="store_false",
+        help="test the best model but register nothing (a smoke run)",
+    )
+    tune.add_argument(
+        "--json",
+        action="store_true",
+        help="print the end-of-study summary as one JSON object on stdout (trial lines go to "
+        "stderr)",
     )
     tune.add_argument(
         "--engine",
@@ -109,8 +150,9 @@ def add_commands(commands) -> None:
 def add_study_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--study",
-        default=str(config.default_study_file()),
-        help="study file (default: %(default)s)",
+        default=config.DEFAULT_STUDY,
+        help="a study file, or the name of one in studies/ or shipped with digitune "
+        "(default: %(default)s)",
     )
     parser.add_argument(
         "--storage",
@@ -120,78 +162,71 @@ def add_study_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _init(args: argparse.Namespace) -> int:
+    copied, kept = config.copy_shipped_studies()
+    folder = config.studies_dir()
+    for path in copied:
+        print(f"wrote {path}")
+    if kept:
+        print(f"kept {len(kept)} study file(s) already in {folder}: {', '.join(kept)}")
+    print(f"edit them, then: digitune tune --study {folder / 'quick.toml'}")
+    return 0
+
+
 def _data(args: argparse.Namespace) -> int:
-    from digitune import data, datasets, space
+    from digitune import data, study_file
+    from digitune.data import mnist
 
     if args.study:
-        dataset = datasets.load(space.load(args.study).data)
+        dataset = data.load(study_file.load(args.study).data)
         print(
             f"{dataset.source}: {dataset.name}, {len(dataset.train_labels):,} training and "
             f"{len(dataset.test_labels):,} test pictures of {dataset.image_shape}, classes "
             f"{', '.join(dataset.class_names)}; data hash {dataset.digest[:16]}"
         )
         return 0
-    mnist = data.load()
-    state = "the published MNIST" if mnist.canonical else "NOT the published MNIST (a subset?)"
+    found = mnist.load()
+    state = "the published MNIST" if found.canonical else "NOT the published MNIST (a subset?)"
     print(
-        f"{mnist.source}: {len(mnist.train_labels):,} training and {len(mnist.test_labels):,} "
-        f"test images, SHA-256 verified, {state}; data hash {mnist.digest[:16]}"
+        f"{found.source}: {len(found.train_labels):,} training and {len(found.test_labels):,} "
+        f"test images, SHA-256 verified, {state}; data hash {found.digest[:16]}"
     )
     return 0
 
 
 def _tune(args: argparse.Namespace) -> int:
-    from digitune import study, trainer
-    from digitune.engines import optuna as optuna_engine
+    from digitune import engines, trainer
 
     trainer.stop_cleanly_on_ctrl_c()
+    budget = {
+        "n_trials": args.trials,
+        "timeout_minutes": args.timeout_minutes,
+        "register": args.register,
+    }
     if args.engine == "keras-tuner":
-        return _tune_with_keras_tuner(args)
-
-    outcome = optuna_engine.run(
-        args.study,
-        args.storage,
-        args.trials,
-        args.timeout_minutes,
-        args.workers,
-        args.join,
-        refit=args.refit,
-    )
+        if args.workers not in (None, 1) or args.join or args.storage or args.refit:
+            raise ValueError(
+                "--workers, --join, --storage and --refit are Optuna's; Keras Tuner runs one "
+                "worker and keeps its state in studies/<study>-keras-tuner-<algorithm>/"
+            )
+        outcome = engines.module("keras-tuner").run(args.study, args.algorithm, **budget)
+    else:
+        outcome = engines.module("optuna").run(
+            args.study,
+            args.storage,
+            workers=args.workers,
+            join=args.join,
+            refit_best=args.refit,
+            progress_bar=not args.json,
+            **budget,
+        )
     if outcome is None:
         print("this machine's workers are done; the study's own `make tune` registers the best")
         return 0
-    states = {}
-    for trial in outcome.study.trials:
-        state = trial.state.name.lower()
-        if trial.user_attrs.get(study.DEADLINE_ATTR):
-            state += " but cut short by the deadline"
-        states[state] = states.get(state, 0) + 1
-    print(
-        f"\nstudy '{outcome.study.study_name}' in {outcome.seconds / 60:.1f} min: "
-        + ", ".join(f"{count} {state}" for state, count in sorted(states.items()))
-        + f"\nbest trial {outcome.best_trial.number}: validation accuracy "
-        f"{outcome.best_trial.values[0]:.4f}, test accuracy {outcome.test_accuracy:.4f}"
-        f"\nregistered {outcome.model_name} version {outcome.model_version} "
-        f"(alias @{config.CHALLENGER_ALIAS}); compare trials with `make ui`"
-    )
-    if outcome.model_name != config.REGISTERED_MODEL_NAME:
-        print(
-            f"its commands take --model {outcome.model_name} (MODEL={outcome.model_name} in make)"
-        )
-    costs = outcome.best_trial.user_attrs.get("costs")  # objectives.COSTS_ATTR
-    if costs:
-        print(
-            f"its deployment costs: {costs['params']:,.0f} "
-            f"parameters; see the front with `digitune pareto --study {args.study}`, pick "
-            f"within a budget with `digitune select --study {args.study} --max-params N`"
-        )
-    if outcome.refit is not None:
-        print(
-            f"refit on all training images ({outcome.refit.epochs} epochs): test accuracy "
-            f"{outcome.refit.test_accuracy:.4f} (the trial's own model: "
-            f"{outcome.refit.trial_test_accuracy:.4f}); registered as version "
-            f"{outcome.refit.version}, now @{config.CHALLENGER_ALIAS}"
-        )
+    if args.json:
+        print(json.dumps(summary(outcome), indent=2))
+    else:
+        print(_summary_text(outcome, args.study))
     if outcome.worker_deaths:
         print(
             "error: " + "; ".join(outcome.worker_deaths) + ". Its trials were failed and run "
@@ -202,24 +237,70 @@ def _tune(args: argparse.Namespace) -> int:
     return 0
 
 
-def _tune_with_keras_tuner(args: argparse.Namespace) -> int:
-    from digitune.engines import keras_tuner as keras_tuner_engine
+def summary(outcome) -> dict:
+    """The end of a study as data: what `tune --json` prints."""
+    best = outcome.best
+    refit = outcome.refit
+    return {
+        "study": outcome.study_name,
+        "engine": outcome.engine,
+        "minutes": round(outcome.seconds / 60, 2),
+        "trials": outcome.trials,
+        "states": outcome.states,
+        "best_trial": best.number,
+        "validation_accuracy": round(best.validation_accuracy, 6),
+        "test_accuracy": round(outcome.test_accuracy, 6),
+        "params": best.params,
+        "costs": best.costs,
+        "model_name": outcome.model_name,
+        "model_version": outcome.model_version,
+        "alias": config.CHALLENGER_ALIAS if outcome.model_version else None,
+        "parent_run_id": outcome.parent_run_id,
+        "refit": None
+        if refit is None
+        else {
+            "version": refit.version,
+            "epochs": refit.epochs,
+            "test_accuracy": round(refit.test_accuracy, 6),
+        },
+        "worker_deaths": list(outcome.worker_deaths),
+    }
 
-    if args.workers not in (None, 1) or args.join or args.storage or args.refit:
-        raise ValueError(
-            "--workers, --join, --storage and --refit are Optuna's; Keras Tuner runs one worker "
-            "and keeps its state in studies/<study>-keras-tuner-<algorithm>/"
-        )
-    outcome = keras_tuner_engine.run(args.study, args.algorithm, args.trials, args.timeout_minutes)
-    print(
+
+def _summary_text(outcome, study: str) -> str:
+    best = outcome.best
+    lines = [
         f"\nstudy '{outcome.study_name}' in {outcome.seconds / 60:.1f} min: "
-        f"{outcome.trials} trials"
-        f"\nbest trial {outcome.best.number}: validation accuracy "
-        f"{outcome.best.validation_accuracy:.4f}, test accuracy {outcome.test_accuracy:.4f}"
-        f"\nregistered {outcome.model_name} version {outcome.model_version} "
-        f"(alias @{config.CHALLENGER_ALIAS}); compare engines with `make ui`"
-    )
-    return 0
+        + ", ".join(f"{count} {state}" for state, count in outcome.states.items()),
+        f"best trial {best.number}: validation accuracy {best.validation_accuracy:.4f}, "
+        f"test accuracy {outcome.test_accuracy:.4f}",
+    ]
+    if outcome.model_version is None:
+        lines.append("registered nothing (--no-register); compare trials with `make ui`")
+    else:
+        lines.append(
+            f"registered {outcome.model_name} version {outcome.model_version} "
+            f"(alias @{config.CHALLENGER_ALIAS}); compare trials with `make ui`"
+        )
+    if outcome.model_version and outcome.model_name != config.REGISTERED_MODEL_NAME:
+        lines.append(
+            f"its commands take --model {outcome.model_name} (MODEL={outcome.model_name} in make)"
+        )
+    if best.costs:
+        lines.append(
+            f"its deployment costs: {best.costs['params']:,.0f} parameters; see the front with "
+            f"`digitune pareto --study {study}`, pick within a budget with "
+            f"`digitune select --study {study} --max-params N`"
+        )
+    refit = outcome.refit
+    if refit is not None:
+        lines.append(
+            f"refit on all training images ({refit.epochs} epochs): test accuracy "
+            f"{refit.test_accuracy:.4f} (the trial's own model: "
+            f"{refit.trial_test_accuracy:.4f}); registered as version {refit.version}, now "
+            f"@{config.CHALLENGER_ALIAS}"
+        )
+    return "\n".join(lines)
 
 
 def _report(args: argparse.Namespace) -> int:

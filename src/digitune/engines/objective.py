@@ -13,20 +13,20 @@ from optuna_integration.keras import KerasPruningCallback
 
 from digitune import (
     config,
-    costs,
     data,
+    deployment,
     model,
-    objectives,
-    records,
+    pareto,
     space,
     study,
+    study_file,
     tracking,
     trainer,
 )
 
 
 def make_objective(
-    definition: space.StudyDefinition,
+    definition: study_file.StudyDefinition,
     split: data.Split,
     parent_run_id: str,
     deadline: float | None = None,
@@ -35,9 +35,8 @@ def make_objective(
     `parent_run_id`; `deadline` is when the study's time is up (a `time.time()` value, the
     same in every worker process), or None."""
     training, settings = definition.training, definition.objectives
-    calibration = split.x_train[: costs.CALIBRATION_IMAGES]
-    whole = len(split.y_train)
-    epoch_images = training.epoch_images if 0 < training.epoch_images < whole else whole
+    calibration = split.x_train[: deployment.CALIBRATION_IMAGES]
+    epoch_images = trainer.images_per_epoch(training, split)
 
     def objective(trial: optuna.Trial) -> float | list[float]:
         if trainer.STOP.is_set():
@@ -58,9 +57,9 @@ def make_objective(
                 trial.set_constraint("max_params", size - settings.max_params)
                 trial.set_user_attr("fail_reason", reason)
                 raise optuna.TrialPruned(reason)
-            callbacks = trainer.training_callbacks(training, deadline)
+            callbacks = trainer.training_callbacks(training, deadline, epoch_images)
             if not settings.minimize:  # Optuna prunes single-objective trials only
-                # After the epoch is logged (EpochTimer), before the deadline and early stopping.
+                # After the epoch is logged (EpochLogger), before the deadline and early stopping.
                 callbacks.insert(3, KerasPruningCallback(trial, config.OBJECTIVE_METRIC))
             history = trainer.fit(
                 cnn,
@@ -74,17 +73,17 @@ def make_objective(
             if any(isinstance(c, trainer.StopAtDeadline) and c.stopped for c in callbacks):
                 trial.set_user_attr(study.DEADLINE_ATTR, True)  # its line says so
             # Early stopping restored the best epoch's weights, so the matrix matches the value.
-            validation = records.evaluate_validation(cnn, split)
+            validation = tracking.evaluate_validation(cnn, split)
             trainer.check_learned(history, params, validation.confusion_matrix)
-            records.log_trial_result(cnn, validation, trial.number)
+            tracking.log_trial_result(cnn, validation, trial.number)
             accuracy = max(history[config.OBJECTIVE_METRIC])
             if not settings.measured:
                 return accuracy
-            deployed = costs.float32_copy(cnn, params)  # as it would be registered
-            measured = records.log_costs(costs.measure(deployed, calibration), accuracy)
-            trial.set_user_attr(objectives.COSTS_ATTR, measured)
-            for name, over in objectives.violations(measured, settings).items():
+            deployed = deployment.float32_copy(cnn, params)  # as it would be registered
+            measured = tracking.log_costs(deployment.measure(deployed, calibration), accuracy)
+            trial.set_user_attr(pareto.COSTS_ATTR, measured)
+            for name, over in pareto.violations(measured, settings).items():
                 trial.set_constraint(name, over)
-            return objectives.values(accuracy, measured, settings)
+            return pareto.values(accuracy, measured, settings)
 
     return objective

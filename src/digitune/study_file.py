@@ -1,18 +1,103 @@
-"""A study file's tables into the typed settings of `digitune.config`, failing loudly.
+"""Study files: a study's budget, training, data and search space, declared as data and checked.
 
-Unknown keys, wrong types, values outside a setting's choices and negative numbers are each a
-ValueError naming the file, the table and the key.
+A study file (`studies/*.toml`) is a short list of differences from the typed defaults in
+`digitune.config`: [study], [training], [data], [registry] and [objectives] set those, [space]
+names hyperparameters of `digitune.model` (`digitune.space` reads it), and an optional array
+of [[enqueue]] tables warm-starts the study. `load` reads one into a `StudyDefinition`.
+
+Unknown tables and keys, wrong types, values outside a setting's choices and negative numbers
+are each a ValueError naming the file, the table and the key, raised before anything trains.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import re
+import tomllib
 import types
 import typing
 from pathlib import Path
 
-from digitune import config
+import optuna
+
+from digitune import config, space
+
+
+@dataclasses.dataclass(frozen=True)
+class StudyDefinition:
+    """Everything a study file says, validated."""
+
+    path: Path
+    study: config.StudySettings
+    training: config.TrainingSettings
+    # Sampled hyperparameters as Optuna distributions, in the file's order.
+    distributions: dict[str, optuna.distributions.BaseDistribution]
+    # Hyperparameters fixed for every trial.
+    fixed: dict[str, object]
+    # Configurations the study tries first, in the file's order (partial: the sampler fills in).
+    enqueued: tuple[dict, ...] = ()
+    data: config.DataSettings = config.DataSettings()
+    registry: config.RegistrySettings = config.RegistrySettings()
+    objectives: config.ObjectiveSettings = config.ObjectiveSettings()
+
+    @property
+    def model_name(self) -> str:  # the registered model its best models become versions of
+        return self.registry.model_name or f"{self.data.name}-cnn"
+
+    def with_budget(
+        self, n_trials: int | None = None, timeout_minutes: float | None = None
+    ) -> StudyDefinition:
+        """The definition with the command line's budget in place of the file's."""
+        overrides = {"n_trials": n_trials, "timeout_minutes": timeout_minutes}
+        overrides = {key: value for key, value in overrides.items() if value is not None}
+        if not overrides:
+            return self
+        return dataclasses.replace(self, study=dataclasses.replace(self.study, **overrides))
+
+    def resolved(self) -> dict:
+        """The whole resolved configuration, as one flat dict for logging."""
+        flat = {f"study.{k}": v for k, v in dataclasses.asdict(self.study).items()}
+        flat.update({f"training.{k}": v for k, v in dataclasses.asdict(self.training).items()})
+        flat.update({f"fixed.{k}": v for k, v in self.fixed.items()})
+        flat.update({f"space.{k}": repr(v) for k, v in self.distributions.items()})
+        flat.update({f"data.{k}": v for k, v in dataclasses.asdict(self.data).items()})
+        flat.update({f"objectives.{k}": v for k, v in dataclasses.asdict(self.objectives).items()})
+        flat["registry.model_name"] = self.model_name
+        flat["study_file"] = str(self.path)
+        return flat
+
+
+def load(path: str | Path) -> StudyDefinition:
+    """Read and validate a study file (a path, or a study's name: `config.study_path`); every
+    error names the file and the key."""
+    path = config.study_path(path)
+    if not path.is_file():
+        shipped = ", ".join(sorted(p.stem for p in config.shipped_studies().glob("*.toml")))
+        raise ValueError(
+            f"{path}: study file not found; name a file, or one of the studies shipped with "
+            f"digitune ({shipped}); `digitune init` copies them into studies/ to edit"
+        )
+    try:
+        document = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{path}: not a valid TOML file: {error}") from None
+
+    known = {"study", "training", "space", "enqueue", "data", "registry", "objectives"}
+    unknown = sorted(set(document) - known)
+    if unknown:
+        raise ValueError(
+            f"{path}: unknown table(s) {', '.join(unknown)}; expected [study], [training], "
+            "[data], [registry], [objectives], [space] and [[enqueue]]"
+        )
+
+    study, training, data, registry, objectives = checked_settings(document, path)
+
+    distributions, fixed = space.read(document.get("space", {}), path)
+    enqueued = space.enqueued(document.get("enqueue", []), distributions, fixed, path)
+    return StudyDefinition(
+        path, study, training, distributions, fixed, enqueued, data, registry, objectives
+    )
+
 
 # A study's name becomes a file name under studies/, an MLflow run name and a value in registry
 # queries: letters, digits and - _ . only, starting with a letter or digit.

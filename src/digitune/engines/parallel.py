@@ -13,11 +13,13 @@ import logging
 import multiprocessing
 import multiprocessing.connection
 import os
-import pickle
 import signal
 import sys
 
-from digitune import quiet, space
+import optuna
+
+from digitune import backend, data, study, study_file, tracking, trainer
+from digitune.engines import objective
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +30,7 @@ def thread_share(workers: int) -> int:
 
 
 def run_workers(
-    definition: space.StudyDefinition,
+    definition: study_file.StudyDefinition,
     storage: str | None,
     workers: int,
     deadline: float | None,
@@ -37,34 +39,19 @@ def run_workers(
     """Run `workers` processes on the study and wait for all of them. A worker that dies
     (killed, crashed) has its running trial failed and queued again at once, for the others
     to take; returns what happened to each such worker, in words."""
-    from digitune import study, trainer
-
     # Spawned, not forked: TensorFlow's runtime does not survive a fork.
     context = multiprocessing.get_context("spawn")
-    processes = [
-        context.Process(
-            # Through `quiet.call`, so that the worker loads TensorFlow without its start-up
-            # lines, as the command itself does.
-            target=quiet.call,
-            args=(
-                __name__,
-                work.__name__,
-                pickle.dumps(
-                    (
-                        definition,
-                        storage,
-                        index,
-                        workers,
-                        thread_share(workers),
-                        deadline,
-                        logging.getLogger("digitune").getEffectiveLevel(),
-                    )
-                ),
-            ),
-            name=f"worker {index + 1} of {workers}",
+    log_level = logging.getLogger("digitune").getEffectiveLevel()
+    processes = []
+    for index in range(workers):
+        # Through `backend.spawned`, so that the worker loads the backend without its start-up
+        # lines, as the command itself does.
+        target, args = backend.spawn_call(
+            work, definition, storage, index, workers, thread_share(workers), deadline, log_level
         )
-        for index in range(workers)
-    ]
+        processes.append(
+            context.Process(target=target, args=args, name=f"worker {index + 1} of {workers}")
+        )
     for process in processes:
         process.start()
     # Ctrl-C reaches the workers too (the terminal signals the whole process group): they
@@ -105,7 +92,7 @@ def _death(process: multiprocessing.process.BaseProcess) -> str:
 
 
 def work(
-    definition: space.StudyDefinition,
+    definition: study_file.StudyDefinition,
     storage: str | None,
     index: int,
     workers: int,
@@ -135,16 +122,11 @@ def work(
         for gpu in tf.config.list_physical_devices("GPU"):
             tf.config.experimental.set_memory_growth(gpu, True)
 
-    import optuna
-
-    from digitune import data, datasets, study, tracking, trainer
-    from digitune.engines import objective
-
     trainer.stop_cleanly_on_ctrl_c()  # The terminal's Ctrl-C reaches every worker.
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     tracking.configure()
     split = data.split(
-        datasets.load(definition.data),
+        data.load(definition.data),
         definition.training.train_images,
         definition.training.validation_images,
     )

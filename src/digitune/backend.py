@@ -1,15 +1,18 @@
-"""Start-up without native noise, in the command and in its worker processes.
+"""The numerical backend under Keras, started without native noise, here and in worker processes.
 
 TensorFlow's CUDA build prints lines about missing drivers and oneDNN to the process's native
 stderr as it loads, before its own log level applies. They are noise on a CPU machine, so
 TensorFlow is first imported with file descriptor 2 pointed at /dev/null. A failed import
 still raises, and its Python error shows as usual.
+
+Worker processes are spawned, not forked, and start in `spawned`: it imports the backend
+quietly first, then unpickles and calls the function it was handed, so that the modules the
+function lives in (which import Keras) load after it.
 """
 
 from __future__ import annotations
 
 import contextlib
-import importlib
 import logging
 import os
 import pickle
@@ -48,10 +51,15 @@ def native_stderr_closed():
         os.close(saved)
 
 
-def call(module: str, function: str, arguments: bytes) -> None:
-    """The target of a spawned process: import TensorFlow quietly, then call
-    `module.function(*arguments)`. The arguments travel pickled, because unpickling them
-    imports the modules that load TensorFlow."""
+def spawn_call(function, *arguments) -> tuple:
+    """The `target` and `args` of a spawned process (or a pool's initializer and initargs)
+    that calls `function(*arguments)` once the backend has loaded quietly."""
+    return spawned, (pickle.dumps((function, arguments)),)
+
+
+def spawned(call: bytes) -> None:
+    """Where a spawned process starts: the backend first, quietly, then the call. The call
+    travels pickled because unpickling it imports the modules that load Keras."""
     import_tensorflow()
-    target = getattr(importlib.import_module(module), function)
-    target(*pickle.loads(arguments))
+    function, arguments = pickle.loads(call)
+    function(*arguments)

@@ -4,8 +4,10 @@ budget and MLflow layout as the Optuna engine, so the MLflow UI compares the two
     digitune tune --engine keras-tuner                          Hyperband
     digitune tune --engine keras-tuner --algorithm bayesian     Bayesian optimisation
 
-The study's search space becomes Keras Tuner hyperparameters in `digitune.engines.hypermodel`,
-the one place that translation happens. Keras Tuner keeps its own state (oracle, checkpoints) in
+The study's search space becomes Keras Tuner hyperparameters in `hyperparameters`, the one
+place that translation happens, and the study becomes a hypermodel (`CnnHyperModel`) that
+builds with `model.build_model` and trains with `trainer.fit`, exactly as Optuna trials do.
+Keras Tuner keeps its own state (oracle, checkpoints) in
 `studies/<study>-keras-tuner-<algorithm>/`, so running the same command again resumes.
 
 Keras Tuner 1.4.8 imports `tensorboard` in every trial on the TensorFlow backend, and
@@ -23,15 +25,73 @@ from pathlib import Path
 import keras
 import keras_tuner
 import mlflow
+import optuna
 
-from digitune import config, records, space, tracking, trainer
-from digitune.engines import hypermodel, scaffold
+from digitune import config, data, model, registry, space, study_file, tracking, trainer
+from digitune.engines import scaffold
 
 log = logging.getLogger(__name__)
 
 ALGORITHMS = ("hyperband", "bayesian")
 ENGINE = "keras-tuner"
 _PARENT_RUN_FILE = "mlflow_parent_run_id"
+
+
+def hyperparameters(definition: study_file.StudyDefinition) -> keras_tuner.HyperParameters:
+    """The study's [space] as Keras Tuner hyperparameters (fixed values stay out: the
+    hypermodel adds them to every trial's params, as `space.suggest` does for Optuna)."""
+    hp = keras_tuner.HyperParameters()
+    for name, distribution in definition.distributions.items():
+        if isinstance(distribution, optuna.distributions.CategoricalDistribution):
+            hp.Choice(name, list(distribution.choices), ordered=False)
+            continue
+        low, high = distribution.low, distribution.high
+        sampling = "log" if distribution.log else "linear"
+        if isinstance(distribution, optuna.distributions.FloatDistribution):
+            hp.Float(name, low, high, step=distribution.step, sampling=sampling)
+        else:
+            # Keras Tuner reads an int range's step as a factor under log sampling, where
+            # Optuna only allows step 1; so a log range has no step here.
+            step = None if distribution.log else distribution.step
+            hp.Int(name, low, high, step=step, sampling=sampling)
+    return hp
+
+
+class CnnHyperModel(keras_tuner.HyperModel):
+    """Builds with `model.build_model` and trains with `trainer.fit`, as Optuna trials do."""
+
+    def __init__(self, definition: study_file.StudyDefinition, split: data.Split):
+        super().__init__(name="mnist_cnn")
+        self.definition = definition
+        self.split = split
+
+    def params(self, hp: keras_tuner.HyperParameters) -> dict:
+        """The trial's plain params: the file's fixed values plus the sampled ones."""
+        sampled = {name: hp.get(name) for name in self.definition.distributions}
+        return {**self.definition.fixed, **sampled}
+
+    def build(self, hp):
+        # Keras Tuner clears the Keras session before every build, and with it the dtype
+        # policy, so the study's precision is set here.
+        keras.mixed_precision.set_global_policy(
+            trainer.precision_policy(self.definition.training.precision)
+        )
+        cnn = model.build_model(self.params(hp))
+        # Hyperband continues a trial from its checkpoint, optimizer state included; a built
+        # optimizer loads that state instead of warning that it skipped it.
+        cnn.optimizer.build(cnn.trainable_variables)
+        return cnn
+
+    def fit(self, hp, cnn, *args, epochs=1, initial_epoch=0, callbacks=(), **kwargs):
+        return trainer.fit(
+            cnn,
+            self.params(hp),
+            self.split,
+            epochs,
+            callbacks,
+            initial_epoch=initial_epoch,
+            settings=self.definition.training,
+        )
 
 
 def _tracked(tuner_class: type[keras_tuner.Tuner]) -> type[keras_tuner.Tuner]:
@@ -65,11 +125,11 @@ def _tracked(tuner_class: type[keras_tuner.Tuner]) -> type[keras_tuner.Tuner]:
                 histories = super().run_trial(trial, *args, **kwargs)
                 history = histories[-1].history
                 # Early stopping restored the best epoch's weights: the matrix matches the
-                # value, and the weights let `scaffold.finalize` rebuild the model.
+                # value, and the weights let `registry.register_best` rebuild the model.
                 cnn = histories[-1].model
-                validation = records.evaluate_validation(cnn, self.hypermodel.split)
+                validation = tracking.evaluate_validation(cnn, self.hypermodel.split)
                 trainer.check_learned(history, params, validation.confusion_matrix)
-                records.log_trial_result(cnn, validation, number)
+                tracking.log_trial_result(cnn, validation, number)
             seconds = time.perf_counter() - started
             log.info(_trial_line(number, history, seconds, trial.hyperparameters))
             return histories
@@ -87,7 +147,7 @@ def _hyperband_tags(values: dict) -> dict[str, str]:
         if key.startswith("tuner/")
     }
     if "hyperband_trial_id" in tags:
-        tags["hyperband_trial_id"] = str(int(tags["hyperband_trial_id"]))
+        tags["hyperband_trial_id"] = tracking.trial_tag(tags["hyperband_trial_id"])
     return tags
 
 
@@ -123,36 +183,22 @@ def dropped_by_successive_halving(trial_tags: list[dict], max_epochs: int) -> se
     }
 
 
-@dataclasses.dataclass(frozen=True)
-class Outcome:
-    """What a finished Keras Tuner search reports."""
-
-    study_name: str
-    seconds: float
-    trials: int
-    best: scaffold.BestTrial
-    test_accuracy: float
-    model_version: str | None
-    parent_run_id: str
-    model_name: str = ""
-
-
 def run(
-    study_file: str | Path | space.StudyDefinition,
+    source: str | Path | study_file.StudyDefinition,
     algorithm: str = "hyperband",
     n_trials: int | None = None,
     timeout_minutes: float | None = None,
     register: bool = True,
     experiment: str | None = None,
     directory: Path | None = None,
-) -> Outcome:
+) -> scaffold.Outcome:
     """Search the study's space with Keras Tuner's `algorithm` within the study's budget,
     then evaluate the best trial's model on the test set and (with `register`) register it
     as `challenger`, like the Optuna engine."""
     started = time.perf_counter()
     if algorithm not in ALGORITHMS:
         raise ValueError(f"--algorithm must be one of {', '.join(ALGORITHMS)}, got {algorithm!r}")
-    inputs = scaffold.prepare(study_file, n_trials, timeout_minutes)
+    inputs = scaffold.prepare(source, n_trials, timeout_minutes)
     definition = inputs.definition
     if definition.objectives.measured:
         raise ValueError(
@@ -182,7 +228,7 @@ def run(
         with scaffold.parent_run(
             inputs,
             experiment=experiment or definition.study.name,
-            run_name=f"{definition.study.name} {ENGINE} {algorithm}",
+            run_name=tracking.parent_run_name(definition.study.name, ENGINE, algorithm),
             run_id=parent_file.read_text().strip() if parent_file.exists() else None,
             tags={"study": study_name, "engine": ENGINE, "algorithm": algorithm},
         ) as parent_run_id:
@@ -190,35 +236,52 @@ def run(
             tuner = _make_tuner(inputs, algorithm, directory, parent_run_id)
             tuner.search(
                 epochs=definition.training.max_epochs,
-                callbacks=trainer.training_callbacks(definition.training, inputs.deadline),
+                callbacks=trainer.training_callbacks(
+                    definition.training,
+                    inputs.deadline,
+                    trainer.images_per_epoch(definition.training, inputs.split),
+                ),
                 verbose=0,
             )
             if trainer.STOP.is_set():
                 raise KeyboardInterrupt
             best = _best_trial(tuner, study_name)
             mlflow.MlflowClient().log_metric(parent_run_id, "trials", len(tuner.oracle.trials))
-            test_accuracy, version = scaffold.finalize(best, inputs, parent_run_id, register)
+            test_accuracy, version = registry.register_best(
+                best, definition, inputs.dataset, parent_run_id, register
+            )
     finally:
         keras.mixed_precision.set_global_policy("float32")
-    return Outcome(
+    return scaffold.Outcome(
         study_name,
+        ENGINE,
         time.perf_counter() - started,
-        len(tuner.oracle.trials),
+        _states(tuner),
         best,
         test_accuracy,
         version,
+        definition.model_name,
         parent_run_id,
-        inputs.definition.model_name,
     )
+
+
+def _states(tuner) -> dict[str, int]:
+    """The search's trials by how they ended, in Optuna's words."""
+    words = {"COMPLETED": "complete", "FAILED": "fail", "INVALID": "fail"}
+    counted: dict[str, int] = {}
+    for trial in tuner.oracle.trials.values():
+        state = words.get(str(trial.status), str(trial.status).lower())
+        counted[state] = counted.get(state, 0) + 1
+    return dict(sorted(counted.items()))
 
 
 def _make_tuner(inputs: scaffold.Inputs, algorithm, directory, parent_run_id):
     definition = inputs.definition
     settings = definition.study
     common = {
-        "hypermodel": hypermodel.CnnHyperModel(definition, inputs.split),
+        "hypermodel": CnnHyperModel(definition, inputs.split),
         "objective": keras_tuner.Objective(config.OBJECTIVE_METRIC, direction="max"),
-        "hyperparameters": hypermodel.hyperparameters(definition),
+        "hyperparameters": hyperparameters(definition),
         "seed": settings.seed,
         "directory": str(directory.parent),
         "project_name": directory.name,
@@ -244,18 +307,18 @@ def _make_tuner(inputs: scaffold.Inputs, algorithm, directory, parent_run_id):
     )
 
 
-def _best_trial(tuner, study_name: str) -> scaffold.BestTrial:
+def _best_trial(tuner, study_name: str) -> registry.BestTrial:
     """The best trial whose MLflow run logged its weights."""
     for trial in tuner.oracle.get_best_trials(num_trials=len(tuner.oracle.trials)):
         if trial.status != keras_tuner.engine.trial.TrialStatus.COMPLETED:
             continue
         runs = tracking.child_runs(
             tuner.parent_run_id,
-            f"tags.trial_number = '{int(trial.trial_id)}' and tags.state = 'COMPLETE' "
-            f"and tags.engine = '{ENGINE}'",
+            f"tags.trial_number = '{tracking.trial_tag(trial.trial_id)}' "
+            f"and tags.state = 'COMPLETE' and tags.engine = '{ENGINE}'",
         )
         if runs:
-            return scaffold.BestTrial(
+            return registry.BestTrial(
                 study_name,
                 int(trial.trial_id),
                 tuner.hypermodel.params(trial.hyperparameters),

@@ -1,5 +1,8 @@
-"""Turn an arbitrary picture of a digit into an MNIST-like 28x28 image (`prepare`), or any
-picture into a model's input by resizing it (`fit`, for models of other pictures).
+"""How a picture a user sends becomes a model's input: serving's preprocessing.
+
+`images_from` turns a request's body (a PNG or JPEG upload, or JSON arrays) into a batch of
+the served model's images. A picture of a digit becomes an MNIST-like 28x28 image
+(`prepare`); any other picture is resized to the model's input (`fit`).
 
 MNIST's digits were size-normalised to fit a 20x20 box (keeping their aspect ratio) and
 placed in a 28x28 image so that their centre of mass sits at the centre, white ink on black.
@@ -11,6 +14,7 @@ light, cropped to the ink, scaled to fit 20x20, and centred by mass.
 from __future__ import annotations
 
 import io
+import json
 
 import numpy as np
 from PIL import Image, PngImagePlugin, UnidentifiedImageError
@@ -27,6 +31,8 @@ PngImagePlugin.MAX_TEXT_MEMORY = 1024 * 1024
 # Pillow's readers tried on an upload. Phones and cameras save JPEGs as MPO (several pictures
 # in one file, the first being the photo), which the JPEG reader opens too.
 FORMATS = ("PNG", "JPEG")
+# The most images one request may hold.
+MAX_BATCH = 256
 # Pixels at least this bright (on a 0-1 scale, after inversion) count as ink when cropping.
 INK_THRESHOLD = 0.2
 
@@ -158,3 +164,50 @@ def from_array(values: object, shape: tuple[int, int, int] = (SIZE, SIZE, 1)) ->
     if array.max() > 1:
         array = array / 255.0
     return array.astype(np.float32)
+
+
+def images_from(
+    content_type: str, body: bytes, shape=(SIZE, SIZE, 1), digits: bool = True
+) -> np.ndarray:
+    """The request's images as a float32 (N, H, W, C) batch in [0, 1] for a model of input
+    `shape`: pictures of digits prepared as MNIST was (`digits`), others resized."""
+    if not body:
+        raise ImageError("the body is empty; send an image or JSON")
+    if content_type.startswith("application/json"):
+        try:
+            payload = json.loads(body)
+        except (ValueError, RecursionError):
+            raise ImageError("the body is not valid JSON (or nests too deeply)") from None
+        return images_from_json(payload, shape, digits)
+    if not content_type.startswith(("image/", "multipart/form-data")):
+        raise ImageError(
+            f"unsupported content type '{content_type}'; send image/png, image/jpeg, "
+            "multipart/form-data or application/json"
+        )
+    if digits:
+        return fit(prepare(decode(body)), shape)[np.newaxis]
+    return fit(decode(body, colour=shape[2] == 3), shape)[np.newaxis]
+
+
+def images_from_json(payload: object, shape=(SIZE, SIZE, 1), digits=True):
+    words = "x".join(map(str, shape[:2] if shape[2] == 1 else shape))
+    if not isinstance(payload, dict) or not ({"image", "images"} & set(payload)):
+        raise ImageError(f'send {{"image": <{words} array>}} or {{"images": [<{words}>, ...]}}')
+    unknown = sorted(set(payload) - {"image", "images", "prepare"})
+    if unknown or {"image", "images"} <= set(payload):
+        named = f"unknown field(s) {', '.join(map(repr, unknown))}: " if unknown else ""
+        raise ImageError(f"{named}send 'image' or 'images' (not both), maybe 'prepare'")
+    arrays = [payload["image"]] if "image" in payload else payload["images"]
+    if not isinstance(arrays, list) or not arrays:
+        raise ImageError(f"'images' must be a non-empty list of {words} arrays")
+    if len(arrays) > MAX_BATCH:
+        raise ImageError(f"a batch holds at most {MAX_BATCH} images, got {len(arrays)}")
+    prepare = payload.get("prepare", False)
+    if not isinstance(prepare, bool):
+        raise ImageError(f"'prepare' must be true or false, got {prepare!r}")
+    if prepare and not digits:
+        raise ImageError("'prepare' is for digit models; this one takes arrays as they are")
+    images = [from_array(array, shape) for array in arrays]
+    if prepare:
+        images = [fit(prepare(image[..., 0]), shape) for image in images]
+    return np.stack(images)

@@ -12,7 +12,6 @@ one invocation. The test set is touched once, after the study, for the best tria
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import time
 from pathlib import Path
@@ -20,29 +19,12 @@ from pathlib import Path
 import optuna
 from optuna.trial import TrialState
 
-from digitune import objectives, report, space, study, tracking, trainer
-from digitune import refit as refitting
-from digitune.engines import objective, scaffold
-from digitune.engines import workers as processes
+from digitune import refit, registry, report, study, study_file, tracking, trainer
+from digitune.engines import objective, parallel, scaffold
 
 log = logging.getLogger(__name__)
 
-
-@dataclasses.dataclass(frozen=True)
-class Outcome:
-    """What a finished `tune` reports."""
-
-    study: optuna.Study
-    seconds: float
-    best_trial: optuna.trial.FrozenTrial
-    test_accuracy: float
-    model_version: str | None
-    parent_run_id: str
-    refit: refitting.Refit | None = None
-    # Worker processes that died (killed, crashed) while the study ran, in words; their
-    # trials were failed and run again by the others.
-    worker_deaths: tuple[str, ...] = ()
-    model_name: str = ""
+ENGINE = "optuna"
 
 
 class WorkerError(RuntimeError):
@@ -50,7 +32,7 @@ class WorkerError(RuntimeError):
 
 
 def run(
-    study_file: str | Path | space.StudyDefinition,
+    source: str | Path | study_file.StudyDefinition,
     storage: str | None = None,
     n_trials: int | None = None,
     timeout_minutes: float | None = None,
@@ -58,8 +40,9 @@ def run(
     join: bool = False,
     register: bool = True,
     experiment: str | None = None,
-    refit: bool = False,
-) -> Outcome | None:
+    refit_best: bool = False,
+    progress_bar: bool = True,
+) -> scaffold.Outcome | None:
     """Tune with `workers` processes (default: the study file's), then evaluate the best
     trial's model on the test set and (with `register`) register it as `challenger`. With
     `join`, only run trials of a study started elsewhere (returns None). `experiment`
@@ -68,7 +51,7 @@ def run(
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # Our own line per trial says it.
     if workers is not None and workers < 1:
         raise ValueError(f"--workers must be at least 1, got {workers}")
-    inputs = scaffold.prepare(study_file, n_trials, timeout_minutes)
+    inputs = scaffold.prepare(source, n_trials, timeout_minutes)
     definition = inputs.definition
     workers = workers or definition.study.workers
     optuna_study = study.load_or_create(definition, storage, join=join)
@@ -93,10 +76,10 @@ def run(
                 definition,
                 objective.make_objective(definition, inputs.split, parent_run_id, inputs.deadline),
                 inputs.deadline,
-                progress_bar=True,
+                progress_bar=progress_bar,
             )
         else:
-            deaths = processes.run_workers(
+            deaths = parallel.run_workers(
                 definition, storage, workers, inputs.deadline, optuna_study
             )
         # Ctrl-C or SIGTERM: the trials stopped cleanly; so does the study.
@@ -116,11 +99,11 @@ def run(
     with scaffold.parent_run(
         inputs,
         experiment=experiment or optuna_study.study_name,
-        run_name=optuna_study.study_name,
+        run_name=tracking.parent_run_name(optuna_study.study_name, ENGINE, ""),
         run_id=optuna_study.user_attrs.get(tracking.PARENT_RUN_ATTR),
         tags={
             "study": optuna_study.study_name,
-            "engine": "optuna",
+            "engine": ENGINE,
             "algorithm": f"{settings.sampler}, {settings.pruner} pruner",
         },
     ) as parent_run_id:
@@ -131,22 +114,38 @@ def run(
                 f"study '{optuna_study.study_name}' has no completed trial to register; "
                 "see each trial's fail_reason above or in the MLflow UI"
             )
-        best = scaffold.BestTrial.of(optuna_study)
-        test_accuracy, version = scaffold.finalize(best, inputs, parent_run_id, register)
+        best = registry.BestTrial.of(optuna_study)
+        test_accuracy, version = registry.register_best(
+            best, definition, inputs.dataset, parent_run_id, register
+        )
         refitted = (
-            refitting.run(optuna_study, definition, inputs.dataset, parent_run_id, test_accuracy)
-            if refit
+            refit.run(optuna_study, definition, inputs.dataset, parent_run_id, test_accuracy)
+            if refit_best
             else None
         )
         report.log_to_run(optuna_study, parent_run_id, settings=definition.objectives)
-    return Outcome(
-        optuna_study,
+    return scaffold.Outcome(
+        optuna_study.study_name,
+        ENGINE,
         time.perf_counter() - started,
-        objectives.best_trial(optuna_study),
+        states(optuna_study),
+        best,
         test_accuracy,
         version,
-        parent_run_id,
-        refitted,
-        deaths,
         definition.model_name,
+        parent_run_id,
+        study=optuna_study,
+        refit=refitted,
+        worker_deaths=deaths,
     )
+
+
+def states(optuna_study: optuna.Study) -> dict[str, int]:
+    """The study's trials by how they ended, a trial the deadline cut short apart."""
+    counted: dict[str, int] = {}
+    for trial in optuna_study.trials:
+        state = trial.state.name.lower()
+        if trial.user_attrs.get(study.DEADLINE_ATTR):
+            state += " but cut short by the deadline"
+        counted[state] = counted.get(state, 0) + 1
+    return dict(sorted(counted.items()))
