@@ -2,7 +2,7 @@
 # Every target is a thin call of the `digitune` command, so everything works without make.
 
 .DEFAULT_GOAL := help
-.PHONY: help install data tune worker mlflow-server report pareto select dashboard promote ensemble tflite rollback models gc serve bench bench-serve ui test lint clean
+.PHONY: help install install-dev init data tune worker mlflow-server report pareto select dashboard promote ensemble tflite rollback models gc serve bench bench-serve ui test test-fast lint docs clean
 
 PYTHON ?= python3
 VENV := .venv
@@ -54,13 +54,23 @@ help: ## Show this help
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | \
 		awk 'BEGIN {FS = ":.*?## "}; {printf "  %-14s %s\n", $$1, $$2}'
 
-$(BIN)/digitune: pyproject.toml
+# Running digitune installs what running needs; the tests add the development tools.
+$(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[all]'
+	@touch $@
+
+$(VENV)/.installed-dev: $(VENV)/.installed
 	$(BIN)/pip install --quiet -e '.[all,dev]'
 	@touch $@
 
-install: $(BIN)/digitune ## Create .venv and install digitune with all its extras and dev tools
+install: $(VENV)/.installed ## Create .venv and install digitune with all its extras
+
+install-dev: $(VENV)/.installed-dev ## ... and the development tools (pytest, ruff, selenium, ...)
+
+init: install ## Copy the study files shipped with digitune into studies/ (keeps existing ones)
+	$(BIN)/digitune init
 
 data: install ## Fetch and verify MNIST into data/mnist (or check MNIST_DIR); STUDY=... its [data]
 	$(BIN)/digitune data $(if $(filter-out $(origin STUDY),file),--study $(STUDY))
@@ -117,13 +127,19 @@ bench-serve: install ## Latency of single and batched requests to a running `mak
 ui: install ## Start the MLflow UI on 127.0.0.1:5000 to compare trials
 	$(BIN)/digitune ui
 
-test: install ## Run the test suite (no network needed)
+test: install-dev ## Run the test suite (no network needed)
 	$(BIN)/pytest
 
-lint: install ## Check style with ruff and the package's layers with import-linter
+test-fast: install-dev ## The tests that train nothing (seconds, not minutes)
+	$(BIN)/pytest -m "not slow"
+
+lint: install-dev ## Check style with ruff and the package's floors with import-linter
 	$(BIN)/ruff check src tests
 	$(BIN)/ruff format --check src tests
 	$(BIN)/lint-imports
+
+docs: install ## Regenerate docs/study-files.md, the study-file reference, from the code
+	$(BIN)/python -c 'from digitune import study_file; print(study_file.reference(), end="")' > docs/study-files.md
 
 clean: ## Remove studies' databases and the MLflow store (keeps data and .venv)
 	rm -rf mlruns/mlflow.db mlruns/artifacts studies/*.db studies/*-keras-tuner-*/

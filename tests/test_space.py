@@ -151,3 +151,19 @@ def test_mistakes_name_the_file_and_the_key(tmp_path, text, message):
 def test_missing_file(tmp_path):
     with pytest.raises(ValueError, match="study file not found"):
         study_file.load(tmp_path / "nope.toml")
+
+
+def test_the_study_file_reference_agrees_with_the_code():
+    from pathlib import Path
+
+    from digitune import study_file
+
+    reference = Path(__file__).parents[1] / "docs" / "study-files.md"
+    assert reference.read_text() == study_file.reference(), (
+        "docs/study-files.md is out of date: run `make docs`"
+    )
+    # Every key of every table is there, with its default.
+    for table, settings in study_file.TABLES.items():
+        assert f"## [{table}]" in reference.read_text()
+        for field in settings.__dataclass_fields__.values():
+            assert f"| `{field.name}` |" in reference.read_text()

@@ -165,74 +165,98 @@ def cpu_has_bfloat16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
+def setting(default, doc: str):
+    """A study-file key's default, and what it means in words (docs/study-files.md)."""
+    return dataclasses.field(default=default, metadata={"doc": doc})
+
+
 @dataclasses.dataclass(frozen=True)
 class StudySettings:
-    """The [study] table of a study file."""
+    """The [study] table of a study file: what is searched, how, and for how long."""
 
-    name: str = "mnist-cnn"
-    # The study's total number of finished trials: a resumed study runs only the rest.
-    n_trials: int = 20
-    # Wall-clock limit of one `tune` invocation, whichever of the two comes first.
-    timeout_minutes: float = 0.0
-    sampler: str = "tpe"
-    seed: int = 0
-    # Random trials before TPE starts modelling; small budgets want few.
-    n_startup_trials: int = 5
-    # median, hyperband, successive_halving (asynchronous, keeps the best third at epochs
-    # 2, 4, 10, ... counted from `pruner_warmup_epochs`), rejudging_successive_halving (the
-    # same rungs, a trial judged at each epoch until its next rung: see pruners.py) or none.
-    pruner: str = "median"
-    # Trials that finish before the median pruner starts pruning.
-    pruner_startup_trials: int = 3
-    # Epochs a trial trains before the pruner may stop it (0 = may prune after the first).
-    pruner_warmup_epochs: int = 1
-    # With a database storage, each running trial beats every `heartbeat_seconds`; one silent
-    # for `heartbeat_grace_seconds` (its worker was killed) is failed and retried up to
-    # `max_retries` times by a live worker.
-    # Worker processes running trials side by side, each with an equal share of the CPU
-    # threads (`--workers` overrides it): on 2 cores, two single-threaded trials train
-    # 1.5-2.5x the images a second of one trial on both (TensorFlow keeps 1-1.8 cores busy).
-    workers: int = 1
-    heartbeat_seconds: int = 20
-    heartbeat_grace_seconds: int = 60
-    max_retries: int = 2
+    name: str = setting(
+        "mnist-cnn",
+        "names the study's Optuna database (studies/<name>.db), MLflow experiment and parent "
+        "run; letters, digits, '-', '_' and '.'",
+    )
+    n_trials: int = setting(
+        20, "the study's total of finished trials: a resumed study runs only the rest"
+    )
+    timeout_minutes: float = setting(
+        0.0, "wall-clock limit of one `tune` run, whichever of the two comes first (0: none)"
+    )
+    sampler: str = setting("tpe", "Optuna's sampler, seeded by `seed`")
+    seed: int = setting(0, "seeds the sampler and every trial's weights and batch order")
+    n_startup_trials: int = setting(5, "random trials before TPE starts modelling")
+    pruner: str = setting(
+        "median",
+        "successive_halving keeps the best third at epochs 2, 4, 10, ... (counted from "
+        "`pruner_warmup_epochs`); rejudging_successive_halving asks again at every epoch until "
+        "the next rung (src/digitune/pruners.py)",
+    )
+    pruner_startup_trials: int = setting(3, "trials that finish before the median pruner prunes")
+    pruner_warmup_epochs: int = setting(
+        1, "epochs a trial trains before it may be pruned (0: from the first)"
+    )
+    workers: int = setting(
+        1,
+        "worker processes running trials side by side (at least 1), each with an equal share "
+        "of the CPU threads (`--workers` overrides it)",
+    )
+    heartbeat_seconds: int = setting(
+        20, "how often a running trial beats in a database storage (at least 1)"
+    )
+    heartbeat_grace_seconds: int = setting(
+        60, "a trial silent this long (its worker was killed) is failed and retried"
+    )
+    max_retries: int = setting(2, "how often a dead worker's trial is retried")
 
 
 @dataclasses.dataclass(frozen=True)
 class TrainingSettings:
-    """The [training] table of a study file."""
+    """The [training] table of a study file: how every trial trains."""
 
-    max_epochs: int = 6
-    early_stopping_patience: int = 2
-    # How many of the 50,000 training and 10,000 validation images to use (0 = all).
-    train_images: int = 0
-    validation_images: int = 0
-    # Keras dtype policy while tuning: "auto" picks mixed_float16 on a GPU, mixed_bfloat16 on a
-    # CPU with bfloat16 instructions (up to 2.5x faster, same accuracy), else float32. The
-    # registered model is always rebuilt in float32.
-    precision: str = "auto"
-    # Batches run per call into TensorFlow (Keras's `steps_per_execution`): fewer Python
-    # round trips per epoch, which small batches on a CPU feel most. Callbacks that act per
-    # batch (Ctrl-C) see every Nth batch.
-    steps_per_execution: int = 8
-    # Training images that make one epoch, the step at which validation accuracy is reported,
-    # pruned on and early-stopped on (0 = a whole pass over the training images). Fewer make
-    # the pruner's first verdicts cheaper; each epoch carries on through the shuffled pass.
-    epoch_images: int = 0
+    max_epochs: int = setting(6, "epochs of a trial that is never pruned (at least 1)")
+    early_stopping_patience: int = setting(
+        2, "epochs without a better validation accuracy before a trial stops"
+    )
+    train_images: int = setting(0, "training images to use, the first ones (0: all)")
+    validation_images: int = setting(0, "validation images to use, the first ones (0: all)")
+    precision: str = setting(
+        "auto",
+        "Keras dtype policy while tuning; auto picks mixed_float16 on a GPU, mixed_bfloat16 on "
+        "a CPU with bfloat16 instructions, else float32. Registered models are float32",
+    )
+    steps_per_execution: int = setting(
+        8,
+        "batches per call into the backend: fewer Python round trips, which small batches on a "
+        "CPU feel most; per-batch callbacks (Ctrl-C) see every Nth batch",
+    )
+    epoch_images: int = setting(
+        0,
+        "training images an epoch trains: where validation accuracy is reported, pruned on and "
+        "early-stopped on; an epoch carries on through the shuffled pass (0: a whole pass)",
+    )
 
 
 @dataclasses.dataclass(frozen=True)
 class DataSettings:
-    """The [data] table of a study file: what the study trains on (`digitune.datasets`)."""
+    """The [data] table of a study file: what the study trains on (`digitune.data`)."""
 
-    # mnist, fashion-mnist, cifar10 or sklearn-digits; "folder" with `folder` set.
-    dataset: str = "mnist"
-    # Pictures, one sub-folder per class, maybe in train/ and test/ (relative to the project).
-    folder: str = ""
-    image_size: int = 0  # resize to this square side (0 = keep their size, which must be one)
-    color_mode: str = "auto"  # grayscale, rgb, or auto (grayscale when every picture is)
-    test_fraction: float = 0.2  # held out as the test set when there is no test/
-    split_seed: int = 0  # seeds that split; change it and the test set changes
+    dataset: str = setting("mnist", 'a known dataset; "folder" with `folder` set')
+    folder: str = setting(
+        "",
+        "a folder of pictures, one sub-folder per class, maybe in train/ and test/ "
+        "(relative to the project)",
+    )
+    image_size: int = setting(
+        0, "resize a folder's pictures to this square side, 4-1024 (0: keep their size)"
+    )
+    color_mode: str = setting("auto", "a folder's pictures: auto is grayscale when all are")
+    test_fraction: float = setting(
+        0.2, "held out as the test set when a dataset has no test split of its own"
+    )
+    split_seed: int = setting(0, "seeds that hold-out; change it and the test set changes")
 
     @property
     def name(self) -> str:
@@ -264,10 +288,12 @@ class ObjectiveSettings:
     multi-objective study, not pruned) and limits on them (constraints; the trials stay
     single-objective and pruned when nothing is minimised). 0 = no limit."""
 
-    minimize: tuple[str, ...] = ()  # some of COSTS
-    max_params: float = 0.0
-    max_int8_kb: float = 0.0
-    max_latency_ms: float = 0.0
+    minimize: tuple[str, ...] = setting(
+        (), "costs minimised beside validation accuracy: the study becomes multi-objective"
+    )
+    max_params: float = setting(0.0, "limit on a model's weights (0: none)")
+    max_int8_kb: float = setting(0.0, "limit on its int8 TFLite file, in KB (0: none)")
+    max_latency_ms: float = setting(0.0, "limit on one image's latency, in ms (0: none)")
 
     @property
     def limits(self) -> dict[str, float]:  # {cost: limit} of the constraints set
@@ -284,12 +310,12 @@ class ObjectiveSettings:
 class RegistrySettings:
     """The [registry] table of a study file."""
 
-    # The registered model this study's best models become versions of ("" = <dataset>-cnn).
-    model_name: str = ""
+    model_name: str = setting(
+        "", "the registered model its best models become versions of (default: <dataset>-cnn)"
+    )
 
 
 SAMPLERS = ("tpe", "random", "nsga2")
-DATASETS = ("mnist", "fashion-mnist", "cifar10", "sklearn-digits", "folder")
 COLOR_MODES = ("auto", "grayscale", "rgb")
 PRUNERS = ("median", "hyperband", "none", "successive_halving", "rejudging_successive_halving")
 

@@ -60,6 +60,29 @@ HYPERPARAMETER_DEFAULTS: dict[str, object] = {
     # or plateau (halve when validation accuracy stalls for an epoch).
     "lr_schedule": "constant",
 }
+# What each hyperparameter does, in words (docs/study-files.md).
+HYPERPARAMETER_DOCS: dict[str, str] = {
+    "learning_rate": "the optimizer's learning rate",
+    "batch_size": "training images per batch (read by the trainer)",
+    "num_conv_blocks": "convolution blocks, each ending in 2x2 max pooling",
+    "num_filters": "filters of the first block's convolutions",
+    "convs_per_block": "convolutions in each block",
+    "filter_growth": "factor by which the filters grow from one block to the next",
+    "separable_convolutions": "depthwise-separable convolutions after the first",
+    "global_average_pooling": "global average pooling instead of flattening",
+    "kernel_size": "side of the square convolution kernels",
+    "dense_units": "units of the hidden dense layer (0: none)",
+    "dropout_rate": "dropout before and after the dense layer",
+    "batch_normalization": "batch normalisation after every convolution",
+    "augment_shift": "random shifts of training images, as a fraction of their size",
+    "augment_rotation_degrees": "random rotations of training images, in degrees",
+    "augment_zoom": "random zoom of training images, as a fraction",
+    "optimizer": "adam, adamw (decoupled weight decay), sgd (Nesterov momentum 0.9) or rmsprop",
+    "weight_decay": "AdamW's weight decay (the others ignore it)",
+    "label_smoothing": "label smoothing of the cross-entropy",
+    "lr_schedule": "constant, cosine (decay to 0 over the epochs) or plateau (halve when "
+    "validation accuracy stalls for an epoch); read by the trainer",
+}
 AUGMENTATION_PARAMS = ("augment_shift", "augment_rotation_degrees", "augment_zoom")
 OPTIMIZERS = ("adam", "adamw", "sgd", "rmsprop")
 LR_SCHEDULES = ("constant", "cosine", "plateau")

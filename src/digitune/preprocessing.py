@@ -202,12 +202,12 @@ def images_from_json(payload: object, shape=(SIZE, SIZE, 1), digits=True):
         raise ImageError(f"'images' must be a non-empty list of {words} arrays")
     if len(arrays) > MAX_BATCH:
         raise ImageError(f"a batch holds at most {MAX_BATCH} images, got {len(arrays)}")
-    prepare = payload.get("prepare", False)
-    if not isinstance(prepare, bool):
-        raise ImageError(f"'prepare' must be true or false, got {prepare!r}")
-    if prepare and not digits:
+    as_drawn = payload.get("prepare", False)
+    if not isinstance(as_drawn, bool):
+        raise ImageError(f"'prepare' must be true or false, got {as_drawn!r}")
+    if as_drawn and not digits:
         raise ImageError("'prepare' is for digit models; this one takes arrays as they are")
     images = [from_array(array, shape) for array in arrays]
-    if prepare:
+    if as_drawn:
         images = [fit(prepare(image[..., 0]), shape) for image in images]
     return np.stack(images)

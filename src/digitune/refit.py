@@ -82,7 +82,7 @@ def run(
         epochs,
     )
     trainer.fresh_session(definition.training.precision, definition.study.seed + best.number)
-    with tracking.refit_run(parent_run_id, best.number) as run:
+    with tracking.refit_run(parent_run_id, best.number) as refit_run:
         mlflow.log_params(params)
         cnn = model.build_model(params)
         history = trainer.fit(
@@ -99,7 +99,7 @@ def run(
         ).history
         trainer.check_finite(history, params)
         tracking.log_weights(cnn)
-        float32_model = tracking.load_model(params, run.info.run_id)
+        float32_model = tracking.load_model(params, refit_run.info.run_id)
         test = evaluate.evaluate(
             float32_model, data.preprocess(dataset.test_images), dataset.test_labels
         )

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import optuna
 
-from digitune import config, space
+from digitune import config, data, model, space
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,7 +107,7 @@ _CHOICES = {
     (config.TrainingSettings, "precision"): config.PRECISIONS,
     (config.StudySettings, "sampler"): config.SAMPLERS,
     (config.StudySettings, "pruner"): config.PRUNERS,
-    (config.DataSettings, "dataset"): config.DATASETS,
+    (config.DataSettings, "dataset"): (*data.SOURCES, "folder"),
     (config.DataSettings, "color_mode"): config.COLOR_MODES,
     (config.ObjectiveSettings, "minimize"): config.COSTS,
 }
@@ -249,3 +249,89 @@ def check_study_name(name: str, source: str, what: str = "study name") -> None:
             f"{source}: {what} {name!r} is not allowed; use up to 100 letters, digits, "
             "'-', '_' and '.', starting with a letter or digit (no '..')"
         )
+
+
+# The tables of a study file and the settings each one holds, in the order a file has them.
+TABLES = {
+    "study": config.StudySettings,
+    "training": config.TrainingSettings,
+    "data": config.DataSettings,
+    "registry": config.RegistrySettings,
+    "objectives": config.ObjectiveSettings,
+}
+
+
+def reference() -> str:
+    """docs/study-files.md: every key of a study file, its default, what it may be, and what
+    it does, read off the settings and the model (`make docs` writes it; a test compares)."""
+    lines = [
+        "# Study files: every key",
+        "",
+        "Generated from `src/digitune/config.py` and `src/digitune/model.py` by `make docs`;",
+        "`tests/test_space.py` checks that it agrees with the code. A study file is a short list",
+        "of differences from these defaults; `studies/` has examples.",
+    ]
+    for table, cls in TABLES.items():
+        lines += ["", f"## [{table}]", "", (cls.__doc__ or "").split("\n")[0], ""]
+        lines += ["| key | default | may be | what it does |", "|---|---|---|---|"]
+        hints = typing.get_type_hints(cls)
+        for field in dataclasses.fields(cls):
+            allowed = _CHOICES.get((cls, field.name))
+            kind = _type_name(hints[field.name])
+            may_be = (
+                f"some of {', '.join(allowed)}"
+                if isinstance(field.default, tuple)
+                else (f"one of {', '.join(allowed)}" if allowed else kind)
+            )
+            if hints[field.name] in (int, float):
+                may_be += ", not negative"
+            doc = field.metadata["doc"]
+            lines.append(f"| `{field.name}` | `{_toml(field.default)}` | {may_be} | {doc} |")
+    lines += [
+        "",
+        "## [space]",
+        "",
+        "Each hyperparameter a model can have is either fixed for every trial (a plain value) or",
+        "searched, as one of:",
+        "",
+        "```toml",
+        'learning_rate = { type = "float", low = 1e-4, high = 1e-2, log = true }  # or step = 0.1',
+        'num_filters   = { type = "int", low = 16, high = 64, step = 16 }         # or log = true',
+        'kernel_size   = { type = "categorical", choices = [3, 5] }',
+        "```",
+        "",
+        "Every value a range or its choices can give must be one the model takes. At least one",
+        "hyperparameter must be searched; the rest keep the defaults below.",
+        "",
+        "| hyperparameter | default | may be | what it does |",
+        "|---|---|---|---|",
+    ]
+    for name, default in model.HYPERPARAMETER_DEFAULTS.items():
+        kind, _, words = model.HYPERPARAMETER_LIMITS[name]
+        may_be = " ".join(part for part in (_type_name(kind), words) if part and kind is not str)
+        may_be = words if kind is str else may_be
+        lines.append(
+            f"| `{name}` | `{_toml(default)}` | {may_be} | {model.HYPERPARAMETER_DOCS[name]} |"
+        )
+    lines += [
+        "",
+        "The picture size and the number of classes come from [data], not from [space].",
+        "",
+        "## [[enqueue]]",
+        "",
+        "Configurations tried first, in the file's order (Optuna's `enqueue_trial`): each names",
+        "values of some searched hyperparameters, within their ranges, and the sampler fills in",
+        "the rest. A resumed study does not run them again.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def _toml(value: object) -> str:
+    """A default as a study file writes it."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return f'"{value}"'
+    if isinstance(value, tuple):
+        return "[" + ", ".join(_toml(item) for item in value) + "]"
+    return repr(value)
