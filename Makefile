@@ -2,7 +2,7 @@
 # Every target is a thin call of the `digitune` command, so everything works without make.
 
 .DEFAULT_GOAL := help
-.PHONY: help install install-dev init data tune worker mlflow-server report pareto select dashboard promote ensemble tflite rollback models gc serve bench bench-serve ui test test-fast lint docs clean
+.PHONY: help install install-dev gpu-wheels gpu-check doctor register init data tune worker mlflow-server report pareto select dashboard promote ensemble tflite rollback models gc serve bench bench-serve ui test test-fast lint docs clean
 
 PYTHON ?= python3
 VENV := .venv
@@ -126,6 +126,21 @@ bench-serve: install ## Latency of single and batched requests to a running `mak
 
 ui: install ## Start the MLflow UI on 127.0.0.1:5000 to compare trials
 	$(BIN)/digitune ui
+
+doctor: install ## Say what a study would run on: backend, devices, precision, workers (STUDY)
+	$(BIN)/digitune doctor --study $(STUDY)
+
+register: install ## Test and register a study's best trial, tuned elsewhere (STUDY, or BUNDLE=dir)
+	$(BIN)/digitune register $(if $(BUNDLE),--bundle $(BUNDLE),--study $(STUDY)) $(MODEL_ARG)
+
+gpu-wheels: ## Fetch the wheels a GPU machine without digitune's packages needs (gpu/wheels.txt)
+	$(PYTHON) -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 \
+		--implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
+		--platform manylinux2014_x86_64 -d .whl -r gpu/wheels.txt
+	mkdir -p .gpu/mnist && cp $(or $(MNIST_DIR),data/mnist)/*-ubyte.gz .gpu/mnist/
+
+gpu-check: ## On a GPU: throughput at 3 batch sizes and the default study for 4 minutes (gpu/check.sh)
+	bash gpu/check.sh $(if $(CPU),--cpu)
 
 test: install-dev ## Run the test suite (no network needed)
 	$(BIN)/pytest

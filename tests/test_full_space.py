@@ -14,7 +14,7 @@ import optuna
 import pytest
 
 from conftest import FIXTURE_DIR
-from digitune import data, model, space, study_file, trainer
+from digitune import backend, data, model, space, study_file, trainer
 from digitune.data import mnist
 
 AUGMENTED = {
@@ -132,7 +132,7 @@ def test_full_study_file_trains_under_the_study_precision(split):
         }
     )
     params = space.suggest(trial, definition)
-    keras.mixed_precision.set_global_policy(trainer.precision_policy("auto"))
+    keras.mixed_precision.set_global_policy(backend.precision("auto")[0])
     try:
         cnn = model.build_model(params)
         small = data.Split(

@@ -156,6 +156,23 @@ def forced_precision() -> str | None:
     return value
 
 
+def keras_backend() -> str | None:
+    """KERAS_BACKEND, Keras's own variable for its backend, when it is set; None otherwise."""
+    value = os.environ.get("KERAS_BACKEND") or None
+    if value is not None and value not in ("tensorflow", "jax"):
+        raise ValueError(f"KERAS_BACKEND must be tensorflow or jax for digitune, got {value!r}")
+    return value
+
+
+def compilation_cache_dir() -> Path | None:
+    """Where JAX keeps compiled programs between processes and runs: DIGITUNE_COMPILE_CACHE
+    ("" turns the cache off), else ~/.cache/digitune/jax."""
+    value = os.environ.get("DIGITUNE_COMPILE_CACHE")
+    if value == "":
+        return None
+    return Path(value).expanduser() if value else Path.home() / ".cache" / "digitune" / "jax"
+
+
 def cpu_has_bfloat16() -> bool:
     """Whether this CPU computes bfloat16 natively (AVX512-BF16 or AMX)."""
     try:
@@ -216,6 +233,11 @@ class StudySettings:
 class TrainingSettings:
     """The [training] table of a study file: how every trial trains."""
 
+    backend: str = setting(
+        "auto",
+        "Keras's backend: auto is KERAS_BACKEND when set, else TensorFlow where it is "
+        "installed, else JAX (which GPU machines without TensorFlow train on)",
+    )
     max_epochs: int = setting(6, "epochs of a trial that is never pruned (at least 1)")
     early_stopping_patience: int = setting(
         2, "epochs without a better validation accuracy before a trial stops"
@@ -224,8 +246,8 @@ class TrainingSettings:
     validation_images: int = setting(0, "validation images to use, the first ones (0: all)")
     precision: str = setting(
         "auto",
-        "Keras dtype policy while tuning; auto picks mixed_float16 on a GPU, mixed_bfloat16 on "
-        "a CPU with bfloat16 instructions, else float32. Registered models are float32",
+        "Keras dtype policy while tuning; auto picks mixed_bfloat16 on a GPU or CPU that computes "
+        "bfloat16, mixed_float16 on an older GPU, else float32. Registered models are float32",
     )
     steps_per_execution: int = setting(
         8,
@@ -320,3 +342,4 @@ COLOR_MODES = ("auto", "grayscale", "rgb")
 PRUNERS = ("median", "hyperband", "none", "successive_halving", "rejudging_successive_halving")
 
 PRECISIONS = ("auto", "float32", "mixed_bfloat16", "mixed_float16")
+BACKENDS = ("auto", "tensorflow", "jax")

@@ -43,7 +43,6 @@ import keras
 import mlflow
 import numpy as np
 import pandas as pd
-import tensorflow as tf
 
 from digitune import backend, config, data, model, pareto, registry, study, tracking
 
@@ -53,8 +52,22 @@ WARM_UP_CALLS = 30
 TIMED_CALLS = 300
 
 
+def tensorflow():
+    """TensorFlow, which SavedModels and TFLite files need whatever backend trained the model;
+    a RuntimeError that says so where it is not installed."""
+    if not backend.installed("tensorflow"):
+        raise RuntimeError(
+            "deployment costs, SavedModels and TFLite files need TensorFlow, which is not "
+            "installed here: pip install tensorflow, or tune on the TensorFlow backend"
+        )
+    import tensorflow as tf
+
+    return tf
+
+
 def convert(saved_model: Path, kind: str, calibration: np.ndarray) -> bytes:
     """The TFLite flatbuffer of `saved_model` as float32, float16 or int8."""
+    tf = tensorflow()
     converter = tf.lite.TFLiteConverter.from_saved_model(str(saved_model), signature_keys=["serve"])
     if kind == "float16":
         converter.optimizations = [tf.lite.Optimize.DEFAULT]
@@ -66,7 +79,7 @@ def convert(saved_model: Path, kind: str, calibration: np.ndarray) -> bytes:
         converter.inference_input_type = tf.int8
         converter.inference_output_type = tf.int8
     # The converter prints its settings to the native stderr; a trial says what it measured.
-    with contextlib.redirect_stdout(io.StringIO()), backend.native_stderr_closed():
+    with contextlib.redirect_stdout(io.StringIO()), backend.native_stderr_captured():
         return converter.convert()
 
 
@@ -103,6 +116,7 @@ def latency(serve, image) -> tuple[float, float]:
 
 def measure(cnn: keras.Model, calibration: np.ndarray) -> tuple[dict[str, float], bytes]:
     """The costs of a float32 model (see the module's docstring) and its int8 TFLite file."""
+    tf = tensorflow()
     with tempfile.TemporaryDirectory(prefix="digitune-costs-") as scratch:
         saved_model = export_saved_model(cnn, Path(scratch) / "model")
         int8 = convert(saved_model, "int8", calibration[:CALIBRATION_IMAGES])
@@ -122,16 +136,17 @@ class Interpreter:
     """A TFLite model that takes float images in [0, 1], quantizing them if it is int8."""
 
     def __init__(self, flatbuffer: bytes, batch: int):
+        tf = tensorflow()
         # It points at LiteRT's package (a warning; TF 2.21 still ships this one) and announces
         # its XNNPACK delegate on the native stderr.
-        with warnings.catch_warnings(), backend.native_stderr_closed():
+        with warnings.catch_warnings(), backend.native_stderr_captured():
             warnings.simplefilter("ignore")
             self.interpreter = tf.lite.Interpreter(model_content=flatbuffer)
         self.input = self.interpreter.get_input_details()[0]
         self.output = self.interpreter.get_output_details()[0]
         shape = [batch, *self.input["shape"][1:]]  # the model's own image shape
         self.interpreter.resize_tensor_input(self.input["index"], shape)
-        with backend.native_stderr_closed():
+        with backend.native_stderr_captured():
             self.interpreter.allocate_tensors()
         self.batch = batch
 

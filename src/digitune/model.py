@@ -262,6 +262,21 @@ def for_deployment(trained: keras.Model, params: dict) -> keras.Model:
     return deployed
 
 
+def from_weights(params: dict, weights) -> keras.Model:
+    """The model `params` build, in float32 and without augmentation layers, holding the
+    weights of a file that a trial saved, on whichever backend it trained."""
+    # The registered model computes in float32 whatever precision the trials trained in: it
+    # must run anywhere, and it is what the test accuracy is measured on.
+    keras.mixed_precision.set_global_policy("float32")
+    cnn = build_model(params)
+    # The weights file holds the optimizer's state too; building the optimizer first lets it
+    # load whole instead of warning that half the file was skipped.
+    cnn.optimizer.build(cnn.trainable_variables)
+    cnn.load_weights(weights)
+    # Registered, exported and served without the augmentation that only training uses.
+    return for_deployment(cnn, params)
+
+
 def block_filters(params: dict) -> list[int]:
     """The filters of each convolution block: `num_filters`, growing by `filter_growth`."""
     params = resolve_params(params)
@@ -273,18 +288,22 @@ def augmentation(params: dict) -> keras.Sequential:
     """Random shifts, rotations and zoom of training batches; the identity at inference, so
     validation and test images are never changed. Empty when every factor is 0."""
     params = resolve_params(params)
-    shift = float(params["augment_shift"])
-    rotation = float(params["augment_rotation_degrees"])
-    zoom = float(params["augment_zoom"])
-    steps = []
-    # float32 whatever the precision policy: the image transforms are not bfloat16 kernels.
-    if shift:
-        steps.append(layers.RandomTranslation(shift, shift, fill_mode="constant", dtype="float32"))
-    if rotation:
-        steps.append(layers.RandomRotation(rotation / 360, fill_mode="constant", dtype="float32"))
-    if zoom:
-        steps.append(layers.RandomZoom(zoom, zoom, fill_mode="constant", dtype="float32"))
-    return keras.Sequential(steps, name="augmentation")
+    factors = {name: float(params[name]) for name in AUGMENTATION_PARAMS}
+    if not any(factors.values()):
+        return keras.Sequential([], name="augmentation")
+    # float32 whatever the precision policy: the image transform is not a bfloat16 kernel.
+    return keras.Sequential(
+        [
+            RandomAffine(
+                factors["augment_shift"],
+                factors["augment_rotation_degrees"],
+                factors["augment_zoom"],
+                dtype="float32",
+                name="random_affine",
+            )
+        ],
+        name="augmentation",
+    )
 
 
 def _optimizer(params: dict) -> keras.optimizers.Optimizer:
@@ -323,7 +342,9 @@ class FusedBatchNormalization(layers.BatchNormalization):
 
         gamma, beta = tf.cast(self.gamma, tf.float32), tf.cast(self.beta, tf.float32)
         features = (
-            inputs if inputs.dtype in (tf.float32, tf.bfloat16) else tf.cast(inputs, "float32")
+            inputs
+            if inputs.dtype in (tf.float32, tf.bfloat16, tf.float16)
+            else tf.cast(inputs, "float32")
         )
         if training and self.trainable:
             outputs, batch_mean, batch_variance = tf.compat.v1.nn.fused_batch_norm(
@@ -369,3 +390,53 @@ class SparseCrossentropyWithLabelSmoothing(keras.losses.Loss):
 
     def get_config(self):
         return {**super().get_config(), "label_smoothing": self.label_smoothing}
+
+
+@keras.saving.register_keras_serializable(package="digitune")
+class RandomAffine(layers.Layer):
+    """Each training image shifted (by up to `shift` of its size), rotated (up to
+    `rotation_degrees`) and zoomed (up to `zoom`) at random, in one affine transform with
+    zeros filling in; the identity at inference.
+
+    Keras's RandomTranslation, RandomRotation and RandomZoom do the same three steps, but
+    switch XLA compilation off for the whole model on JAX, which then trains many times
+    slower; this layer draws from a seed generator and calls `keras.ops.image`, which every
+    backend compiles."""
+
+    def __init__(self, shift=0.0, rotation_degrees=0.0, zoom=0.0, seed=None, **kwargs):
+        super().__init__(**kwargs)
+        self.shift, self.rotation_degrees, self.zoom = shift, rotation_degrees, zoom
+        self.seed = seed
+        self.seed_generator = keras.random.SeedGenerator(seed)
+
+    def call(self, images, training=None):
+        if not training:
+            return images
+        ops = keras.ops
+        count = ops.shape(images)[0]
+        height, width = images.shape[1], images.shape[2]
+
+        def uniform(bound: float):
+            return keras.random.uniform((count,), -bound, bound, seed=self.seed_generator)
+
+        angle = uniform(math.radians(self.rotation_degrees))
+        scale = 1.0 + uniform(self.zoom)
+        shift_x, shift_y = uniform(self.shift) * width, uniform(self.shift) * height
+        # The transform maps each output pixel back to where it comes from: about the
+        # centre, undo the shift, then the rotation and the zoom.
+        cos, sin = ops.cos(angle) / scale, ops.sin(angle) / scale
+        centre_x, centre_y = (width - 1) / 2, (height - 1) / 2
+        from_x = centre_x - (cos * (centre_x + shift_x) + sin * (centre_y + shift_y))
+        from_y = centre_y - (-sin * (centre_x + shift_x) + cos * (centre_y + shift_y))
+        zeros = ops.zeros_like(cos)
+        transform = ops.stack([cos, sin, from_x, -sin, cos, from_y, zeros, zeros], axis=1)
+        return ops.image.affine_transform(
+            images, transform, interpolation="bilinear", fill_mode="constant"
+        )
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        config = {"shift": self.shift, "rotation_degrees": self.rotation_degrees}
+        return {**super().get_config(), **config, "zoom": self.zoom, "seed": self.seed}

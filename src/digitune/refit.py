@@ -93,6 +93,7 @@ def run(
             [
                 trainer.StopOnRequest(),
                 keras.callbacks.TerminateOnNaN(),
+                trainer.EpochTimes(),
                 tracking.EpochLogger(len(everything.y_train)),
             ],
             settings=definition.training,

@@ -19,8 +19,13 @@ import datetime
 import io
 import json
 import logging
+import os
+import subprocess
+import sys
 import tempfile
+from pathlib import Path
 
+import keras
 import mlflow
 import mlflow.keras
 import mlflow.pyfunc
@@ -30,7 +35,7 @@ import pandas as pd
 from mlflow.models import ModelSignature
 from mlflow.types import Schema, TensorSpec
 
-from digitune import config, data, evaluate, model, pareto, space, tracking
+from digitune import backend, config, data, evaluate, model, pareto, space, tracking
 
 log = logging.getLogger(__name__)
 
@@ -292,6 +297,7 @@ def register_best(
     parent_run_id: str,
     registering: bool = True,
     run_id: str | None = None,
+    storage: str | None = None,
 ) -> tuple[float, str | None]:
     """Rebuild the best trial's model from its params and weights, evaluate it on the test
     set into the parent run (or `run_id`), and (with `registering`) register it as @challenger,
@@ -310,6 +316,9 @@ def register_best(
         mlflow.set_tags({"best_trial": str(best.number)})
         if not registering:
             return test.accuracy, None
+        if keras.backend.backend() != "tensorflow":
+            # A registered model is an exported SavedModel, which only TensorFlow writes.
+            return test.accuracy, register_in_tensorflow(definition.path, storage)
         cost_tags = pareto.version_tags(best.costs)
         existing = find_version(best.study_name, best.number, model_name=model_name)
         if existing is not None:
@@ -331,3 +340,84 @@ def register_best(
             extra_tags={**data.version_tags(dataset, definition.data), **cost_tags},
         )
     return test.accuracy, str(version.version)
+
+
+def register_in_tensorflow(study_path, storage: str | None) -> str | None:
+    """Register a study's best trial from a TensorFlow process (`digitune register`), for a
+    study trained on another backend: Keras's weight files are the same on every backend.
+    Returns the version, or None, with a warning that says how, where TensorFlow is missing."""
+    if not backend.installed("tensorflow"):
+        log.warning(
+            "TensorFlow is not installed here, and a registered model is a SavedModel that "
+            "only it writes: the best trial's weights are in MLflow; register them from a "
+            "machine with TensorFlow that shares the stores: digitune register --study %s",
+            study_path,
+        )
+        return None
+    environment = {**os.environ, "KERAS_BACKEND": "tensorflow"}
+    if storage:
+        environment["DIGITUNE_STORAGE"] = storage  # never on a command line
+    command = [sys.executable, "-m", "digitune", "register", "--study", str(study_path), "--json"]
+    finished = subprocess.run(command, env=environment, capture_output=True, text=True)
+    if finished.returncode != 0:
+        last = (finished.stderr.strip().splitlines() or ["(no message)"])[-1]
+        log.warning("registering in a TensorFlow process failed: %s", config.redact(last))
+        return None
+    return json.loads(finished.stdout)["model_version"]
+
+
+def register_bundle(folder: Path, model_name: str | None = None) -> dict:
+    """Test and register a trial trained elsewhere, from the folder `digitune gpu-check`
+    writes (best.json, its params and figures; best.weights.h5): on this machine's test set,
+    which must be the same data. Returns what both machines measured and the version."""
+    folder = Path(folder)
+    try:
+        spec = json.loads((folder / "best.json").read_text())
+        weights = folder / "best.weights.h5"
+        if not weights.is_file():
+            raise FileNotFoundError(weights)
+    except (OSError, ValueError) as error:
+        raise ValueError(
+            f"{folder}: not a trial bundle (best.json, best.weights.h5): {error}"
+        ) from None
+    dataset = data.load(config.DataSettings(**spec["data"]))
+    if dataset.digest != spec["data_sha256"]:
+        raise ValueError(
+            f"{folder}: its trial trained on data with SHA-256 {spec['data_sha256'][:16]}..., "
+            f"but {dataset.source} here is {dataset.digest[:16]}...: not the same data"
+        )
+    cnn = model.from_weights(spec["params"], weights)
+    test = evaluate.evaluate(cnn, data.preprocess(dataset.test_images), dataset.test_labels)
+    model_name = model_name or spec["model_name"]
+    tags = {"kind": "imported", "trained_with": spec["backend"], "trained_on": spec["devices"]}
+    with tracking.imported_run(spec["study"], spec["trial"], tags, spec["params"]):
+        tracking.log_weights(cnn)
+        tracking.log_evaluation(
+            test, "test", f"trial {spec['trial']}, imported", dataset.class_names
+        )
+        mlflow.log_metrics(
+            {"test_accuracy": test.accuracy, "trained_test_accuracy": spec["test_accuracy"]}
+        )
+        version = register(
+            cnn,
+            model_name=model_name,
+            study_name=spec["study"],
+            trial_number=spec["trial"],
+            params=spec["params"],
+            validation_accuracy=spec["validation_accuracy"],
+            test_accuracy=test.accuracy,
+            test_images=len(dataset.test_labels),
+            data_sha256=dataset.digest,
+            extra_tags={
+                **data.version_tags(dataset, config.DataSettings(**spec["data"])),
+                **tags,
+                "trained_test_accuracy": f"{spec['test_accuracy']:.4f}",
+            },
+        )
+    return {
+        "model_name": model_name,
+        "model_version": str(version.version),
+        "test_accuracy": test.accuracy,
+        "trained_test_accuracy": spec["test_accuracy"],
+        "trained_on": spec["devices"],
+    }

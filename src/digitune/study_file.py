@@ -105,6 +105,7 @@ STUDY_NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")
 
 _CHOICES = {
     (config.TrainingSettings, "precision"): config.PRECISIONS,
+    (config.TrainingSettings, "backend"): config.BACKENDS,
     (config.StudySettings, "sampler"): config.SAMPLERS,
     (config.StudySettings, "pruner"): config.PRUNERS,
     (config.DataSettings, "dataset"): (*data.SOURCES, "folder"),

@@ -38,7 +38,7 @@ import numpy as np
 import optuna
 from mlflow.entities import RunStatus
 
-from digitune import config, data, evaluate, model
+from digitune import backend, config, data, evaluate, model
 
 # Where an Optuna study and its trials keep the ids of their MLflow runs (user attributes).
 PARENT_RUN_ATTR = "mlflow_parent_run_id"
@@ -322,6 +322,19 @@ def select_run(parent_run_id: str, number: int) -> mlflow.ActiveRun:
     return child_run(parent_run_id, f"select-trial-{trial_tag(number)}", tags)
 
 
+def imported_run(study_name: str, number: int, tags: dict, params: dict) -> mlflow.ActiveRun:
+    """The run of a trial trained elsewhere and registered here (`digitune register
+    --bundle`), in the study's experiment."""
+    client = configure()
+    run = mlflow.start_run(
+        run_name=f"imported-trial-{trial_tag(number)}",
+        experiment_id=experiment_id(client, study_name),
+        tags={**tags, "trial_number": trial_tag(number)},
+    )
+    mlflow.log_params(params)
+    return run
+
+
 def _status_for(error: BaseException) -> str:
     if isinstance(error, optuna.TrialPruned):
         return RunStatus.to_string(RunStatus.FINISHED)
@@ -341,10 +354,10 @@ def dataset(images: np.ndarray, labels: np.ndarray, name: str, source: str, dige
 
 
 class EpochLogger(mlflow.keras.MlflowCallback):
-    """MLflow's Keras callback, logging each epoch at step = training images seen, with the
-    epoch's wall time (`epoch_seconds`) and the objective so far (`best_val_accuracy`).
-
-    Its `on_test_end` is silenced: Keras already hands the validation metrics to
+    """MLflow's Keras callback, logging each epoch's metrics (with the trainer's
+    `epoch_seconds` and `compile_seconds`) at step = training images seen, and the objective
+    so far (`best_val_accuracy`); the run's tags say which backend, device and precision
+    trained it. Its `on_test_end` is silenced: Keras already hands the validation metrics to
     `on_epoch_end` as `val_loss` and `val_accuracy`, and logging them twice clutters the UI.
     """
 
@@ -356,15 +369,18 @@ class EpochLogger(mlflow.keras.MlflowCallback):
     def on_train_begin(self, logs=None):
         with STOPWATCH:
             super().on_train_begin(logs)
-            # The precision the model really trains in, read off the model itself.
-            mlflow.set_tag("precision", self.model.dtype_policy.name)
-
-    def on_epoch_begin(self, epoch, logs=None):
-        self._epoch_started = time.perf_counter()
+            described = backend.describe()
+            mlflow.set_tags(
+                {
+                    # The precision the model really trains in, read off the model itself.
+                    "precision": self.model.dtype_policy.name,
+                    "backend": described["backend"],
+                    "device": described["devices"].split(", ")[0],
+                }
+            )
 
     def on_epoch_end(self, epoch, logs=None):
         metrics = dict(logs or {})
-        metrics["epoch_seconds"] = time.perf_counter() - self._epoch_started
         if config.OBJECTIVE_METRIC in metrics:
             self.best = max(self.best, metrics[config.OBJECTIVE_METRIC])
             metrics[OBJECTIVE] = self.best
@@ -448,16 +464,7 @@ def load_model(params: dict, run_id: str) -> keras.Model:
     """A trial's model, in float32 and without augmentation layers, from its params and the
     weights its run logged."""
     with tempfile.TemporaryDirectory() as scratch:
-        # The registered model computes in float32 whatever precision the trials trained in:
-        # it must run anywhere, and it is what the test accuracy is measured on.
-        keras.mixed_precision.set_global_policy("float32")
-        cnn = model.build_model(params)
-        # The weights file holds the optimizer's state too; building the optimizer first lets
-        # it load whole instead of warning that half the file was skipped.
-        cnn.optimizer.build(cnn.trainable_variables)
-        cnn.load_weights(download_weights(run_id, Path(scratch)))
-    # Registered, exported and served without the augmentation that only training uses.
-    return model.for_deployment(cnn, params)
+        return model.from_weights(params, download_weights(run_id, Path(scratch)))
 
 
 def log_report(run_id: str, files: dict) -> None:

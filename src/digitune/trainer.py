@@ -1,9 +1,10 @@
 """The trainer every engine, the refit and the benchmark share.
 
 `fit` trains a model the way every trial does (batch size, learning-rate schedule, batches
-per call into TensorFlow); `training_callbacks` are the callbacks every trial trains with
-besides its engine's pruning; `fresh_session` starts a trial in the study's precision with
-its seed; the first Ctrl-C stops training cleanly at the next batch (`StopOnRequest`).
+per call into the backend), on TensorFlow or JAX; `training_callbacks` are the callbacks
+every trial trains with besides its engine's pruning; `fresh_session` starts a trial in the
+study's precision with its seed; the first Ctrl-C stops training cleanly at the next batch
+(`StopOnRequest`).
 """
 
 from __future__ import annotations
@@ -16,9 +17,8 @@ import time
 
 import keras
 import numpy as np
-import tensorflow as tf
 
-from digitune import config, data, model, tracking
+from digitune import backend, config, data, model, tracking
 
 log = logging.getLogger(__name__)
 
@@ -74,18 +74,6 @@ class StopOnRequest(keras.callbacks.Callback):
     on_test_batch_begin = on_train_batch_begin
 
 
-def precision_policy(setting: str) -> str:
-    """The Keras dtype policy a `precision` setting stands for on this machine."""
-    if setting != "auto":
-        return setting
-    forced = config.forced_precision()
-    if forced is not None:
-        return forced
-    if tf.config.list_physical_devices("GPU"):
-        return "mixed_float16"
-    return "mixed_bfloat16" if config.cpu_has_bfloat16() else "float32"
-
-
 def fresh_session(precision: str, seed: int) -> None:
     """Start a trial from a clean Keras state, in the study's precision, with its seed.
 
@@ -93,8 +81,50 @@ def fresh_session(precision: str, seed: int) -> None:
     policy is set after it, never before.
     """
     keras.utils.clear_session(free_memory=True)
-    keras.mixed_precision.set_global_policy(precision_policy(precision))
+    keras.mixed_precision.set_global_policy(backend.precision(precision)[0])
     keras.utils.set_random_seed(seed)
+
+
+class EpochTimes(keras.callbacks.Callback):
+    """Adds to each epoch's logs its wall time (`epoch_seconds`), and once, as soon as it is
+    known, `compile_seconds`: how much longer the first call of training and of validation
+    took than the next ones, which is the backend tracing and compiling them."""
+
+    def on_train_begin(self, logs=None):
+        self.calls, self.reported = {"train": [], "test": []}, False
+        self._call_started = time.perf_counter()
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._epoch_started = self._call_started = time.perf_counter()
+
+    def on_train_batch_end(self, batch, logs=None):
+        self._time_call("train")
+
+    def on_test_begin(self, logs=None):
+        self._call_started = time.perf_counter()
+
+    def on_test_batch_end(self, batch, logs=None):
+        self._time_call("test")
+
+    def _time_call(self, kind: str) -> None:
+        now = time.perf_counter()
+        if len(self.calls[kind]) < 8:
+            self.calls[kind].append(now - self._call_started)
+        self._call_started = now
+
+    def on_epoch_end(self, epoch, logs=None):
+        if logs is None:
+            return
+        logs["epoch_seconds"] = time.perf_counter() - self._epoch_started
+        validating = bool(self.calls["test"])
+        known = len(self.calls["train"]) > 1 and (len(self.calls["test"]) > 1 or not validating)
+        if known and not self.reported:
+            self.reported = True
+            logs["compile_seconds"] = sum(
+                max(0.0, times[0] - float(np.median(times[1:])))
+                for times in self.calls.values()
+                if len(times) > 1
+            )
 
 
 class StopAtDeadline(keras.callbacks.Callback):
@@ -133,9 +163,9 @@ def fit(
     training = {"x": split.x_train, "y": split.y_train, "batch_size": batch_size}
     if 0 < settings.epoch_images < len(split.y_train):
         training = {
-            "x": endless_batches(split.x_train, split.y_train, batch_size),
+            "x": endless_batches(split.x_train, split.y_train, batch_size, keras.backend.backend()),
             "shuffle": False,  # The batches are shuffled already; Keras would warn.
-            # Whole calls into TensorFlow: Keras runs `steps_per_execution` batches a call.
+            # Whole calls into the backend: Keras runs `steps_per_execution` batches a call.
             "steps_per_epoch": max(1, settings.epoch_images // batch_size // spe) * spe,
         }
     return cnn.fit(
@@ -158,9 +188,15 @@ def images_per_epoch(settings: config.TrainingSettings, split: data.Split) -> in
     return settings.epoch_images if 0 < settings.epoch_images < whole else whole
 
 
-def endless_batches(images: np.ndarray, labels: np.ndarray, batch_size: int) -> tf.data.Dataset:
+def endless_batches(images: np.ndarray, labels: np.ndarray, batch_size: int, name: str):
     """Batches of the training images without end, each pass in a new order, gathered by
-    index as Keras does for arrays, prepared while the model trains."""
+    index as Keras does for arrays: on TensorFlow a tf.data pipeline that prepares them while
+    the model trains, on other backends a NumPy generator. Both draw their order from the
+    trial's seed (`keras.utils.set_random_seed` seeds TensorFlow's and NumPy's)."""
+    if name != "tensorflow":
+        return _numpy_batches(images, labels, batch_size)
+    import tensorflow as tf
+
     images, labels = tf.constant(images), tf.constant(labels)
     count = int(labels.shape[0])
     return (
@@ -173,6 +209,16 @@ def endless_batches(images: np.ndarray, labels: np.ndarray, batch_size: int) -> 
         .map(lambda index: (tf.gather(images, index), tf.gather(labels, index)))
         .prefetch(tf.data.AUTOTUNE)
     )
+
+
+def _numpy_batches(images: np.ndarray, labels: np.ndarray, batch_size: int):
+    rng = np.random.default_rng(np.random.randint(2**31))
+    count, queue = len(labels), np.empty(0, np.int64)
+    while True:
+        while len(queue) < batch_size:  # Batches run on across the end of a pass.
+            queue = np.concatenate([queue, rng.permutation(count)])
+        batch, queue = queue[:batch_size], queue[batch_size:]
+        yield images[batch], labels[batch]
 
 
 def learning_rate_schedule(params: dict, epochs: int) -> list[keras.callbacks.Callback]:
@@ -203,6 +249,7 @@ def training_callbacks(
     return [
         StopOnRequest(),
         keras.callbacks.TerminateOnNaN(),
+        EpochTimes(),
         tracking.EpochLogger(epoch_images),
         StopAtDeadline(deadline),
         keras.callbacks.EarlyStopping(

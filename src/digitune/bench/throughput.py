@@ -61,13 +61,8 @@ class EpochTimes(keras.callbacks.Callback):
         self.spans.append((self._began, time.time()))
 
 
-def _worker_threads(threads: int) -> None:
-    """A worker process of `_as_the_study_trains`, set up as the study's workers are:
-    TensorFlow computing on its share of the threads."""
-    import tensorflow as tf
-
-    tf.config.threading.set_intra_op_parallelism_threads(threads)
-    tf.config.threading.set_inter_op_parallelism_threads(threads)
+def _started() -> None:
+    """A pool worker's start: nothing beyond what `backend.spawned` does first."""
 
 
 def _train_two_epochs(params: dict, policy: str, seed: int) -> tuple:
@@ -94,9 +89,10 @@ def _as_the_study_trains(
     overlap (a slow start), the figure is low, never high."""
     context = multiprocessing.get_context("spawn")
     threads = parallel.thread_share(workers)
-    # The initializer through `backend.spawned`, which imports the backend before this module
-    # does: without TensorFlow's start-up lines, as in the study's workers.
-    initializer, initargs = backend.spawn_call(_worker_threads, threads)
+    # The initializer through `backend.spawned`, which sets the worker's share of the threads
+    # and loads the backend before this module does, as in the study's workers.
+    environment = backend.worker_setup(0, workers, 0, threads)
+    initializer, initargs = backend.spawn_call(_started, environment=environment)
     with context.Pool(workers, initializer=initializer, initargs=initargs) as pool:
         results = pool.starmap(
             _train_two_epochs, [(params, policy, seed + index) for index in range(workers)], 1
@@ -142,7 +138,7 @@ def training_throughput(repeats: int = 3) -> pd.DataFrame:
     two epochs checks that speed did not cost accuracy."""
     split = data.split(mnist.load())
     baseline = _baseline()
-    policy = trainer.precision_policy("auto")
+    policy = backend.precision("auto")[0]
     steps = config.TrainingSettings.steps_per_execution
     workers = study_file.load(config.default_study_file()).study.workers
     one_process = f"digitune ({policy}, {steps} steps/call)"

@@ -31,8 +31,14 @@ def main(argv: list[str] | None = None) -> int:
     _show_library_messages()
     args = parser().parse_args(argv)
     try:
-        if args.uses_tensorflow:
-            backend.import_tensorflow()
+        # Keras reads its backend once, when it loads: settled here, before any command runs.
+        needs = args.backend
+        setting = "tensorflow" if needs == "tensorflow" else "auto"
+        if needs == "study":
+            setting = backend.setting_of(getattr(args, "study", None))
+        name = backend.choose(setting)
+        if needs != "none":
+            _load(name, needs)
         return args.handler(args)
     except KeyboardInterrupt:
         print(
@@ -60,6 +66,21 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"error: {type(error).__name__}: {config.redact(str(error))}", file=sys.stderr)
         return 1
+
+
+def _load(name: str, needs: str) -> None:
+    try:
+        backend.load(name)
+    except ModuleNotFoundError as error:
+        if error.name not in backend.BACKENDS:
+            raise
+        why = (
+            "SavedModels and TFLite files need it" if needs == "tensorflow" else "the study uses it"
+        )
+        raise RuntimeError(
+            f"this command needs {name}, which is not installed here ({why}): pip install "
+            + ("tensorflow" if name == "tensorflow" else "'digitune[jax]'")
+        ) from None
 
 
 # The optional parts of digitune (pyproject.toml's extras), by the module each one brings.
@@ -100,8 +121,10 @@ def parser() -> argparse.ArgumentParser:
     command_line.add_argument(
         "--version", action="version", version=f"%(prog)s {digitune.__version__}"
     )
-    # Commands that never load TensorFlow say so (set_defaults(uses_tensorflow=False)).
-    command_line.set_defaults(uses_tensorflow=True)
+    # The backend a command loads before it runs: "study" (its study file's, else Keras's or
+    # what is installed), "tensorflow" (SavedModels and TFLite files need it whatever trained
+    # the model), or "none" (loaded only if it imports Keras).
+    command_line.set_defaults(backend="study")
     commands = command_line.add_subparsers(required=True, metavar="command")
     tuning.add_commands(commands)
     models.add_commands(commands)

@@ -33,7 +33,7 @@ def add_commands(commands) -> None:
         select.add_argument(
             flag, dest=cost, type=float, default=None, help=f"at most this many {words}"
         )
-    select.set_defaults(handler=_select)
+    select.set_defaults(handler=_select, backend="tensorflow")
 
     dashboard = commands.add_parser("dashboard", help="optuna-dashboard on a study's storage, live")
     tuning.add_study_arguments(dashboard)

@@ -8,6 +8,7 @@ loading TensorFlow.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import subprocess
 import sys
@@ -29,11 +30,37 @@ def add_commands(commands) -> None:
         "--force", action="store_true", help="promote even if not better (recorded as forced)"
     )
     _model_option(promote)
-    promote.set_defaults(handler=_promote)
+    promote.set_defaults(handler=_promote, backend="tensorflow")
+
+    register = commands.add_parser(
+        "register",
+        help="test a finished study's best trial and register it as @challenger, once",
+        description="Test and register the best trial of a study tuned with --no-register, on "
+        "another backend or another machine that shares the stores (registering the same "
+        "trial again changes nothing); or, with --bundle, a trial that `digitune gpu-check` "
+        "wrote on a machine that does not share them.",
+    )
+    register_from = register.add_mutually_exclusive_group()
+    register_from.add_argument(
+        "--study",
+        default=None,
+        help="a study file, or the name of one (default: the default study)",
+    )
+    register_from.add_argument(
+        "--bundle", default=None, help="a folder with best.json and best.weights.h5"
+    )
+    register.add_argument(
+        "--storage",
+        default=config.storage_url(),
+        help="Optuna storage URL (default: DIGITUNE_STORAGE, else studies/<name>.db)",
+    )
+    register.add_argument("--json", action="store_true", help="print the result as JSON")
+    _model_option(register, default=None)
+    register.set_defaults(handler=_register, backend="tensorflow")
 
     rollback = commands.add_parser("rollback", help="champion back to the previous one")
     _model_option(rollback)
-    rollback.set_defaults(handler=_rollback)
+    rollback.set_defaults(handler=_rollback, backend="tensorflow")
 
     models = commands.add_parser("models", help="list registered versions and aliases")
     _model_option(models)
@@ -46,7 +73,7 @@ def add_commands(commands) -> None:
         "--keep", type=int, default=5, help="best completed trials kept per study (default: 5)"
     )
     collect.add_argument("--dry-run", action="store_true", help="say what would go; delete none")
-    collect.set_defaults(handler=_collect, uses_tensorflow=False)
+    collect.set_defaults(handler=_collect, backend="none")
 
     export = commands.add_parser(
         "export", help="TensorFlow Lite float16 and int8 files of a registered version"
@@ -55,7 +82,7 @@ def add_commands(commands) -> None:
     export_choice.add_argument("--version", default=None, help="a version number")
     export_choice.add_argument("--alias", default=None, help="an alias (default: champion)")
     _model_option(export)
-    export.set_defaults(handler=_export)
+    export.set_defaults(handler=_export, backend="tensorflow")
 
     serve = commands.add_parser("serve", help="serve the champion: API and drawing page")
     address_arguments(serve, 8000, "the API and the page")
@@ -68,7 +95,7 @@ def add_commands(commands) -> None:
     serve.add_argument(
         "--poll-seconds", type=float, default=10.0, help="how often to check the alias (0: never)"
     )
-    serve.set_defaults(handler=_serve)
+    serve.set_defaults(handler=_serve, backend="tensorflow")
 
     bench_serve = commands.add_parser("bench-serve", help="measure a running service")
     bench_serve.add_argument(
@@ -80,7 +107,7 @@ def add_commands(commands) -> None:
     bench_serve.add_argument(
         "--batch", type=int, default=64, help="images per batched request (default: %(default)s)"
     )
-    bench_serve.set_defaults(handler=_bench_serve, uses_tensorflow=False)
+    bench_serve.set_defaults(handler=_bench_serve, backend="none")
 
     server = commands.add_parser(
         "mlflow-server", help="an MLflow tracking server that workers on several machines share"
@@ -92,11 +119,11 @@ def add_commands(commands) -> None:
         help="SQL database of runs (default: MLFLOW_BACKEND_STORE_URI, else the project's "
         "SQLite store in mlruns/); prefer the variable when the URI holds a password",
     )
-    server.set_defaults(handler=_mlflow_server, uses_tensorflow=False)
+    server.set_defaults(handler=_mlflow_server, backend="none")
 
     ui = commands.add_parser("ui", help="start the MLflow UI on the project's store")
     address_arguments(ui, 5000, "the MLflow UI")
-    ui.set_defaults(handler=_ui, uses_tensorflow=False)
+    ui.set_defaults(handler=_ui, backend="none")
 
 
 def address_arguments(parser: argparse.ArgumentParser, port: int, what: str) -> None:
@@ -111,11 +138,12 @@ def address_arguments(parser: argparse.ArgumentParser, port: int, what: str) -> 
     )
 
 
-def _model_option(parser: argparse.ArgumentParser) -> None:
+def _model_option(parser: argparse.ArgumentParser, default=config.REGISTERED_MODEL_NAME) -> None:
     parser.add_argument(
         "--model",
-        default=config.REGISTERED_MODEL_NAME,
-        help="the registered model, as a study's [registry] model_name (default: %(default)s)",
+        default=default,
+        help="the registered model, as a study's [registry] model_name (default: "
+        + ("%(default)s)" if default else "the study's)"),
     )
 
 
@@ -131,6 +159,55 @@ def _promote(args: argparse.Namespace) -> int:
     print(f"\nrefused: version {decision.challenger} stays @challenger; {decision.reason}")
     print("use --force to promote it anyway")
     return 3
+
+
+def _register(args: argparse.Namespace) -> int:
+    import json
+
+    from digitune import data, registry, study, tracking
+
+    tracking.configure()
+    if args.bundle:
+        result = registry.register_bundle(args.bundle, args.model)
+        words = (
+            f"test accuracy {result['test_accuracy']:.4f} here, "
+            f"{result['trained_test_accuracy']:.4f} where it trained ({result['trained_on']})"
+        )
+    else:
+        definition, optuna_study = study.load_existing(
+            args.study or config.DEFAULT_STUDY, args.storage
+        )
+        parent_run_id = optuna_study.user_attrs.get(tracking.PARENT_RUN_ATTR)
+        if parent_run_id is None:
+            raise ValueError(f"study '{definition.study.name}' has no MLflow parent run")
+        best = registry.BestTrial.of(optuna_study)
+        if args.model:
+            definition = dataclasses.replace(
+                definition, registry=dataclasses.replace(definition.registry, model_name=args.model)
+            )
+        test_accuracy, version = registry.register_best(
+            best, definition, data.load(definition.data), parent_run_id
+        )
+        result = {
+            "study": definition.study.name,
+            "trial": best.number,
+            "validation_accuracy": best.validation_accuracy,
+            "test_accuracy": test_accuracy,
+            "model_name": definition.model_name,
+            "model_version": version,
+        }
+        words = (
+            f"trial {best.number}: validation accuracy {best.validation_accuracy:.4f}, "
+            f"test accuracy {test_accuracy:.4f}"
+        )
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(
+            f"{words}\nregistered {result['model_name']} version {result['model_version']} "
+            f"(alias @{config.CHALLENGER_ALIAS})"
+        )
+    return 0
 
 
 def _rollback(args: argparse.Namespace) -> int:

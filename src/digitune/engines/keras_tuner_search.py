@@ -27,7 +27,7 @@ import keras_tuner
 import mlflow
 import optuna
 
-from digitune import config, data, model, registry, space, study_file, tracking, trainer
+from digitune import backend, config, data, model, registry, space, study_file, tracking, trainer
 from digitune.engines import scaffold
 
 log = logging.getLogger(__name__)
@@ -74,7 +74,7 @@ class CnnHyperModel(keras_tuner.HyperModel):
         # Keras Tuner clears the Keras session before every build, and with it the dtype
         # policy, so the study's precision is set here.
         keras.mixed_precision.set_global_policy(
-            trainer.precision_policy(self.definition.training.precision)
+            backend.precision(self.definition.training.precision)[0]
         )
         cnn = model.build_model(self.params(hp))
         # Hyperband continues a trial from its checkpoint, optimizer state included; a built

@@ -59,8 +59,13 @@ def make_objective(
                 raise optuna.TrialPruned(reason)
             callbacks = trainer.training_callbacks(training, deadline, epoch_images)
             if not settings.minimize:  # Optuna prunes single-objective trials only
-                # After the epoch is logged (EpochLogger), before the deadline and early stopping.
-                callbacks.insert(3, KerasPruningCallback(trial, config.OBJECTIVE_METRIC))
+                # After the epoch is logged, before the deadline and early stopping.
+                logged = next(
+                    index
+                    for index, callback in enumerate(callbacks)
+                    if isinstance(callback, tracking.EpochLogger)
+                )
+                callbacks.insert(logged + 1, KerasPruningCallback(trial, config.OBJECTIVE_METRIC))
             history = trainer.fit(
                 cnn,
                 params,

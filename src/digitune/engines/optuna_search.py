@@ -116,7 +116,7 @@ def run(
             )
         best = registry.BestTrial.of(optuna_study)
         test_accuracy, version = registry.register_best(
-            best, definition, inputs.dataset, parent_run_id, register
+            best, definition, inputs.dataset, parent_run_id, register, storage=storage
         )
         refitted = (
             refit.run(optuna_study, definition, inputs.dataset, parent_run_id, test_accuracy)

@@ -3,7 +3,8 @@
 `digitune tune --workers N` starts N processes; each loads the data, joins the study through
 its storage (SQLite by default, PostgreSQL for several machines) and runs trials until the
 study has its total, logging them as children of the study's one MLflow parent run. Each
-worker gets an equal share of the CPU threads, or a GPU of its own where there are several.
+worker gets an equal share of the CPU threads, or a GPU: each its own, or in turn when there are
+more workers than GPUs (a small network leaves a GPU idle between steps; several fill it).
 The launching process registers the best model once, after every worker has stopped.
 """
 
@@ -42,12 +43,20 @@ def run_workers(
     # Spawned, not forked: TensorFlow's runtime does not survive a fork.
     context = multiprocessing.get_context("spawn")
     log_level = logging.getLogger("digitune").getEffectiveLevel()
+    gpus = len([device for device in backend.devices() if device.kind == "gpu"])
     processes = []
     for index in range(workers):
-        # Through `backend.spawned`, so that the worker loads the backend without its start-up
-        # lines, as the command itself does.
+        # Through `backend.spawned`, so that the worker takes its GPU or its share of the
+        # threads, then loads the backend without its start-up lines, as the command does.
         target, args = backend.spawn_call(
-            work, definition, storage, index, workers, thread_share(workers), deadline, log_level
+            work,
+            definition,
+            storage,
+            index,
+            workers,
+            deadline,
+            log_level,
+            environment=backend.worker_setup(index, workers, gpus, thread_share(workers)),
         )
         processes.append(
             context.Process(target=target, args=args, name=f"worker {index + 1} of {workers}")
@@ -96,7 +105,6 @@ def work(
     storage: str | None,
     index: int,
     workers: int,
-    threads: int,
     deadline: float | None,
     log_level: int = logging.INFO,
 ) -> None:
@@ -109,19 +117,6 @@ def work(
     # Not the root logger's too: a library that configures it (absl does, once the TFLite
     # converter has logged) would print every line twice.
     logging.getLogger("digitune").propagate = False
-    import tensorflow as tf
-
-    # Before TensorFlow starts its runtime: a fair share of the CPU, or one GPU each.
-    tf.config.threading.set_intra_op_parallelism_threads(threads)
-    tf.config.threading.set_inter_op_parallelism_threads(threads)
-    gpus = tf.config.list_physical_devices("GPU")
-    if len(gpus) > 1:
-        tf.config.set_visible_devices(gpus[index % len(gpus)], "GPU")
-    if gpus and workers > len(gpus):
-        # Workers that share a GPU take its memory as they need it, not all of it each.
-        for gpu in tf.config.list_physical_devices("GPU"):
-            tf.config.experimental.set_memory_growth(gpu, True)
-
     trainer.stop_cleanly_on_ctrl_c()  # The terminal's Ctrl-C reaches every worker.
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     tracking.configure()

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import optuna
 
-from digitune import data, model, registry, study_file, tracking
+from digitune import backend, data, model, registry, study_file, tracking
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +88,14 @@ def prepare(
         )
     definition = with_data(definition, dataset)
     training = definition.training
+    described = backend.describe(training.precision)
+    log.info(
+        "%s on %s; precision %s (%s)",
+        described["backend"],
+        described["devices"],
+        described["precision"],
+        described["precision_why"],
+    )
     split = data.split(dataset, training.train_images, training.validation_images)
     timeout = definition.study.timeout_minutes * 60
     return Inputs(definition, dataset, split, time.time() + timeout if timeout else None)
@@ -127,6 +135,8 @@ def parent_run(
     }
     if dataset.test_files_sha256:
         resolved["data_test_files_sha256"] = dataset.test_files_sha256
+    described = backend.describe(inputs.definition.training.precision)
+    tags = {**tags, "backend": described["backend"], "devices": described["devices"]}
     with tracking.study_run(
         experiment, run_name, run_id, resolved, datasets_logged, tags
     ) as parent:
