@@ -142,8 +142,9 @@ gpu-wheels: ## Fetch the wheels a GPU machine without digitune's packages needs 
 gpu-check: ## On a GPU: throughput at 3 batch sizes and the default study for 4 minutes (gpu/check.sh)
 	bash gpu/check.sh $(if $(CPU),--cpu)
 
-test: install-dev ## Run the test suite (no network needed)
+test: install-dev ## Run the tests (no network needed): on TensorFlow, then the JAX pass without it
 	$(BIN)/pytest
+	KERAS_BACKEND=jax PYTHONPATH=$(CURDIR)/tests/without_tensorflow $(BIN)/pytest -m jax
 
 test-fast: install-dev ## The tests that train nothing (seconds, not minutes)
 	$(BIN)/pytest -m "not slow"

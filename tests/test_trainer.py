@@ -8,6 +8,9 @@ import pytest
 from digitune import backend, config, data, model, trainer
 from digitune.data import mnist
 
+# Backend-neutral: these tests run in the JAX pass too (`make test`).
+pytestmark = pytest.mark.jax
+
 PARAMS = {"learning_rate": 1e30}
 
 
@@ -102,6 +105,7 @@ def test_an_epoch_of_epoch_images_trains_that_many_images(fixture_dir):
 def test_tensorflow_s_retracing_hints_are_dropped_and_its_other_warnings_kept(caplog):
     import logging
 
+    pytest.importorskip("tensorflow")
     backend.load("tensorflow")
     tensorflow_log = logging.getLogger("tensorflow")
     with caplog.at_level(logging.WARNING):

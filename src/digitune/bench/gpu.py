@@ -43,7 +43,7 @@ NETWORK = {
     "lr_schedule": "cosine",
 }
 # A dry run's sizes: a few thousand images, a study of half a minute.
-DRY_RUN = {"train_images": 2000, "validation_images": 500, "epoch_images": 500, "minutes": 0.5}
+DRY_RUN = {"train_images": 600, "validation_images": 300, "epoch_images": 300, "minutes": 0.25}
 
 
 def throughput(split: data.Split, precision: str, batch_sizes=BATCH_SIZES) -> pd.DataFrame:

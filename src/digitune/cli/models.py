@@ -8,6 +8,7 @@ loading TensorFlow.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import os
 import subprocess
@@ -126,6 +127,21 @@ def add_commands(commands) -> None:
     ui.set_defaults(handler=_ui, backend="none")
 
 
+@contextlib.contextmanager
+def stdout_to_stderr():
+    """File descriptor 1 pointed at stderr for the block, in this process and those it
+    starts."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    os.dup2(2, 1)
+    try:
+        yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
 def address_arguments(parser: argparse.ArgumentParser, port: int, what: str) -> None:
     parser.add_argument(
         "--host",
@@ -164,9 +180,24 @@ def _promote(args: argparse.Namespace) -> int:
 def _register(args: argparse.Namespace) -> int:
     import json
 
-    from digitune import data, registry, study, tracking
+    from digitune import tracking
 
     tracking.configure()
+    with stdout_to_stderr() if args.json else contextlib.nullcontext():
+        result, words = _registered(args)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(
+            f"{words}\nregistered {result['model_name']} version {result['model_version']} "
+            f"(alias @{config.CHALLENGER_ALIAS})"
+        )
+    return 0
+
+
+def _registered(args: argparse.Namespace) -> tuple[dict, str]:
+    from digitune import data, registry, study, tracking
+
     if args.bundle:
         result = registry.register_bundle(args.bundle, args.model)
         words = (
@@ -200,14 +231,7 @@ def _register(args: argparse.Namespace) -> int:
             f"trial {best.number}: validation accuracy {best.validation_accuracy:.4f}, "
             f"test accuracy {test_accuracy:.4f}"
         )
-    if args.json:
-        print(json.dumps(result))
-    else:
-        print(
-            f"{words}\nregistered {result['model_name']} version {result['model_version']} "
-            f"(alias @{config.CHALLENGER_ALIAS})"
-        )
-    return 0
+    return result, words
 
 
 def _rollback(args: argparse.Namespace) -> int:

