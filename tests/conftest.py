@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
+import socket
+import time
+import urllib.error
+import urllib.request
 import uuid
 from pathlib import Path
 
@@ -15,6 +20,14 @@ SHARED_MNIST = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+# One computing thread for each test process and the processes it starts (TensorFlow reads
+# these when it starts its runtime, XLA its flags): the test processes already keep every
+# core busy, and threads that fight over the cores of the others only slow every test down.
+os.environ.setdefault("TF_NUM_INTRAOP_THREADS", "1")
+os.environ.setdefault("TF_NUM_INTEROP_THREADS", "1")
+os.environ.setdefault(
+    "XLA_FLAGS", "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
+)
 
 
 # PostgreSQL: the server named by DIGITUNE_TEST_POSTGRES (default: postgres at 127.0.0.1:5432,
@@ -53,14 +66,49 @@ def real_mnist_dir() -> Path:
 @pytest.fixture
 def project(tmp_path, monkeypatch) -> Path:
     """An empty project folder with its own Optuna and MLflow stores, reading the fixture."""
-    monkeypatch.setenv("DIGITUNE_HOME", str(tmp_path))
-    monkeypatch.setenv("MNIST_DIR", str(FIXTURE_DIR))
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    use_project(monkeypatch, tmp_path)
     (tmp_path / "studies").mkdir()
     yield tmp_path
     while mlflow.active_run() is not None:
         mlflow.end_run()
     mlflow.set_tracking_uri(None)
+
+
+def use_project(patch: pytest.MonkeyPatch, home: Path) -> Path:
+    """Point this process at the project folder `home`: its own studies/ and MLflow store,
+    and the MNIST fixture."""
+    patch.setenv("DIGITUNE_HOME", str(home))
+    patch.setenv("MNIST_DIR", str(FIXTURE_DIR))
+    patch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    return home
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def wait_for(url: str, accept=None, process=None, seconds: float = 120.0, while_waiting=None):
+    """Poll `url` until `accept(status, body)` (by default: it answers 200) and return the
+    answer, failing once `process` (if any) has died or `seconds` have passed."""
+    accept = accept or (lambda status, body: status == 200)
+    deadline = time.monotonic() + seconds
+    while True:
+        if while_waiting is not None:
+            while_waiting()
+        try:
+            with urllib.request.urlopen(url, timeout=2) as answer:
+                status, body = answer.status, answer.read()
+        except urllib.error.HTTPError as error:
+            status, body = error.code, error.read()
+        except OSError:
+            status, body = None, b""  # not listening yet
+        if status is not None and accept(status, body):
+            return status, body
+        assert process is None or process.poll() is None, f"{url}: the server stopped"
+        assert time.monotonic() < deadline, f"{url}: no answer as expected in {seconds:.0f} s"
+        time.sleep(0.2)
 
 
 def write_study(folder: Path, text: str, name: str = "tiny.toml") -> Path:
@@ -122,24 +170,34 @@ def register_trained_cnn(params: dict, epochs: int, study_name: str):
 
 
 @pytest.fixture(scope="session")
-def champion_home(tmp_path_factory) -> Path:
+def shared_folder(tmp_path_factory, worker_id) -> Path:
+    """A folder of this test run that every xdist worker sees (the run's own temporary
+    folder), for what is built once and only read afterwards."""
+    base = tmp_path_factory.getbasetemp()
+    return base if worker_id == "master" else base.parent
+
+
+@pytest.fixture(scope="session")
+def champion_home(shared_folder) -> Path:
     """A project folder whose MLflow store holds mnist-cnn version 1 as @champion: a small
-    real CNN trained on the fixture. Tests point DIGITUNE_HOME here to serve it."""
-    home = tmp_path_factory.mktemp("champion")
-    params = {"num_conv_blocks": 2, "num_filters": 16, "dense_units": 64, "dropout_rate": 0.2}
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("DIGITUNE_HOME", str(home))
-        patch.delenv("MLFLOW_TRACKING_URI", raising=False)
-        register_trained_cnn(params, epochs=12, study_name="served")
-        mlflow.set_tracking_uri(None)
+    real CNN trained on the fixture. Tests point DIGITUNE_HOME here to serve it, or copy its
+    store; none writes to it, so the first worker to need it builds it for all."""
+    home = shared_folder / "champion"
+    with open(shared_folder / "champion.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # the other workers wait here until it is built
+        if not (home / "built").exists():
+            home.mkdir(exist_ok=True)
+            params = {"num_conv_blocks": 2, "num_filters": 16, "dense_units": 64}
+            with pytest.MonkeyPatch.context() as patch:
+                use_project(patch, home)
+                register_trained_cnn({**params, "dropout_rate": 0.2}, 12, study_name="served")
+                mlflow.set_tracking_uri(None)
+            (home / "built").touch()
     return home
 
 
 @pytest.fixture
 def serving(champion_home, monkeypatch):
     """The project whose champion is served, as the environment of this test."""
-    monkeypatch.setenv("DIGITUNE_HOME", str(champion_home))
-    monkeypatch.setenv("MNIST_DIR", str(FIXTURE_DIR))
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    yield champion_home
+    yield use_project(monkeypatch, champion_home)
     mlflow.set_tracking_uri(None)

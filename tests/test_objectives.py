@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 from optuna.trial import TrialState
 
-from conftest import FIXTURE_DIR, write_study
+from conftest import use_project, write_study
 from digitune import config, model, pareto, registry, space, study, study_file, tracking
 from digitune.cli import main
 from digitune.engines import optuna_search
@@ -158,9 +158,7 @@ def edge_home(tmp_path_factory):
     (home / "studies").mkdir()
     study_file = write_study(home, EDGE_STUDY, "edge-tiny.toml")
     with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("DIGITUNE_HOME", str(home))
-        patch.setenv("MNIST_DIR", str(FIXTURE_DIR))
-        patch.delenv("MLFLOW_TRACKING_URI", raising=False)
+        use_project(patch, home)
         outcome = optuna_search.run(study_file)
         yield home, study_file, outcome
         while mlflow.active_run() is not None:
@@ -224,7 +222,7 @@ def test_the_parent_run_holds_the_front_figure_and_table(edge_home):
 
 def test_pareto_prints_optunas_front(edge_home, capsys, monkeypatch):
     home, study_file, outcome = edge_home
-    monkeypatch.setenv("DIGITUNE_HOME", str(home))
+    use_project(monkeypatch, home)
     assert main(["pareto", "--study", str(study_file)]) == 0
     printed = capsys.readouterr().out
     rows = [line for line in printed.splitlines() if line.startswith("|") and "---" not in line]
@@ -235,7 +233,7 @@ def test_pareto_prints_optunas_front(edge_home, capsys, monkeypatch):
 
 def test_select_refuses_when_nothing_fits_and_registers_what_does(edge_home, capsys, monkeypatch):
     home, study_file, outcome = edge_home
-    monkeypatch.setenv("DIGITUNE_HOME", str(home))
+    use_project(monkeypatch, home)
     client = tracking.configure()
     before = client.search_model_versions("name = 'mnist-edge-tiny'")
     assert main(["select", "--study", str(study_file), "--max-params", "10"]) == 1

@@ -7,13 +7,13 @@ where they are missing.
 from __future__ import annotations
 
 import shutil
-import socket
 import threading
 import time
 
 import pytest
 import uvicorn
 
+from conftest import free_port, use_project, wait_for
 from digitune import config, model, registry, serve, study, study_file, tracking
 
 pytestmark = pytest.mark.slow
@@ -40,9 +40,7 @@ def server(serving):
 
 
 def _serve(app):
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     instance = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=instance.run, daemon=True)
     thread.start()
@@ -51,23 +49,10 @@ def _serve(app):
         assert time.monotonic() < deadline and thread.is_alive(), "the server did not start"
         time.sleep(0.05)
     # It listens at once and loads the model in the background: ready once /health says so.
-    while not _healthy(port):
-        assert time.monotonic() < deadline, "the model did not load within a minute"
-        time.sleep(0.1)
+    wait_for(f"http://127.0.0.1:{port}/health", seconds=60)
     yield f"http://127.0.0.1:{port}/"
     instance.should_exit = True
     thread.join(timeout=10)
-
-
-def _healthy(port: int) -> bool:
-    import urllib.error
-    import urllib.request
-
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as answer:
-            return answer.status == 200
-    except (urllib.error.URLError, OSError):
-        return False
 
 
 @pytest.fixture
@@ -166,8 +151,7 @@ def colour_server(tmp_path, monkeypatch):
     import mlflow
     import numpy as np
 
-    monkeypatch.setenv("DIGITUNE_HOME", str(tmp_path))
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    use_project(monkeypatch, tmp_path)
     params = {"image_height": 16, "image_width": 16, "image_channels": 3, "num_classes": 2}
     rng = np.random.default_rng(0)
     images = rng.uniform(0, 0.3, (200, 16, 16, 3)).astype("float32")

@@ -271,12 +271,16 @@ def test_a_stale_trial_is_retried_while_mlflow_is_down_and_its_run_closed_later(
     trial.set_user_attr(studies.WORKER_ATTR, "another-machine:12345")
     trial.set_user_attr(tracking.TRIAL_RUN_ATTR, run.info.run_id)
     optuna_study._storage.record_heartbeat(trial._trial_id)
-    time.sleep(3 + 1.5)
 
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")  # MLflow is down.
     mlflow.set_tracking_uri("http://127.0.0.1:9")
-    optuna.storages.fail_stale_trials(optuna_study)
+    # Once its heartbeat is older than the grace period, the trial is stale, and failed.
+    deadline = time.monotonic() + 30
+    while optuna_study.trials[0].state != TrialState.FAIL:
+        assert time.monotonic() < deadline, "the stale trial was never failed"
+        optuna.storages.fail_stale_trials(optuna_study)
+        time.sleep(0.2)
     trials = optuna_study.trials
     assert trials[0].state == TrialState.FAIL
     (retry,) = [t for t in trials if t.system_attrs.get("failed_trial") == 0]

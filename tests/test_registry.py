@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
+from conftest import free_port, wait_for
 from digitune import cli, config, data, evaluate, model, promotion, registry, tracking
 from digitune.data import mnist
 
@@ -293,14 +294,9 @@ def test_loading_from_a_tracking_server_leaves_no_temporary_folder(
     project, trained, tmp_path, monkeypatch
 ):
     import os
-    import socket
     import tempfile
-    import time
-    import urllib.request
 
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     server = subprocess.Popen(
         [sys.executable, "-m", "digitune", "mlflow-server", "--port", str(port)],
         stdout=subprocess.DEVNULL,
@@ -308,14 +304,7 @@ def test_loading_from_a_tracking_server_leaves_no_temporary_folder(
         start_new_session=True,
     )
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2):
-                    break
-            except OSError:
-                assert server.poll() is None and time.monotonic() < deadline, "no server"
-                time.sleep(0.5)
+        wait_for(f"http://127.0.0.1:{port}/health", process=server)
         monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{port}")
         version = register(trained, "good", trial=1)
         # Every temporary folder this process makes from here on lands in `private`.

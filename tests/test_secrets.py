@@ -8,18 +8,16 @@ would against a server that checks the password.
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import mlflow
 import optuna
 import pytest
 
-from conftest import TINY_STUDY, write_study
+from conftest import TINY_STUDY, free_port, wait_for, write_study
 from digitune import cli, config, serve
 from test_serve import started
 
@@ -143,14 +141,8 @@ def test_a_credentialed_tracking_uri_that_is_down_is_reported_without_its_passwo
     assert PASSWORD not in answer.text
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def test_the_mlflow_server_gets_its_store_password_through_the_environment(project, postgres_url):
-    port = _free_port()
+    port = free_port()
     environment = {**os.environ, "MLFLOW_BACKEND_STORE_URI": with_password(postgres_url)}
     server = subprocess.Popen(
         [sys.executable, "-m", "digitune", "mlflow-server", "--port", str(port)],
@@ -161,17 +153,14 @@ def test_the_mlflow_server_gets_its_store_password_through_the_environment(proje
         start_new_session=True,
     )
     try:
-        deadline, leaked = time.monotonic() + 120, []
-        while True:
-            leaked += [line for line in command_lines() if PASSWORD in line]
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as answer:
-                    if answer.status == 200:
-                        break
-            except OSError:
-                pass
-            assert server.poll() is None and time.monotonic() < deadline, "no server"
-            time.sleep(0.5)
+        leaked: list[str] = []
+        wait_for(
+            f"http://127.0.0.1:{port}/health",
+            process=server,
+            while_waiting=lambda: leaked.extend(
+                line for line in command_lines() if PASSWORD in line
+            ),
+        )
         client = mlflow.MlflowClient(f"http://127.0.0.1:{port}")
         client.create_experiment("through-the-server")
     finally:

@@ -13,6 +13,7 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
+from conftest import free_port, wait_for
 from digitune import config, data, preprocessing, registry, serve, tracking
 from digitune.data import mnist
 
@@ -438,16 +439,11 @@ def test_the_poller_survives_a_reload_that_raises(project, champion_home, monkey
 
 def test_a_registry_that_is_down_at_start_up_is_reported_within_seconds(project, tmp_path):
     import os
-    import socket
     import subprocess
     import sys
     import time
-    import urllib.error
-    import urllib.request
 
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     environment = {**os.environ, "MLFLOW_TRACKING_URI": "http://127.0.0.1:9"}
     environment.pop("MLFLOW_HTTP_REQUEST_MAX_RETRIES", None)
     server = subprocess.Popen(
@@ -457,16 +453,16 @@ def test_a_registry_that_is_down_at_start_up_is_reported_within_seconds(project,
         stderr=subprocess.DEVNULL,
     )
     try:
-        started, detail = time.monotonic(), ""
-        while "cannot reach" not in detail:
-            assert server.poll() is None and time.monotonic() - started < 60, detail
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
-            except urllib.error.HTTPError as error:  # 503, as it should be.
-                detail = json.loads(error.read())["detail"]
-            except OSError:
-                pass  # Not listening yet.
-            time.sleep(0.2)
+        started = time.monotonic()
+        # 503, as it should be, saying that the registry cannot be reached.
+        wait_for(
+            f"http://127.0.0.1:{port}/health",
+            accept=lambda status, body: (
+                status == 503 and "cannot reach" in json.loads(body)["detail"]
+            ),
+            process=server,
+            seconds=60,
+        )
         listening_and_reported = time.monotonic() - started
     finally:
         server.terminate()

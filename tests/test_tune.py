@@ -6,6 +6,8 @@ metrics, confusion-matrix artifacts and the registered `mnist-cnn` version.
 
 from __future__ import annotations
 
+import json
+
 import mlflow
 import numpy as np
 import optuna
@@ -26,7 +28,7 @@ def _runs(client, experiment_name):
     return client.search_runs([experiment.experiment_id], max_results=100)
 
 
-def test_tiny_study_is_tracked_and_registered(project):
+def test_tiny_study_is_tracked_and_registered(project, capsys):
     study_file = write_study(project, TINY_STUDY)
     outcome = optuna_search.run(study_file)
 
@@ -165,6 +167,26 @@ def test_tiny_study_is_tracked_and_registered(project):
     assert len(runs) == 5
     versions = client.search_model_versions("name = 'mnist-cnn'")
     assert len(versions) == (1 if again.best.number == outcome.best.number else 2)
+
+    # A script's run: one more trial, the summary as JSON alone on stdout, nothing registered.
+    capsys.readouterr()
+    assert (
+        cli.main(["tune", "--study", str(study_file), "--trials", "5", "--json", "--no-register"])
+        == 0
+    )
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["trials"] == 5 and sum(summary["states"].values()) == 5
+    assert summary["model_version"] is None and summary["alias"] is None
+    assert summary["study"] == "tiny" and summary["engine"] == "optuna"
+    assert 0 < summary["test_accuracy"] <= 1 and "learning_rate" in summary["params"]
+    assert len(client.search_model_versions("name = 'mnist-cnn'")) == len(versions)
+
+    # The study's settings are those it started with: another max_epochs is refused, and says
+    # which setting and both values; nothing more is run.
+    changed = write_study(project, TINY_STUDY.replace("max_epochs = 2", "max_epochs = 3"))
+    with pytest.raises(ValueError, match=r"training\.max_epochs = 2 when it started, now 3"):
+        optuna_search.run(changed, n_trials=6)
+    assert len(studies.load_existing(study_file)[1].trials) == 5
 
 
 def test_report_summarises_a_study(project, capsys):

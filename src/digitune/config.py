@@ -7,6 +7,7 @@ study file has its default here, in `StudySettings` and `TrainingSettings`; a st
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import re
@@ -27,6 +28,23 @@ COSTS = ("params", "int8_kb", "latency_ms")
 def project_dir() -> Path:
     """The folder holding studies/, mlruns/ and data/: DIGITUNE_HOME, or the working directory."""
     return Path(os.environ.get("DIGITUNE_HOME") or Path.cwd()).resolve()
+
+
+@contextlib.contextmanager
+def project_at(folder: str | Path):
+    """The project folder moved to `folder` for the block, with its own MLflow store, in this
+    process and those it starts; as it was afterwards."""
+    saved = {key: os.environ.get(key) for key in ("DIGITUNE_HOME", "MLFLOW_TRACKING_URI")}
+    os.environ["DIGITUNE_HOME"] = str(folder)
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
+    try:
+        yield Path(folder)
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def studies_dir() -> Path:

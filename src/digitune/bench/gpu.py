@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import shutil
 import tempfile
 import time
@@ -95,34 +94,24 @@ def check(out: str | Path, minutes: float = 4.0, workers: int | None = None, cpu
 
     # The study, in a project folder of its own: its stores are thrown away, its best trial
     # travels as a bundle.
-    saved = {key: os.environ.get(key) for key in ("DIGITUNE_HOME", "MLFLOW_TRACKING_URI")}
-    with tempfile.TemporaryDirectory(prefix="digitune-gpu-check-") as home:
-        os.environ["DIGITUNE_HOME"] = home
-        os.environ.pop("MLFLOW_TRACKING_URI", None)
-        try:
-            outcome = optuna_search.run(
-                definition.with_budget(n_trials=10_000, timeout_minutes=minutes),
-                workers=workers,
-                register=False,
-                progress_bar=False,
-            )
-            tracking.configure()
-            trials = report.trials_table(outcome.study)
-            trials.to_csv(out / "trials.csv", index=False)
-            compiling = [
-                run.data.metrics["compile_seconds"]
-                for run in tracking.child_runs(outcome.parent_run_id)
-                if "compile_seconds" in run.data.metrics
-            ]
-            best = outcome.best
-            weights = tracking.download_weights(best.run_id, Path(home))
-            shutil.copyfile(weights, out / "best.weights.h5")
-        finally:
-            for key, value in saved.items():
-                if value is None:
-                    os.environ.pop(key, None)
-                else:
-                    os.environ[key] = value
+    with tempfile.TemporaryDirectory(prefix="digitune-gpu-check-") as home, config.project_at(home):
+        outcome = optuna_search.run(
+            definition.with_budget(n_trials=10_000, timeout_minutes=minutes),
+            workers=workers,
+            register=False,
+            progress_bar=False,
+        )
+        tracking.configure()
+        trials = report.trials_table(outcome.study)
+        trials.to_csv(out / "trials.csv", index=False)
+        compiling = [
+            run.data.metrics["compile_seconds"]
+            for run in tracking.child_runs(outcome.parent_run_id)
+            if "compile_seconds" in run.data.metrics
+        ]
+        best = outcome.best
+        weights = tracking.download_weights(best.run_id, Path(home))
+        shutil.copyfile(weights, out / "best.weights.h5")
     bundle = {
         "study": definition.study.name,
         "trial": best.number,

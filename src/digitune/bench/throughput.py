@@ -204,3 +204,68 @@ def training_throughput(repeats: int = 3) -> pd.DataFrame:
     return table.round(
         {"images_per_second": 0, "cpu_percent": 0, "val_accuracy": 4, "ratio_to_plain_fit": 2}
     )
+
+
+# The default study's middle network, as a CPU trains it: what `backends_throughput` times.
+STUDY_NETWORK = {
+    "num_conv_blocks": 2,
+    "num_filters": 32,
+    "dense_units": 128,
+    "dropout_rate": 0.2,
+    "batch_normalization": True,
+    "batch_size": 256,
+}
+
+
+def _backend_epoch(images: int) -> tuple[float, float]:
+    """In a process of its own backend: images per second of the second of two epochs of
+    `images` training images (validation included), and the first epoch's compilation."""
+    split = data.split(mnist.load(), images)
+    trainer.fresh_session("auto", seed=0)
+    cnn = model.build_model(STUDY_NETWORK)
+    history = trainer.fit(cnn, STUDY_NETWORK, split, 2, [trainer.EpochTimes()]).history
+    compiling = next(iter(history.get("compile_seconds", [])), 0.0)
+    return len(split.y_train) / history["epoch_seconds"][-1], compiling
+
+
+def backends_throughput(repeats: int = 3, images: int = 10_000) -> pd.DataFrame:
+    """The trainer on each backend installed here, side by side: a process per backend and
+    round, interleaved over `repeats` rounds; medians, and the ratio to TensorFlow's."""
+    context = multiprocessing.get_context("spawn")
+    names = [name for name in backend.BACKENDS if backend.installed(name)]
+    rows = []
+    for round_number in range(repeats):
+        for name in names:
+            initializer, initargs = backend.spawn_call(
+                _started, environment={"KERAS_BACKEND": name}
+            )
+            with context.Pool(1, initializer=initializer, initargs=initargs) as pool:
+                speed, compiling = pool.apply(_backend_epoch, (images,))
+            rows.append(
+                {
+                    "backend": name,
+                    "round": round_number,
+                    "images_per_second": speed,
+                    "compile_seconds": compiling,
+                }
+            )
+            log.info(
+                f"backends, round {round_number + 1} of {repeats}: {name}, "
+                f"{speed:,.0f} img/s, compiled in {compiling:.1f} s"
+            )
+    runs = pd.DataFrame(rows)
+    table = (
+        runs.groupby("backend", sort=False)
+        .agg(
+            images_per_second=("images_per_second", "median"),
+            low=("images_per_second", "min"),
+            high=("images_per_second", "max"),
+            compile_seconds=("compile_seconds", "median"),
+            rounds=("round", "count"),
+        )
+        .reset_index()
+    )
+    reference = table.set_index("backend")["images_per_second"].get("tensorflow")
+    if reference:
+        table["ratio_to_tensorflow"] = table["images_per_second"] / reference
+    return table.round(2)

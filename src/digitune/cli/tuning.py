@@ -165,9 +165,10 @@ def add_commands(commands) -> None:
     )
     bench.add_argument(
         "--only",
-        choices=("throughput", "race", "ablation"),
+        choices=("throughput", "backends", "race", "ablation"),
         default=None,
-        help="run one part only (race: against Keras Tuner; ablation: the default study's levers)",
+        help="run one part only (race: against Keras Tuner; ablation: the default study's "
+        "levers; backends: the trainer on TensorFlow and on JAX, side by side)",
     )
     bench.add_argument(
         "--contenders",
@@ -418,6 +419,10 @@ def _bench(args: argparse.Namespace) -> int:
         table = throughput.training_throughput(args.repeats)
         print(table.to_string(index=False))
         written.append(bench.write_results("training_throughput", table))
+    if args.only == "backends":
+        table = throughput.backends_throughput(args.repeats)
+        print(table.to_string(index=False))
+        written.append(bench.write_results("backends_throughput", table))
     parts = {  # part: contenders, the one the others are compared with, the plot's title
         "race": (contenders.CONTENDERS, contenders.HYPERBAND, "Tuning race on the default study"),
         "ablation": (

@@ -1,0 +1,74 @@
+"""The command line as a new user meets it: its help, the shipped studies, and `doctor`."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from digitune import cli, config, study_file
+
+
+def _help(*arguments: str) -> str:
+    finished = subprocess.run(
+        [sys.executable, "-m", "digitune", *arguments, "--help"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return finished.stdout
+
+
+def test_the_help_says_what_each_command_is_for_with_examples():
+    text = _help()
+    # The description is whole, not cut off mid-sentence.
+    assert "promote the best\nmodel through the MLflow model registry." in text
+    for command, purpose in {
+        "tune": "run or resume a study",
+        "register": "register it as @challenger",
+        "doctor": "what a study would run on",
+        "gpu-check": "throughput at three batch sizes",
+        "serve": "serve the champion",
+        "init": "copy the shipped study files",
+    }.items():
+        line = next(line for line in text.splitlines() if line.strip().startswith(command))
+        assert purpose in line + text[text.index(line) :].split("\n")[1], command
+    assert "examples:" in text and "digitune tune --study quick" in text
+    tune = _help("tune")
+    assert "--no-register" in tune and "--json" in tune and "examples:" in tune
+    serve = _help("serve")
+    assert "--host HOST" in serve and "the address the API and the page listens on" in serve
+    assert "--port PORT" in serve and "(default: 8000)" in serve
+    assert "--host HOST" in _help("dashboard")
+
+
+def test_shipped_studies_are_found_by_name_and_init_copies_them(project, capsys):
+    shipped = config.shipped_studies()
+    assert {"mnist-cnn.toml", "quick.toml", "full.toml"} <= {p.name for p in shipped.iterdir()}
+    # Outside a clone (an empty project folder), a name finds the shipped study.
+    assert study_file.load("quick").path == shipped / "quick.toml"
+    with pytest.raises(ValueError, match=r"study file not found.*\bquick\b.*digitune init"):
+        study_file.load("no-such-study")
+
+    assert cli.main(["init"]) == 0
+    assert "wrote" in capsys.readouterr().out
+    copied = project / "studies" / "quick.toml"
+    assert copied.read_text() == (shipped / "quick.toml").read_text()
+    # Now the project's own copy is the one a name finds, and init keeps an edited one.
+    copied.write_text(copied.read_text().replace("n_trials = 4", "n_trials = 5"))
+    assert study_file.load("quick").path == copied
+    assert study_file.load("quick").study.n_trials == 5
+    assert cli.main(["init"]) == 0
+    assert "kept" in capsys.readouterr().out and "n_trials = 5" in copied.read_text()
+
+
+def test_doctor_says_what_a_study_runs_on_and_why(project, capsys):
+    assert cli.main(["doctor", "--study", "quick"]) == 0
+    # One "key  value" line each, the keys in a column of 14.
+    lines = {line[:14].strip(): line[15:] for line in capsys.readouterr().out.splitlines()}
+    assert set(lines) >= {"study", "backend", "devices", "precision", "NVIDIA GPUs", "workers"}
+    assert lines["backend"].startswith(("tensorflow ", "jax "))
+    assert "installed:" in lines["backend"]
+    assert "cpu" in lines["devices"] or "gpu" in lines["devices"]
+    assert lines["precision"].startswith("auto -> ") and "(" in lines["precision"]
