@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -33,11 +34,12 @@ def test_the_help_says_what_each_command_is_for_with_examples():
         "init": "copy the shipped study files",
     }.items():
         line = next(line for line in text.splitlines() if line.strip().startswith(command))
-        assert purpose in line + text[text.index(line) :].split("\n")[1], command
+        wrapped = " ".join((line + " " + text[text.index(line) :].split("\n")[1]).split())
+        assert purpose in wrapped, command
     assert "examples:" in text and "digitune tune --study quick" in text
     tune = _help("tune")
     assert "--no-register" in tune and "--json" in tune and "examples:" in tune
-    serve = _help("serve")
+    serve = " ".join(_help("serve").split())  # as one line, however argparse wraps it
     assert "--host HOST" in serve and "the address the API and the page listens on" in serve
     assert "--port PORT" in serve and "(default: 8000)" in serve
     assert "--host HOST" in _help("dashboard")
@@ -72,3 +74,26 @@ def test_doctor_says_what_a_study_runs_on_and_why(project, capsys):
     assert "installed:" in lines["backend"]
     assert "cpu" in lines["devices"] or "gpu" in lines["devices"]
     assert lines["precision"].startswith("auto -> ") and "(" in lines["precision"]
+
+
+def test_a_gpu_the_backend_cannot_use_is_a_warning_that_says_why(project, tmp_path):
+    # A machine whose driver lists a GPU (a stand-in nvidia-smi) while the backend, a CPU
+    # build, sees none: the study would train on the CPU, and says so, with what the backend
+    # printed as it loaded, instead of falling back in silence.
+    tools = tmp_path / "bin"
+    tools.mkdir()
+    smi = tools / "nvidia-smi"
+    smi.write_text("#!/bin/sh\necho 'GPU 0: NVIDIA H200 (UUID: GPU-00000000)'\n")
+    smi.chmod(0o755)
+    environment = {**os.environ, "PATH": f"{tools}{os.pathsep}{os.environ['PATH']}"}
+    finished = subprocess.run(
+        [sys.executable, "-m", "digitune", "doctor", "--study", "quick"],
+        capture_output=True,
+        text=True,
+        env=environment,
+        check=True,
+    )
+    assert "1 GPU(s) present (GPU 0: NVIDIA H200), but" in finished.stderr
+    assert "sees none: trials run on the CPU" in finished.stderr
+    assert "GPU 0: NVIDIA H200" in finished.stdout  # doctor's own line about the driver
+    assert "cpu" in finished.stdout.split("devices", 1)[1].splitlines()[0]

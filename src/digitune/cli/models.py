@@ -129,13 +129,14 @@ def add_commands(commands) -> None:
 
 @contextlib.contextmanager
 def stdout_to_stderr():
-    """File descriptor 1 pointed at stderr for the block, in this process and those it
-    starts."""
+    """Standard output sent to stderr for the block, in this process (Python's and the file
+    descriptor's) and in the processes it starts."""
     sys.stdout.flush()
     saved = os.dup(1)
     os.dup2(2, 1)
     try:
-        yield
+        with contextlib.redirect_stdout(sys.stderr):
+            yield
     finally:
         sys.stdout.flush()
         os.dup2(saved, 1)
