@@ -65,6 +65,16 @@ INVOCATION_KEYS = {
 }
 
 
+def runs_page(parent_run_id: str, ui: str = "http://127.0.0.1:5000") -> str:
+    """The address of a study's runs in the MLflow UI (`digitune ui`), on its model-training
+    view (MLflow 3 opens experiments on its GenAI view), trials sorted by the objective."""
+    experiment = mlflow.MlflowClient().get_run(parent_run_id).info.experiment_id
+    return (
+        f"{ui}/#/experiments/{experiment}/runs?workflowType=machine_learning"
+        f"&orderByKey=metrics.%60{OBJECTIVE}%60&orderByAsc=false"
+    )
+
+
 def trial_tag(number: int | str) -> str:
     """A trial's number as its runs say it: zero-padded, so that the MLflow UI sorts it."""
     return f"{int(number):04d}"

@@ -1,7 +1,8 @@
 """The `digitune` command (also `python -m digitune`); every make target is a thin call of
 one of its subcommands, grouped by stage: `cli.tuning` (init, data, tune, report, ensemble,
-bench), `cli.models` (promote, rollback, models, gc, export, serve, bench-serve,
-mlflow-server, ui) and `cli.deployment` (pareto, select, dashboard). `digitune <command>
+bench), `cli.models` (promote, register, rollback, models, gc, export, serve, bench-serve,
+mlflow-server, ui), `cli.deployment` (pareto, select, dashboard) and `cli.devices` (doctor,
+gpu-check). `digitune <command>
 --help` lists each command's options. Library modules log through `logging`; this module
 decides how that reaches the terminal.
 """
@@ -17,7 +18,7 @@ import tqdm
 
 import digitune
 from digitune import backend, config
-from digitune.cli import deployment, models, tuning
+from digitune.cli import deployment, devices, models, tuning
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -129,6 +130,7 @@ def parser() -> argparse.ArgumentParser:
     tuning.add_commands(commands)
     models.add_commands(commands)
     deployment.add_commands(commands)
+    devices.add_commands(commands)
     return command_line
 
 

@@ -316,7 +316,12 @@ def _mlflow_server(args: argparse.Namespace) -> int:
 
 def _ui(args: argparse.Namespace) -> int:
     command = [sys.executable, "-m", "mlflow", "ui", "--host", args.host, "--port", str(args.port)]
-    print(f"MLflow UI on http://{args.host}:{args.port} (Ctrl-C stops it)")
+    # MLflow 3 opens on its GenAI view; studies and their trials are on the model-training one.
+    print(
+        f"MLflow UI on http://{args.host}:{args.port}/#/experiments?workflowType=machine_learning"
+        " (Ctrl-C stops it): a study is an experiment; sort its runs by best_val_accuracy to "
+        "rank the trials"
+    )
     return _call_with_store(command, config.tracking_uri())
 
 
