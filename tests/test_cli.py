@@ -65,6 +65,25 @@ def test_shipped_studies_are_found_by_name_and_init_copies_them(project, capsys)
     assert "kept" in capsys.readouterr().out and "n_trials = 5" in copied.read_text()
 
 
+def test_a_missing_study_file_is_an_error_before_keras_loads(tmp_path):
+    # In a process of its own, where nothing has loaded Keras (and TensorFlow, seconds to load):
+    # the command answers at once.
+    script = (
+        "import sys; from digitune import cli; "
+        "code = cli.main(['tune', '--study', 'no-such-study']); print(code, 'keras' in sys.modules)"
+    )
+    finished = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env={**os.environ, "DIGITUNE_HOME": str(tmp_path)},
+    )
+    assert finished.stdout.split() == ["1", "False"], finished.stderr
+    assert "error: no-such-study: study file not found" in finished.stderr
+    assert "quick" in finished.stderr and "digitune init" in finished.stderr
+
+
 def test_doctor_says_what_a_study_runs_on_and_why(project, capsys):
     assert cli.main(["doctor", "--study", "quick"]) == 0
     # One "key  value" line each, the keys in a column of 14.

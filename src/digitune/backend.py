@@ -48,11 +48,13 @@ def _not_a_retracing_hint(record: logging.LogRecord) -> bool:
 
 def setting_of(study: str | None) -> str:
     """A study file's [training] `backend`, read before Keras loads ("auto" without one);
-    the file's other mistakes are `study_file.load`'s to report."""
+    a missing file is an error here, before Keras takes seconds to load; the file's other
+    mistakes are `study_file.load`'s to report."""
     if not study:
         return "auto"
+    path = config.existing_study(study)
     try:
-        document = tomllib.loads(config.study_path(study).read_text(encoding="utf-8"))
+        document = tomllib.loads(path.read_text(encoding="utf-8"))
         value = document.get("training", {}).get("backend", "auto")
     except (OSError, ValueError, AttributeError):
         return "auto"

@@ -76,6 +76,19 @@ def study_path(value: str | Path) -> Path:
     return path
 
 
+def existing_study(value: str | Path) -> Path:
+    """`study_path(value)`, or a ValueError naming the studies shipped with digitune when no
+    such file exists."""
+    path = study_path(value)
+    if not path.is_file():
+        shipped = ", ".join(sorted(p.stem for p in shipped_studies().glob("*.toml")))
+        raise ValueError(
+            f"{path}: study file not found; name a file, or one of the studies shipped with "
+            f"digitune ({shipped}); `digitune init` copies them into studies/ to edit"
+        )
+    return path
+
+
 def copy_shipped_studies() -> tuple[list[Path], list[str]]:
     """Copy the shipped study files into the project's studies/, keeping any already there.
     Returns the files written and the names kept."""

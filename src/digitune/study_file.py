@@ -70,13 +70,7 @@ class StudyDefinition:
 def load(path: str | Path) -> StudyDefinition:
     """Read and validate a study file (a path, or a study's name: `config.study_path`); every
     error names the file and the key."""
-    path = config.study_path(path)
-    if not path.is_file():
-        shipped = ", ".join(sorted(p.stem for p in config.shipped_studies().glob("*.toml")))
-        raise ValueError(
-            f"{path}: study file not found; name a file, or one of the studies shipped with "
-            f"digitune ({shipped}); `digitune init` copies them into studies/ to edit"
-        )
+    path = config.existing_study(path)
     try:
         document = tomllib.loads(path.read_text(encoding="utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
