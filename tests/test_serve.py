@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import statistics
 import threading
 
 import mlflow
@@ -349,6 +350,9 @@ def test_health_answers_at_once_while_a_big_picture_is_worked_on(client):
     buffer = io.BytesIO()
     Image.fromarray(picture).save(buffer, "PNG")
     durations = []
+    # The model's first call compiles it, holding the interpreter for a while: done before
+    # the measurement, as any served model has done it long before.
+    client.post("/predict", content=buffer.getvalue(), headers={"Content-Type": "image/png"})
 
     def send_big_pictures():
         for _ in range(3):
@@ -368,9 +372,13 @@ def test_health_answers_at_once_while_a_big_picture_is_worked_on(client):
         latencies.append(time.perf_counter() - started)
         time.sleep(0.01)
     sender.join()
-    # Were the picture worked on in the event loop, /health would wait for it.
+    # Were the pictures worked on in the event loop, /health would wait for each of them: the
+    # poll that comes just after a picture arrives would take about as long as the picture.
+    # The second-longest poll, against the median picture: one answer may stall once while
+    # the other test processes hold the cores.
     assert len(latencies) >= 10
-    assert max(latencies) < 0.5 * min(durations), (max(latencies), durations)
+    second_longest = sorted(latencies)[-2]
+    assert second_longest < 0.5 * statistics.median(durations), (second_longest, durations)
 
 
 def test_the_server_says_it_is_loading_until_the_model_is_ready(serving):
