@@ -142,9 +142,17 @@ gpu-wheels: ## Fetch the wheels a GPU machine without digitune's packages needs 
 gpu-check: ## On a GPU: throughput at 3 batch sizes and the default study for 4 minutes (gpu/check.sh)
 	bash gpu/check.sh $(if $(CPU),--cpu)
 
-test: install-dev ## Run the tests (no network needed): on TensorFlow, then the JAX pass without it
-	$(BIN)/pytest
-	KERAS_BACKEND=jax PYTHONPATH=$(CURDIR)/tests/without_tensorflow $(BIN)/pytest -m jax
+# The JAX pass runs beside the TensorFlow pass, in one process of its own: the two keep both
+# cores busy to the end, where one after the other left one idle. Its report follows.
+test: install-dev ## Run the tests (no network needed): on TensorFlow, and the JAX pass without it
+	@echo "the JAX pass (KERAS_BACKEND=jax, TensorFlow blocked) runs beside; its report follows"
+	@jax_log=$$(mktemp); \
+	KERAS_BACKEND=jax PYTHONPATH=$(CURDIR)/tests/without_tensorflow \
+		$(BIN)/pytest -m jax -n 1 >$$jax_log 2>&1 & jax=$$!; \
+	$(BIN)/pytest; tensorflow_status=$$?; \
+	wait $$jax; jax_status=$$?; \
+	echo; echo "the JAX pass:"; cat $$jax_log; rm -f $$jax_log; \
+	[ $$tensorflow_status -eq 0 ] && [ $$jax_status -eq 0 ]
 
 test-fast: install-dev ## The tests that train nothing (seconds, not minutes)
 	$(BIN)/pytest -m "not slow"
