@@ -89,6 +89,20 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
+def command_lines(session: int | None = None) -> list[str]:
+    """The command lines of this machine's processes, as `ps` shows them; with `session`,
+    only those of that session (a server started with start_new_session, and all it
+    started)."""
+    lines = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and session in (None, os.getsid(int(entry.name))):
+                lines.append((entry / "cmdline").read_bytes().replace(b"\0", b" ").decode())
+        except OSError:
+            continue  # Gone meanwhile.
+    return lines
+
+
 def wait_for(url: str, accept=None, process=None, seconds: float = 120.0, while_waiting=None):
     """Poll `url` until `accept(status, body)` (by default: it answers 200) and return the
     answer, failing once `process` (if any) has died or `seconds` have passed."""

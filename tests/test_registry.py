@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from conftest import free_port, wait_for
+from conftest import command_lines, free_port, wait_for
 from digitune import cli, config, data, evaluate, model, promotion, registry, tracking
 from digitune.data import mnist
 
@@ -291,18 +291,6 @@ def test_two_concurrent_promotions_have_one_winner_and_a_whole_history(project, 
     ]
 
 
-def session_command_lines(session: int) -> list[str]:
-    """The command lines of the processes in one session (a server and all it started)."""
-    lines = []
-    for entry in Path("/proc").iterdir():
-        try:
-            if entry.name.isdigit() and os.getsid(int(entry.name)) == session:
-                lines.append((entry / "cmdline").read_bytes().replace(b"\0", b" ").decode())
-        except OSError:
-            pass  # gone meanwhile
-    return lines
-
-
 def test_loading_from_a_tracking_server_leaves_no_temporary_folder(
     project, trained, tmp_path, monkeypatch
 ):
@@ -318,7 +306,7 @@ def test_loading_from_a_tracking_server_leaves_no_temporary_folder(
     try:
         wait_for(f"http://127.0.0.1:{port}/health", process=server)
         # The server runs without MLflow's GenAI job runner: no Huey consumer processes.
-        assert [line for line in session_command_lines(server.pid) if "huey" in line] == []
+        assert [line for line in command_lines(session=server.pid) if "huey" in line] == []
         monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{port}")
         version = register(trained, "good", trial=1)
         # Every temporary folder this process makes from here on lands in `private`.

@@ -17,7 +17,7 @@ import mlflow
 import optuna
 import pytest
 
-from conftest import TINY_STUDY, free_port, wait_for, write_study
+from conftest import TINY_STUDY, command_lines, free_port, wait_for, write_study
 from digitune import cli, config, serve
 from test_serve import started
 
@@ -30,18 +30,6 @@ REPOSITORY = Path(__file__).resolve().parents[1]
 
 def with_password(url: str) -> str:
     return url.replace("://postgres@", f"://postgres:{PASSWORD}@", 1)
-
-
-def command_lines() -> list[str]:
-    """Every process's command line on this machine, as `ps` shows them."""
-    lines = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                lines.append((entry / "cmdline").read_bytes().replace(b"\0", b" ").decode())
-            except OSError:
-                continue  # Gone meanwhile.
-    return lines
 
 
 @pytest.mark.parametrize(
