@@ -274,7 +274,10 @@ def test_a_trial_the_study_s_deadline_cuts_short_says_so(project, capsys):
         ),
     )
     assert cli.main(["tune", "--study", str(study_file)]) == 0
-    assert "1 complete but cut short by the deadline\n" in capsys.readouterr().out
+    printed = capsys.readouterr()
+    assert "1 complete but cut short by the deadline\n" in printed.out
+    # Not on a terminal (a pipe, a log file, CI): no progress bar redrawing itself in the text.
+    assert "it/s" not in printed.err and "\r" not in printed.err
     (trial,) = studies.load_existing(study_file)[1].trials
     epochs = len(trial.intermediate_values)
     assert trial.state == TrialState.COMPLETE and 1 <= epochs < 500

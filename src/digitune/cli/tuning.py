@@ -225,7 +225,9 @@ def _tune(args: argparse.Namespace) -> int:
                 workers=args.workers,
                 join=args.join,
                 refit_best=args.refit,
-                progress_bar=not args.json,
+                # A bar that redraws itself is for a terminal; in a pipe or a log file it
+                # would leave its every redraw between the trial lines.
+                progress_bar=not args.json and sys.stderr.isatty(),
                 **budget,
             )
     if outcome is None:
