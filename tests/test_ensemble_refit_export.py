@@ -9,6 +9,7 @@ import pytest
 
 from conftest import TINY_STUDY, register_trained_cnn, write_study
 from digitune import (
+    artifacts,
     cli,
     config,
     data,
@@ -32,7 +33,7 @@ STUDY = TINY_STUDY.replace("n_trials = 3", "n_trials = 4").replace(
 def _member_predictions(study: optuna.Study, numbers, images):
     trials = {t.number: t for t in study.trials}
     return [
-        tracking.load_model(
+        artifacts.load_model(
             space.params_of(trials[n]), trials[n].user_attrs[tracking.TRIAL_RUN_ATTR]
         ).predict(images, verbose=0)
         for n in numbers

@@ -54,7 +54,7 @@ def test_tensorflow_is_blocked_and_keras_runs_on_jax():
 
 
 def test_a_study_trains_on_jax_and_a_tensorflow_process_registers_it(project):
-    from digitune import tracking
+    from digitune import artifacts, tracking
     from digitune.data import mnist
     from digitune.engines import optuna_search
 
@@ -83,7 +83,7 @@ def test_a_study_trains_on_jax_and_a_tensorflow_process_registers_it(project):
     # The best trial's model as JAX computes it, on the fixture's held-out test digits.
     digits = mnist.load_folder(FIXTURE_DIR)
     images = digits.test_images.astype("float32")[..., None] / 255
-    jax_probabilities = np.asarray(tracking.load_model(best.params, best.run_id).predict(images))
+    jax_probabilities = np.asarray(artifacts.load_model(best.params, best.run_id).predict(images))
 
     # Registered by a TensorFlow process from the weights JAX trained; its test accuracy is
     # the one measured here, and the registered model predicts what the JAX model does.

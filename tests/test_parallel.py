@@ -18,7 +18,7 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from conftest import TINY_STUDY, write_study
+from conftest import TINY_STUDY, free_port, wait_for, write_study
 from digitune import cli, config, study_file, tracking
 from digitune import study as studies
 from digitune.engines import optuna_search
@@ -300,3 +300,58 @@ def test_join_without_a_study_says_how_to_start_one(project, capsys):
     assert cli.main(["tune", "--study", str(study_file), "--join"]) == 1
     error = capsys.readouterr().err
     assert "no study 'tiny'" in error and "make tune" in error
+
+
+def start_tracking_server(port: int) -> subprocess.Popen:
+    """`digitune mlflow-server` on the project's own store, in a session of its own."""
+    server = subprocess.Popen(
+        [sys.executable, "-m", "digitune", "mlflow-server", "--port", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    wait_for(f"http://127.0.0.1:{port}/health", process=server)
+    return server
+
+
+def test_an_mlflow_outage_mid_study_waits_and_loses_no_trial(project, monkeypatch):
+    """The tracking server dies while a trial trains and comes back: the study waits for it,
+    saying so, and every trial completes with its whole run; none is failed or repeated."""
+    port = free_port()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{port}")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    study_path = write_study(project, CRASHABLE_STUDY.replace("n_trials = 2", "n_trials = 3"))
+    server = start_tracking_server(port)
+    tune = start_tune(project, study_path)
+    try:
+        wait_for_a_trial_in_training("tiny", tune)
+        os.killpg(server.pid, signal.SIGKILL)
+        server.wait(timeout=60)
+        time.sleep(8)  # Down for a while: trials try to log and cannot.
+        server = start_tracking_server(port)
+        output, _ = tune.communicate(timeout=300)
+
+        assert tune.returncode == 0, output
+        assert f"MLflow does not answer at http://127.0.0.1:{port}" in output
+        assert "MLflow answers again after" in output
+        assert "already active" not in output and "Traceback" not in output
+        storage = config.default_storage("tiny")
+        study = optuna.load_study(study_name="tiny", storage=storage)
+        assert [t.state for t in study.trials if t.state == TrialState.FAIL] == []
+        assert len(study.trials) == 3
+        tracking.configure()
+        assert_one_parent_with_a_child_per_trial(study)
+        client = mlflow.MlflowClient()
+        for trial in study.trials:
+            run = client.get_run(trial.user_attrs[tracking.TRIAL_RUN_ATTR])
+            assert run.info.status == "FINISHED"
+            assert run.data.tags["state"] == trial.state.name
+            # Every epoch's metrics, those logged during the outage too.
+            history = client.get_metric_history(run.info.run_id, "val_accuracy")
+            assert len(history) == len(trial.intermediate_values) > 0
+            assert "trial_seconds" in run.data.metrics
+        assert len(client.search_model_versions("name = 'mnist-cnn'")) == 1
+    finally:
+        tune.kill()
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=60)

@@ -44,7 +44,7 @@ import mlflow
 import numpy as np
 import pandas as pd
 
-from digitune import backend, config, data, model, pareto, registry, study, tracking
+from digitune import artifacts, backend, config, data, model, pareto, registry, study, tracking
 
 CALIBRATION_IMAGES = 500
 WARM_UP_CALLS = 30
@@ -263,7 +263,7 @@ def export(
             f"{table.to_markdown(index=False)}\n"
         )
         table.to_csv(Path(scratch) / "tflite.csv", index=False)
-        tracking.log_tflite(model_version.run_id, [*files, markdown, Path(scratch) / "tflite.csv"])
+        artifacts.log_tflite(model_version.run_id, [*files, markdown, Path(scratch) / "tflite.csv"])
     for row in table.itertuples():
         key = row.format.split(" ")[-1].strip("()")
         if row.format.startswith("TFLite"):

@@ -25,7 +25,7 @@ import numpy as np
 import optuna
 from optuna.trial import TrialState
 
-from digitune import data, evaluate, pareto, registry, space, study, tracking
+from digitune import artifacts, data, evaluate, pareto, registry, space, study, tracking
 
 log = logging.getLogger(__name__)
 
@@ -135,7 +135,7 @@ def run(
     training = definition.training
     split = data.split(dataset, training.train_images, training.validation_images)
     models = {
-        t.number: tracking.load_model(space.params_of(t), t.user_attrs[tracking.TRIAL_RUN_ATTR])
+        t.number: artifacts.load_model(space.params_of(t), t.user_attrs[tracking.TRIAL_RUN_ATTR])
         for t in candidates
     }
     validation = {n: average_probabilities([m], split.x_validation) for n, m in models.items()}
@@ -174,12 +174,12 @@ def run(
                 "best_member_test_accuracy": best_test.accuracy,
             }
         )
-        tracking.log_evaluation(ensemble_test, "test", f"ensemble of {len(members)}, test set")
-        artifacts = {}
+        artifacts.log_evaluation(ensemble_test, "test", f"ensemble of {len(members)}, test set")
+        files = {}
         for index, number in enumerate(members):
             path = Path(scratch) / f"member_{index:02d}_trial_{number}.keras"
             models[number].save(path)
-            artifacts[f"member_{index:02d}"] = str(path)
+            files[f"member_{index:02d}"] = str(path)
         description = (
             f"Ensemble of trials {members_text} of study **{optuna_study.study_name}** "
             f"(mean of their softmax outputs; "
@@ -192,7 +192,7 @@ def run(
         )
         version = registry.register(
             EnsembleModel(),
-            artifacts=artifacts,
+            artifacts=files,
             model_name=model_name,
             study_name=optuna_study.study_name,
             trial_number="ensemble",

@@ -21,7 +21,18 @@ import mlflow
 import numpy as np
 import optuna
 
-from digitune import data, evaluate, model, pareto, registry, space, study_file, tracking, trainer
+from digitune import (
+    artifacts,
+    data,
+    evaluate,
+    model,
+    pareto,
+    registry,
+    space,
+    study_file,
+    tracking,
+    trainer,
+)
 
 log = logging.getLogger(__name__)
 
@@ -99,12 +110,12 @@ def run(
             settings=definition.training,
         ).history
         trainer.check_finite(history, params)
-        tracking.log_weights(cnn)
-        float32_model = tracking.load_model(params, refit_run.info.run_id)
+        artifacts.log_weights(cnn)
+        float32_model = artifacts.load_model(params, refit_run.info.run_id)
         test = evaluate.evaluate(
             float32_model, data.preprocess(dataset.test_images), dataset.test_labels
         )
-        tracking.log_evaluation(
+        artifacts.log_evaluation(
             test,
             "test",
             f"refit of trial {best.number}, {dataset.name} test set",

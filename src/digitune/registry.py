@@ -35,7 +35,7 @@ import pandas as pd
 from mlflow.models import ModelSignature
 from mlflow.types import Schema, TensorSpec
 
-from digitune import backend, config, data, evaluate, model, pareto, space, tracking
+from digitune import artifacts, backend, config, data, evaluate, model, pareto, space, tracking
 
 log = logging.getLogger(__name__)
 
@@ -305,9 +305,9 @@ def register_best(
     trial already is. Returns the test accuracy and the registered version."""
     model_name = definition.model_name
     with mlflow.start_run(run_id=run_id or parent_run_id):
-        cnn = tracking.load_model(best.params, best.run_id)
+        cnn = artifacts.load_model(best.params, best.run_id)
         test = evaluate.evaluate(cnn, data.preprocess(dataset.test_images), dataset.test_labels)
-        tracking.log_evaluation(
+        artifacts.log_evaluation(
             test, "test", f"trial {best.number}, {dataset.name} test set", dataset.class_names
         )
         mlflow.log_metrics(
@@ -325,7 +325,7 @@ def register_best(
             log.info("trial %d is already registered as version %s", best.number, existing.version)
             return test.accuracy, str(existing.version)
         if best.costs:
-            tracking.copy_int8_file(best.run_id)
+            artifacts.copy_int8_file(best.run_id)
         version = register(
             cnn,
             model_name=model_name,
@@ -391,8 +391,8 @@ def register_bundle(folder: Path, model_name: str | None = None) -> dict:
     model_name = model_name or spec["model_name"]
     tags = {"kind": "imported", "trained_with": spec["backend"], "trained_on": spec["devices"]}
     with tracking.imported_run(spec["study"], spec["trial"], tags, spec["params"]):
-        tracking.log_weights(cnn)
-        tracking.log_evaluation(
+        artifacts.log_weights(cnn)
+        artifacts.log_evaluation(
             test, "test", f"trial {spec['trial']}, imported", dataset.class_names
         )
         mlflow.log_metrics(

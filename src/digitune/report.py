@@ -21,7 +21,7 @@ import pandas as pd  # noqa: E402
 from optuna.trial import TrialState  # noqa: E402
 from optuna.visualization import matplotlib as optuna_plots  # noqa: E402
 
-from digitune import config, pareto, space, tracking  # noqa: E402
+from digitune import artifacts, config, pareto, space, tracking  # noqa: E402
 
 TOP_TRIALS = 10
 
@@ -193,7 +193,7 @@ def log_to_run(
     ranked = importances(study) if ranked is None else ranked
     files.update(figures(study, ranked))
     try:
-        tracking.log_report(run_id, files)
+        artifacts.log_report(run_id, files)
     finally:
         for content in files.values():
             if isinstance(content, plt.Figure):

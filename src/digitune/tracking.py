@@ -1,4 +1,4 @@
-"""Track a study in MLflow: the only module that knows the run layout.
+"""Track a study in MLflow: its runs, their names, tags and metrics (files: `artifacts`).
 
 Layout, as a user sees it in the MLflow UI:
 - experiment `<study name>`;
@@ -19,39 +19,43 @@ Layout, as a user sees it in the MLflow UI:
 Every write of a trial is timed into `STOPWATCH`, so its `tracking_seconds` says what tracking
 cost it. Optuna's own MLflowCallback is deprecated in Optuna 5 and logs only after a trial
 ends, so the tracking is done here, on MLflow's Keras callback.
+
+A trial's writes outlast an MLflow outage (`persist`): while the store does not answer, the
+trial waits for it, saying so in one line, and then writes what it had; its epochs' metrics,
+logged in the background, are confirmed at its end and written again where they were lost.
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import tempfile
+import functools
+import logging
+import os
+import re
 import time
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TypeVar
 
-import keras
 import mlflow
 import mlflow.keras
 import numpy as np
 import optuna
 from mlflow.entities import RunStatus
 
-from digitune import backend, config, data, evaluate, model
+from digitune import backend, config
 
+log = logging.getLogger(__name__)
+T = TypeVar("T")
 # Where an Optuna study and its trials keep the ids of their MLflow runs (user attributes).
 PARENT_RUN_ATTR = "mlflow_parent_run_id"
 TRIAL_RUN_ATTR = "mlflow_run_id"
 _PARENT_TAG = "mlflow.parentRunId"
 # The objective every engine ranks trials by, as a trial run's metric.
 OBJECTIVE = "best_val_accuracy"
-# Artifacts: a trial's weights and int8 file, a parent's configuration, report and TFLite files.
-WEIGHTS_ARTIFACT = "weights/model.weights.h5"
-INT8_ARTIFACT = "tflite/model-int8.tflite"
+# A parent run's resolved configuration (the files of trials and versions: `artifacts`).
 CONFIG_ARTIFACT = "config.json"
-REPORT_FOLDER = "report"
-TFLITE_FOLDER = "tflite"
 # Settings of one invocation, not of the study: they may change when it resumes, and are in
 # config.json but not among the parent run's params.
 INVOCATION_KEYS = {
@@ -125,6 +129,20 @@ class TrackingError(RuntimeError):
     """The MLflow tracking store cannot be reached or used."""
 
 
+# How long MLflow itself retries a request to a tracking server before it raises: a few
+# seconds (its default is about two minutes), since a trial then waits for the server itself
+# (`persist`), saying so, and every command says at once that a server is down.
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+# MLflow prints two links to a tracking server's UI whenever a run ends: two lines per trial
+# around its own; digitune prints the study's link at its end.
+os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+# How often a trial waiting for the tracking store asks whether it answers again.
+RETRY_SECONDS = 5.0
+# MLflow logs an error for every background write that fails; `confirm_epoch_metrics` writes
+# those again, and `persist` has said that the store is down.
+logging.getLogger("mlflow.utils.async_logging.async_logging_queue").setLevel(logging.CRITICAL)
+
+
 def configure() -> mlflow.MlflowClient:
     """Point MLflow at the configured store and check that it answers."""
     uri = config.tracking_uri()
@@ -141,6 +159,57 @@ def configure() -> mlflow.MlflowClient:
             "Check MLFLOW_TRACKING_URI (or start the server); nothing was trained or changed."
         ) from None
     return client
+
+
+def answers() -> bool:
+    """Whether the tracking store MLflow points at answers a request now."""
+    try:
+        mlflow.MlflowClient().search_experiments(max_results=1)
+    except Exception:  # noqa: BLE001 -- whatever it raises, it does not answer.
+        return False
+    return True
+
+
+# What this process's writes belong to, as the lines about an outage name it: its trial.
+_WRITER = ["this command"]
+
+
+def persist(write: Callable[[], T], wait: bool = True) -> T:
+    """Do the tracking write `write`, waiting out an outage: when it fails and the store does
+    not answer, wait for the store, with a line when it stops answering and one when it is
+    back, and write again. An error of a store that answers is raised at once, as is any
+    error without `wait`; Ctrl-C twice stops the wait (KeyboardInterrupt)."""
+    while True:
+        try:
+            return write()
+        except Exception as error:
+            if not wait or answers():
+                raise
+            _wait_for_store(_WRITER[0], error)
+
+
+def _why(error: Exception) -> str:
+    """What went wrong in a few words: the operating system's reason when there is one."""
+    text = str(error)
+    found = re.search(r"\[Errno -?\d+\] ([^\"')]+)|(Connection reset by peer|timed out)", text)
+    if found:
+        return found.group(1) or found.group(2)
+    return (text.splitlines()[0] if text else type(error).__name__)[:120]
+
+
+def _wait_for_store(what: str, error: Exception) -> None:
+    uri = config.redact(mlflow.get_tracking_uri())
+    log.warning(
+        f"MLflow does not answer at {uri} ({config.redact(_why(error))}): {what} waits for "
+        f"it, asking every {RETRY_SECONDS:.0f} s, and then records what it has "
+        "(Ctrl-C twice to stop)"
+    )
+    started = time.monotonic()
+    while True:
+        time.sleep(RETRY_SECONDS)
+        if answers():
+            break
+    log.warning(f"MLflow answers again after {time.monotonic() - started:.0f} s: {what} goes on")
 
 
 def experiment_id(client: mlflow.MlflowClient, name: str) -> str:
@@ -267,40 +336,60 @@ def trial_run(
     """
     started = time.perf_counter()
     STOPWATCH.reset()
+    _UNCONFIRMED.clear()
+    what = _WRITER[0] = f"trial {number}"
     with STOPWATCH:
-        run = child_run(
-            parent_run_id,
-            f"trial-{trial_tag(number)}",
-            {"trial_number": trial_tag(number), "engine": engine, "state": "RUNNING"},
+        run = persist(
+            lambda: child_run(
+                parent_run_id,
+                f"trial-{trial_tag(number)}",
+                {"trial_number": trial_tag(number), "engine": engine, "state": "RUNNING"},
+            )
         )
         remember(TRIAL_RUN_ATTR, run.info.run_id)
-        mlflow.log_params(params)
+        persist(lambda: mlflow.log_params(params))
     try:
         yield run
     except optuna.TrialPruned as pruned:
-        _end_trial_run(started, _status_for(pruned), state="PRUNED", pruned_reason=str(pruned))
+        _end_trial_run(
+            started, what, _status_for(pruned), state="PRUNED", pruned_reason=str(pruned)
+        )
         raise
     except BaseException as error:
         reason = f"{type(error).__name__}: {error}"[:5000]
         if isinstance(error, Exception):
             remember("fail_reason", reason)
-        _end_trial_run(started, _status_for(error), state="FAIL", fail_reason=reason)
+        _end_trial_run(started, what, _status_for(error), state="FAIL", fail_reason=reason)
         raise
-    _end_trial_run(started, RunStatus.to_string(RunStatus.FINISHED), state="COMPLETE")
+    _end_trial_run(started, what, RunStatus.to_string(RunStatus.FINISHED), state="COMPLETE")
 
 
-def _end_trial_run(started: float, status: str, **tags: str) -> None:
-    with STOPWATCH:
-        mlflow.set_tags(tags)
-        mlflow.log_metrics(
-            {
+def _end_trial_run(started: float, what: str, status: str, **tags: str) -> None:
+    """Record how the active trial run ended and end it. It waits out an outage, except for
+    an interrupted trial, which records what it can at once; either way, this process leaves
+    the run, so that the next trial can start its own."""
+    wait = status != RunStatus.to_string(RunStatus.KILLED)
+    run_id = mlflow.active_run().info.run_id
+    try:
+        with STOPWATCH:
+            confirm_epoch_metrics(wait)
+            persist(lambda: mlflow.set_tags(tags), wait)
+            metrics = {
                 "trial_seconds": time.perf_counter() - started,
                 # Up to here: the last tag and these metrics are the only calls not counted.
                 "tracking_seconds": STOPWATCH.seconds,
                 "matrix_evaluation_seconds": STOPWATCH.evaluation_seconds,
             }
-        )
-        mlflow.end_run(status)
+            persist(lambda: mlflow.log_metrics(metrics), wait)
+    except Exception as error:  # noqa: BLE001 -- only without `wait`: the interrupt goes on.
+        log.warning(f"{what}'s MLflow run keeps part of its end: {config.redact(str(error))}")
+    finally:
+        try:
+            mlflow.end_run(status)  # Leaves the run first, then tells the store.
+        except Exception:  # noqa: BLE001
+            with contextlib.suppress(Exception):
+                persist(lambda: mlflow.MlflowClient().set_terminated(run_id, status), wait)
+        _WRITER[0] = "this command"
 
 
 def end_stale_trial_run(trial: optuna.trial.FrozenTrial, reason: str) -> None:
@@ -378,118 +467,42 @@ class EpochLogger(mlflow.keras.MlflowCallback):
 
     def on_train_begin(self, logs=None):
         with STOPWATCH:
-            super().on_train_begin(logs)
+            persist(lambda: super(EpochLogger, self).on_train_begin(logs))
             described = backend.describe()
-            mlflow.set_tags(
-                {
-                    # The precision the model really trains in, read off the model itself.
-                    "precision": self.model.dtype_policy.name,
-                    "backend": described["backend"],
-                    "device": described["devices"].split(", ")[0],
-                }
-            )
+            tags = {
+                # The precision the model really trains in, read off the model itself.
+                "precision": self.model.dtype_policy.name,
+                "backend": described["backend"],
+                "device": described["devices"].split(", ")[0],
+            }
+            persist(lambda: mlflow.set_tags(tags))
 
     def on_epoch_end(self, epoch, logs=None):
         metrics = dict(logs or {})
         if config.OBJECTIVE_METRIC in metrics:
             self.best = max(self.best, metrics[config.OBJECTIVE_METRIC])
             metrics[OBJECTIVE] = self.best
+        step = (epoch + 1) * self.epoch_images
         with STOPWATCH:
-            mlflow.log_metrics(metrics, step=(epoch + 1) * self.epoch_images, synchronous=False)
+            written = mlflow.log_metrics(metrics, step=step, synchronous=False)
+        _UNCONFIRMED.append((metrics, step, written))
 
     def on_test_end(self, logs=None):
         pass
 
 
-def log_evaluation(
-    evaluation: evaluate.Evaluation, prefix: str, title: str, class_names=None
-) -> None:
-    """Log the confusion matrix (PNG and JSON) to the active run, as `<prefix>_confusion_matrix`."""
-    if class_names is not None:
-        evaluation = dataclasses.replace(evaluation, class_names=tuple(class_names))
-    with STOPWATCH:
-        mlflow.log_dict(evaluation.as_dict(), f"{prefix}_confusion_matrix.json")
-        matrix, names = evaluation.confusion_matrix, evaluation.class_names
-        figure = evaluate.plot_confusion_matrix(matrix, title, names)
-        mlflow.log_figure(figure, f"{prefix}_confusion_matrix.png")
-        evaluate.plt.close(figure)
+# The epochs' metrics of this process's trial that were logged in the background and may not
+# have been written yet: (metrics, step, MLflow's RunOperations).
+_UNCONFIRMED: list[tuple[dict, int, object]] = []
 
 
-def log_weights(model) -> None:
-    """Keep a trial's weights cheaply (an .h5 file, not a full MLflow model)."""
-    with STOPWATCH, tempfile.TemporaryDirectory() as scratch:
-        path = Path(scratch) / Path(WEIGHTS_ARTIFACT).name
-        model.save_weights(path)
-        mlflow.log_artifact(str(path), artifact_path=str(Path(WEIGHTS_ARTIFACT).parent))
-
-
-def download_weights(run_id: str, destination: Path) -> Path:
-    """The weights file a completed trial logged."""
-    try:
-        return Path(
-            mlflow.artifacts.download_artifacts(
-                run_id=run_id, artifact_path=WEIGHTS_ARTIFACT, dst_path=str(destination)
-            )
-        )
-    except Exception as error:  # noqa: BLE001 -- missing file, unreachable store, ...
-        raise TrackingError(f"run {run_id} has no readable {WEIGHTS_ARTIFACT}: {error}") from None
-
-
-def evaluate_validation(cnn: keras.Model, split: data.Split) -> evaluate.Evaluation:
-    """The trained model on the validation images, timed apart from tracking."""
-    with STOPWATCH.evaluating():
-        return evaluate.evaluate(cnn, split.x_validation, split.y_validation)
-
-
-def log_trial_result(cnn: keras.Model, validation: evaluate.Evaluation, number: int) -> None:
-    """Log a finished trial's validation confusion matrix and weights to its run."""
-    log_evaluation(validation, "val", f"trial {number}, validation set")
-    log_weights(cnn)
-
-
-def log_costs(measured: tuple[dict[str, float], bytes], accuracy: float) -> dict[str, float]:
-    """Log a trial's deployment costs (`deployment.measure`) to its run, as metrics the MLflow
-    UI sorts by (`params`, `int8_kb`, `latency_ms`, `latency_iqr_ms`, beside the objective
-    `best_val_accuracy`), and its int8 TFLite file; returns the costs."""
-    costs, int8 = measured
-    with STOPWATCH, tempfile.TemporaryDirectory() as scratch:
-        mlflow.log_metrics({**costs, OBJECTIVE: accuracy})
-        path = Path(scratch) / Path(INT8_ARTIFACT).name
-        path.write_bytes(int8)
-        mlflow.log_artifact(str(path), artifact_path=str(Path(INT8_ARTIFACT).parent))
-    return costs
-
-
-def copy_int8_file(trial_run_id: str) -> None:
-    """Log a trial's int8 TFLite file (`log_costs`) to the active run, beside the model that
-    is registered from it."""
-    with tempfile.TemporaryDirectory() as scratch:
-        path = mlflow.artifacts.download_artifacts(
-            run_id=trial_run_id, artifact_path=INT8_ARTIFACT, dst_path=scratch
-        )
-        mlflow.log_artifact(path, artifact_path=str(Path(INT8_ARTIFACT).parent))
-
-
-def load_model(params: dict, run_id: str) -> keras.Model:
-    """A trial's model, in float32 and without augmentation layers, from its params and the
-    weights its run logged."""
-    with tempfile.TemporaryDirectory() as scratch:
-        return model.from_weights(params, download_weights(run_id, Path(scratch)))
-
-
-def log_report(run_id: str, files: dict) -> None:
-    """Log a study's report to its parent run under report/: each file name with its text
-    (CSV) or its matplotlib figure."""
-    client = mlflow.MlflowClient()
-    for name, content in files.items():
-        if isinstance(content, str):
-            client.log_text(run_id, content, f"{REPORT_FOLDER}/{name}")
-        else:
-            client.log_figure(run_id, content, f"{REPORT_FOLDER}/{name}")
-
-
-def log_tflite(run_id: str, paths: list[Path]) -> None:
-    """Log a version's TFLite files and their table to its run, under tflite/."""
-    client = mlflow.MlflowClient()
-    for path in paths:
-        client.log_artifact(run_id, str(path), TFLITE_FOLDER)
+def confirm_epoch_metrics(wait: bool = True) -> None:
+    """Wait for the trial's epoch metrics logged in the background, and write again, at once,
+    those that failed (the store was down)."""
+    while _UNCONFIRMED:
+        metrics, step, written = _UNCONFIRMED[0]
+        try:
+            written.wait()
+        except Exception:  # noqa: BLE001 -- lost on the way: write it again.
+            persist(functools.partial(mlflow.log_metrics, metrics, step=step), wait)
+        _UNCONFIRMED.pop(0)

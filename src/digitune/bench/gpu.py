@@ -29,7 +29,7 @@ from pathlib import Path
 import keras
 import pandas as pd
 
-from digitune import backend, config, data, model, report, study_file, tracking, trainer
+from digitune import artifacts, backend, config, data, model, report, study_file, tracking, trainer
 from digitune.engines import optuna_search
 
 BATCH_SIZES = (128, 512, 2048)
@@ -110,7 +110,7 @@ def check(out: str | Path, minutes: float = 4.0, workers: int | None = None, cpu
             if "compile_seconds" in run.data.metrics
         ]
         best = outcome.best
-        weights = tracking.download_weights(best.run_id, Path(home))
+        weights = artifacts.download_weights(best.run_id, Path(home))
         shutil.copyfile(weights, out / "best.weights.h5")
     bundle = {
         "study": definition.study.name,

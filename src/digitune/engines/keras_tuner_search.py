@@ -27,7 +27,18 @@ import keras_tuner
 import mlflow
 import optuna
 
-from digitune import backend, config, data, model, registry, space, study_file, tracking, trainer
+from digitune import (
+    artifacts,
+    backend,
+    config,
+    data,
+    model,
+    registry,
+    space,
+    study_file,
+    tracking,
+    trainer,
+)
 from digitune.engines import scaffold
 
 log = logging.getLogger(__name__)
@@ -127,9 +138,9 @@ def _tracked(tuner_class: type[keras_tuner.Tuner]) -> type[keras_tuner.Tuner]:
                 # Early stopping restored the best epoch's weights: the matrix matches the
                 # value, and the weights let `registry.register_best` rebuild the model.
                 cnn = histories[-1].model
-                validation = tracking.evaluate_validation(cnn, self.hypermodel.split)
+                validation = artifacts.evaluate_validation(cnn, self.hypermodel.split)
                 trainer.check_learned(history, params, validation.confusion_matrix)
-                tracking.log_trial_result(cnn, validation, number)
+                artifacts.log_trial_result(cnn, validation, number)
             seconds = time.perf_counter() - started
             log.info(_trial_line(number, history, seconds, trial.hyperparameters))
             return histories

@@ -12,6 +12,7 @@ import optuna
 from optuna_integration.keras import KerasPruningCallback
 
 from digitune import (
+    artifacts,
     config,
     data,
     deployment,
@@ -78,14 +79,14 @@ def make_objective(
             if any(isinstance(c, trainer.StopAtDeadline) and c.stopped for c in callbacks):
                 trial.set_user_attr(study.DEADLINE_ATTR, True)  # its line says so
             # Early stopping restored the best epoch's weights, so the matrix matches the value.
-            validation = tracking.evaluate_validation(cnn, split)
+            validation = artifacts.evaluate_validation(cnn, split)
             trainer.check_learned(history, params, validation.confusion_matrix)
-            tracking.log_trial_result(cnn, validation, trial.number)
+            artifacts.log_trial_result(cnn, validation, trial.number)
             accuracy = max(history[config.OBJECTIVE_METRIC])
             if not settings.measured:
                 return accuracy
             deployed = deployment.float32_copy(cnn, params)  # as it would be registered
-            measured = tracking.log_costs(deployment.measure(deployed, calibration), accuracy)
+            measured = artifacts.log_costs(deployment.measure(deployed, calibration), accuracy)
             trial.set_user_attr(pareto.COSTS_ATTR, measured)
             for name, over in pareto.violations(measured, settings).items():
                 trial.set_constraint(name, over)
