@@ -320,3 +320,30 @@ def test_loading_from_a_tracking_server_leaves_no_temporary_folder(
     finally:
         os.killpg(server.pid, 15)
         server.wait(timeout=60)
+
+
+def test_the_champion_history_outlasts_postgresql_s_tag_column(
+    project, trained, postgres_url, monkeypatch
+):
+    """MLflow's SQL stores keep a registered-model tag in VARCHAR(5000), which PostgreSQL
+    enforces: 30 moves with reasons as long as promote's, then a rollback, lose nothing."""
+    monkeypatch.setenv(
+        "MLFLOW_TRACKING_URI", postgres_url.replace("postgresql:", "postgresql+psycopg:")
+    )
+    client = tracking.configure()
+    versions = [register(trained, "poor", trial=1), register(trained, "good", trial=2)]
+    reason = "test accuracy 0.9941 vs 0.9936 (+0.05 points, required more than 0 and at least "
+    reason += "0.00; McNemar p = 0.581) " * 3
+    previous = None
+    for move in range(30):
+        version = versions[move % 2]
+        promotion.move_champion(client, version, previous, "promote", reason, test_accuracy=0.99)
+        previous = version
+    events = promotion.history(client)
+    assert len(events) == 30 and [e["version"] for e in events[-2:]] == versions
+    assert events[-1]["reason"] == reason
+    # A reason too long for one tag is cut, and the move still happens.
+    promotion.move_champion(client, versions[0], versions[1], "promote", "x" * 6000)
+    assert promotion.history(client)[-1]["reason"].endswith(" ...")
+    assert promotion.rollback(client) == (versions[0], versions[1])
+    assert aliases(client)["champion"] == versions[1]

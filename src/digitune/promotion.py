@@ -8,8 +8,8 @@ Both accuracies, per-class accuracy, the images each gets right that the other g
 an exact McNemar p-value are printed and kept as tags on both versions. `--force` promotes
 anyway and records that it was forced. `digitune rollback` undoes a promotion.
 
-The history of every move (who, when, why, from which version) is a JSON tag on the
-registered model, so `rollback` works across machines and calls. Moving the alias and
+The history of every move (who, when, why, from which version) is kept in the registered
+model's tags, one JSON tag per move, so `rollback` works across machines and calls. Moving the alias and
 appending to the history happen under a lock held in the registry itself (`champion_lock`),
 so of two promotions at once one wins and no event is lost.
 """
@@ -193,15 +193,30 @@ def table(decision: Decision) -> pd.DataFrame:
     return pd.DataFrame(rows).T
 
 
+# The champion's history: one registered-model tag per move, `champion_history.000007`, and,
+# before them, the moves that digitune 0.x kept as one list in the tag `champion_history`.
 HISTORY_TAG = "champion_history"
-# Registered-model tags hold at most a few thousand characters: keep the newest events.
-HISTORY_LIMIT = 40
+# What a registered-model tag holds in MLflow's SQL stores (a VARCHAR(5000) column, which
+# PostgreSQL enforces and SQLite does not): an event's reason is cut to fit.
+TAG_CHARACTERS = 5000
 
 
 def history(client: mlflow.MlflowClient, model_name: str = registry.MODEL_NAME) -> list[dict]:
     """The champion's history, oldest first: who became champion when, and why."""
     tags = client.get_registered_model(model_name).tags
-    return json.loads(tags.get(HISTORY_TAG, "[]"))
+    events = json.loads(tags.get(HISTORY_TAG, "[]"))
+    numbered = sorted(key for key in tags if key.startswith(f"{HISTORY_TAG}."))
+    return events + [json.loads(tags[key]) for key in numbered]
+
+
+def _event_text(event: dict) -> str:
+    """An event as its tag holds it: JSON within TAG_CHARACTERS, its reason cut if need be."""
+    text = json.dumps(event)
+    over = len(text) - TAG_CHARACTERS
+    if over > 0:
+        reason = event["reason"]
+        text = json.dumps({**event, "reason": reason[: max(0, len(reason) - over - 40)] + " ..."})
+    return text
 
 
 # The lock that makes moving @champion a compare-and-set: a registered model of this name,
@@ -274,22 +289,25 @@ def move_champion(
                 f"{action} started); nothing changed. Run it again to compare with the new "
                 "champion"
             )
-        events = history(client, model_name)
-        events.append(
-            {
-                "action": action,
-                "version": version,
-                "previous": previous,
-                "at": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-                "by": getpass.getuser(),
-                "reason": reason,
-                **extra,
-            }
-        )
-        client.set_registered_model_alias(model_name, config.CHAMPION_ALIAS, version)
-        client.set_registered_model_tag(
-            model_name, HISTORY_TAG, json.dumps(events[-HISTORY_LIMIT:])
-        )
+        event = {
+            "action": action,
+            "version": version,
+            "previous": previous,
+            "at": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+            "by": getpass.getuser(),
+            "reason": reason,
+            **extra,
+        }
+        # The event first: an alias never moves without its record. Should the move fail,
+        # the record goes again.
+        key = f"{HISTORY_TAG}.{len(history(client, model_name)):06d}"
+        client.set_registered_model_tag(model_name, key, _event_text(event))
+        try:
+            client.set_registered_model_alias(model_name, config.CHAMPION_ALIAS, version)
+        except BaseException:
+            with contextlib.suppress(Exception):
+                client.delete_registered_model_tag(model_name, key)
+            raise
 
 
 def champion_stack(events: list[dict]) -> list[str]:
