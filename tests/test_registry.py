@@ -3,6 +3,8 @@ real models trained on the MNIST fixture."""
 
 from __future__ import annotations
 
+import itertools
+import json
 import os
 import shutil
 import subprocess
@@ -261,7 +263,7 @@ def test_a_held_champion_lock_makes_others_wait_then_refuse(project, trained, mo
     promotion.move_champion(client, version, None, "promote", "after a stale lock")
     assert aliases(client)["champion"] == version
     lock_names = [m.name for m in client.search_registered_models() if "lock" in m.name]
-    assert lock_names == []
+    assert lock_names == [config.REGISTERED_MODEL_NAME + promotion.LOCK_SUFFIX + ".stale-None"]
 
 
 def test_two_concurrent_promotions_have_one_winner_and_a_whole_history(project, trained):
@@ -347,3 +349,49 @@ def test_the_champion_history_outlasts_postgresql_s_tag_column(
     assert promotion.history(client)[-1]["reason"].endswith(" ...")
     assert promotion.rollback(client) == (versions[0], versions[1])
     assert aliases(client)["champion"] == versions[1]
+
+
+HOLD_THE_LOCK = """
+import json, time
+from digitune import promotion, tracking
+promotion.LOCK_STALE_SECONDS, promotion.LOCK_BEAT_SECONDS = 1.0, 0.2
+client = tracking.configure()
+with promotion.champion_lock(client):
+    began = time.time()
+    time.sleep(1.5)  # Longer than the lock takes to go stale: only its beat keeps it.
+    ended = time.time()
+print(json.dumps([began, ended]))
+"""
+
+
+def test_processes_that_find_a_stale_lock_at_once_hold_it_one_at_a_time(project):
+    """Three processes wait together on a lock a killed process left behind: one takes it
+    over, none removes another's, and each holds it alone while the others wait."""
+    client = tracking.configure()
+    name = config.REGISTERED_MODEL_NAME + promotion.LOCK_SUFFIX
+    client.create_registered_model(name, tags={"holder": "killed", "token": "dead", "beat": "0"})
+    mlflow.set_tracking_uri(None)
+    processes = [
+        subprocess.Popen(
+            [sys.executable, "-c", HOLD_THE_LOCK], stdout=subprocess.PIPE, stderr=subprocess.PIPE
+        )
+        for _ in range(3)
+    ]
+    held = []
+    for process in processes:
+        out, err = process.communicate(timeout=300)
+        assert process.returncode == 0, err.decode()[-2000:]
+        held.append(json.loads(out.decode().strip().splitlines()[-1]))
+    held.sort()
+    assert all(earlier[1] <= later[0] for earlier, later in itertools.pairwise(held)), held
+    client = tracking.configure()
+    names = sorted(m.name for m in client.search_registered_models() if "lock" in m.name)
+    assert names == [f"{name}.stale-dead"]  # The takeover's record; no lock is left.
+
+
+def test_a_lock_is_released_only_by_its_holder(project):
+    client = tracking.configure()
+    name = config.REGISTERED_MODEL_NAME + promotion.LOCK_SUFFIX
+    client.create_registered_model(name, tags={"token": "someone else's"})
+    promotion._release(client, name, token="mine")
+    assert client.get_registered_model(name).tags["token"] == "someone else's"
