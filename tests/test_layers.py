@@ -48,9 +48,11 @@ def test_one_module_knows_the_run_layout_and_one_registers():
     assert [name for name, text in modules.items() if "mlflow.parentRunId" in text] == [
         "tracking.py"
     ]
-    # Run names and artifact folders are written in one place.
-    layout = re.compile(r'f"(trial|refit-trial|ensemble|select-trial)-|"(report|tflite)/')
-    assert [name for name, text in modules.items() if layout.search(text)] == ["tracking.py"]
+    # Run names are written in one place, and the folders of the files runs keep in another.
+    names = re.compile(r'f"(trial|refit-trial|ensemble|select-trial)-')
+    assert [name for name, text in modules.items() if names.search(text)] == ["tracking.py"]
+    folders = re.compile(r'"(report|tflite|weights)/')
+    assert [name for name, text in modules.items() if folders.search(text)] == ["artifacts.py"]
     registering = re.compile(r"registered_model_name|create_model_version")
     assert [name for name, text in modules.items() if registering.search(text)] == ["registry.py"]
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import keras
 import mlflow
 
-from digitune import data, evaluate, model, tracking
+from digitune import data, evaluate, model, outage, tracking
 
 # A trial's weights and int8 file; a parent run's report and a version's TFLite files.
 WEIGHTS_ARTIFACT = "weights/model.weights.h5"
@@ -29,12 +29,12 @@ def log_evaluation(
     if class_names is not None:
         evaluation = dataclasses.replace(evaluation, class_names=tuple(class_names))
     with tracking.STOPWATCH:
-        tracking.persist(
+        outage.persist(
             lambda: mlflow.log_dict(evaluation.as_dict(), f"{prefix}_confusion_matrix.json"), title
         )
         matrix, names = evaluation.confusion_matrix, evaluation.class_names
         figure = evaluate.plot_confusion_matrix(matrix, title, names)
-        tracking.persist(lambda: mlflow.log_figure(figure, f"{prefix}_confusion_matrix.png"))
+        outage.persist(lambda: mlflow.log_figure(figure, f"{prefix}_confusion_matrix.png"))
         evaluate.plt.close(figure)
 
 
@@ -44,7 +44,7 @@ def log_weights(model) -> None:
         path = Path(scratch) / Path(WEIGHTS_ARTIFACT).name
         model.save_weights(path)
         folder = str(Path(WEIGHTS_ARTIFACT).parent)
-        tracking.persist(lambda: mlflow.log_artifact(str(path), artifact_path=folder))
+        outage.persist(lambda: mlflow.log_artifact(str(path), artifact_path=folder))
 
 
 def download_weights(run_id: str, destination: Path) -> Path:
@@ -80,11 +80,11 @@ def log_costs(measured: tuple[dict[str, float], bytes], accuracy: float) -> dict
     costs, int8 = measured
     with tracking.STOPWATCH, tempfile.TemporaryDirectory() as scratch:
         metrics = {**costs, tracking.OBJECTIVE: accuracy}
-        tracking.persist(lambda: mlflow.log_metrics(metrics))
+        outage.persist(lambda: mlflow.log_metrics(metrics))
         path = Path(scratch) / Path(INT8_ARTIFACT).name
         path.write_bytes(int8)
         folder = str(Path(INT8_ARTIFACT).parent)
-        tracking.persist(lambda: mlflow.log_artifact(str(path), artifact_path=folder))
+        outage.persist(lambda: mlflow.log_artifact(str(path), artifact_path=folder))
     return costs
 
 

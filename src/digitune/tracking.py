@@ -30,13 +30,10 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
-import os
-import re
 import time
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TypeVar
 
 import mlflow
 import mlflow.keras
@@ -44,10 +41,9 @@ import numpy as np
 import optuna
 from mlflow.entities import RunStatus
 
-from digitune import backend, config
+from digitune import backend, config, outage
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
 # Where an Optuna study and its trials keep the ids of their MLflow runs (user attributes).
 PARENT_RUN_ATTR = "mlflow_parent_run_id"
 TRIAL_RUN_ATTR = "mlflow_run_id"
@@ -129,20 +125,6 @@ class TrackingError(RuntimeError):
     """The MLflow tracking store cannot be reached or used."""
 
 
-# How long MLflow itself retries a request to a tracking server before it raises: a few
-# seconds (its default is about two minutes), since a trial then waits for the server itself
-# (`persist`), saying so, and every command says at once that a server is down.
-os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
-# MLflow prints two links to a tracking server's UI whenever a run ends: two lines per trial
-# around its own; digitune prints the study's link at its end.
-os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
-# How often a trial waiting for the tracking store asks whether it answers again.
-RETRY_SECONDS = 5.0
-# MLflow logs an error for every background write that fails; `confirm_epoch_metrics` writes
-# those again, and `persist` has said that the store is down.
-logging.getLogger("mlflow.utils.async_logging.async_logging_queue").setLevel(logging.CRITICAL)
-
-
 def configure() -> mlflow.MlflowClient:
     """Point MLflow at the configured store and check that it answers."""
     uri = config.tracking_uri()
@@ -159,57 +141,6 @@ def configure() -> mlflow.MlflowClient:
             "Check MLFLOW_TRACKING_URI (or start the server); nothing was trained or changed."
         ) from None
     return client
-
-
-def answers() -> bool:
-    """Whether the tracking store MLflow points at answers a request now."""
-    try:
-        mlflow.MlflowClient().search_experiments(max_results=1)
-    except Exception:  # noqa: BLE001 -- whatever it raises, it does not answer.
-        return False
-    return True
-
-
-# What this process's writes belong to, as the lines about an outage name it: its trial.
-_WRITER = ["this command"]
-
-
-def persist(write: Callable[[], T], wait: bool = True) -> T:
-    """Do the tracking write `write`, waiting out an outage: when it fails and the store does
-    not answer, wait for the store, with a line when it stops answering and one when it is
-    back, and write again. An error of a store that answers is raised at once, as is any
-    error without `wait`; Ctrl-C twice stops the wait (KeyboardInterrupt)."""
-    while True:
-        try:
-            return write()
-        except Exception as error:
-            if not wait or answers():
-                raise
-            _wait_for_store(_WRITER[0], error)
-
-
-def _why(error: Exception) -> str:
-    """What went wrong in a few words: the operating system's reason when there is one."""
-    text = str(error)
-    found = re.search(r"\[Errno -?\d+\] ([^\"')]+)|(Connection reset by peer|timed out)", text)
-    if found:
-        return found.group(1) or found.group(2)
-    return (text.splitlines()[0] if text else type(error).__name__)[:120]
-
-
-def _wait_for_store(what: str, error: Exception) -> None:
-    uri = config.redact(mlflow.get_tracking_uri())
-    log.warning(
-        f"MLflow does not answer at {uri} ({config.redact(_why(error))}): {what} waits for "
-        f"it, asking every {RETRY_SECONDS:.0f} s, and then records what it has "
-        "(Ctrl-C twice to stop)"
-    )
-    started = time.monotonic()
-    while True:
-        time.sleep(RETRY_SECONDS)
-        if answers():
-            break
-    log.warning(f"MLflow answers again after {time.monotonic() - started:.0f} s: {what} goes on")
 
 
 def experiment_id(client: mlflow.MlflowClient, name: str) -> str:
@@ -337,9 +268,9 @@ def trial_run(
     started = time.perf_counter()
     STOPWATCH.reset()
     _UNCONFIRMED.clear()
-    what = _WRITER[0] = f"trial {number}"
+    what = outage.WRITER[0] = f"trial {number}"
     with STOPWATCH:
-        run = persist(
+        run = outage.persist(
             lambda: child_run(
                 parent_run_id,
                 f"trial-{trial_tag(number)}",
@@ -347,7 +278,7 @@ def trial_run(
             )
         )
         remember(TRIAL_RUN_ATTR, run.info.run_id)
-        persist(lambda: mlflow.log_params(params))
+        outage.persist(lambda: mlflow.log_params(params))
     try:
         yield run
     except optuna.TrialPruned as pruned:
@@ -373,14 +304,14 @@ def _end_trial_run(started: float, what: str, status: str, **tags: str) -> None:
     try:
         with STOPWATCH:
             confirm_epoch_metrics(wait)
-            persist(lambda: mlflow.set_tags(tags), wait)
+            outage.persist(lambda: mlflow.set_tags(tags), wait)
             metrics = {
                 "trial_seconds": time.perf_counter() - started,
                 # Up to here: the last tag and these metrics are the only calls not counted.
                 "tracking_seconds": STOPWATCH.seconds,
                 "matrix_evaluation_seconds": STOPWATCH.evaluation_seconds,
             }
-            persist(lambda: mlflow.log_metrics(metrics), wait)
+            outage.persist(lambda: mlflow.log_metrics(metrics), wait)
     except Exception as error:  # noqa: BLE001 -- only without `wait`: the interrupt goes on.
         log.warning(f"{what}'s MLflow run keeps part of its end: {config.redact(str(error))}")
     finally:
@@ -388,8 +319,8 @@ def _end_trial_run(started: float, what: str, status: str, **tags: str) -> None:
             mlflow.end_run(status)  # Leaves the run first, then tells the store.
         except Exception:  # noqa: BLE001
             with contextlib.suppress(Exception):
-                persist(lambda: mlflow.MlflowClient().set_terminated(run_id, status), wait)
-        _WRITER[0] = "this command"
+                outage.persist(lambda: mlflow.MlflowClient().set_terminated(run_id, status), wait)
+        outage.WRITER[0] = "this command"
 
 
 def end_stale_trial_run(trial: optuna.trial.FrozenTrial, reason: str) -> None:
@@ -467,7 +398,7 @@ class EpochLogger(mlflow.keras.MlflowCallback):
 
     def on_train_begin(self, logs=None):
         with STOPWATCH:
-            persist(lambda: super(EpochLogger, self).on_train_begin(logs))
+            outage.persist(lambda: super(EpochLogger, self).on_train_begin(logs))
             described = backend.describe()
             tags = {
                 # The precision the model really trains in, read off the model itself.
@@ -475,7 +406,7 @@ class EpochLogger(mlflow.keras.MlflowCallback):
                 "backend": described["backend"],
                 "device": described["devices"].split(", ")[0],
             }
-            persist(lambda: mlflow.set_tags(tags))
+            outage.persist(lambda: mlflow.set_tags(tags))
 
     def on_epoch_end(self, epoch, logs=None):
         metrics = dict(logs or {})
@@ -504,5 +435,5 @@ def confirm_epoch_metrics(wait: bool = True) -> None:
         try:
             written.wait()
         except Exception:  # noqa: BLE001 -- lost on the way: write it again.
-            persist(functools.partial(mlflow.log_metrics, metrics, step=step), wait)
+            outage.persist(functools.partial(mlflow.log_metrics, metrics, step=step), wait)
         _UNCONFIRMED.pop(0)
