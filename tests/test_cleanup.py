@@ -63,3 +63,59 @@ def test_gc_frees_all_but_the_best_trials_and_the_registry_still_serves(project,
 
     # A second collection finds nothing left to free.
     assert garbage.collect(keep=1).freed_bytes == 0
+
+
+FRONT_STUDY = """
+[study]
+name = "front"
+n_trials = 4
+seed = 3
+n_startup_trials = 4
+
+[objectives]
+minimize = ["params"]
+
+[registry]
+model_name = "mnist-front"
+
+[training]
+max_epochs = 1
+precision = "float32"
+
+[space]
+learning_rate = 0.005
+batch_size = 32
+num_conv_blocks = 2
+num_filters = { type = "int", low = 4, high = 24, step = 4 }
+global_average_pooling = true
+dense_units = 0
+"""
+
+
+def test_gc_keep_0_spares_the_best_trial_and_the_pareto_front(project, capsys):
+    """What other commands still load survives `--keep 0`: the best trial's weights (resume,
+    refit, ensemble) and every Pareto-front trial's (`select`)."""
+    study_file = write_study(project, FRONT_STUDY, "front.toml")
+    outcome = optuna_search.run(study_file)
+    front = sorted(t.number for t in outcome.study.best_trials)
+    best = outcome.best.number
+    client = tracking.configure()
+    runs = {
+        int(run.data.tags["trial_number"]): run.info.run_id
+        for run in tracking.child_runs(outcome.parent_run_id)
+        if "trial_number" in run.data.tags
+    }
+    assert len(front) < len(runs)  # Something to collect.
+
+    collected = garbage.collect(keep=0)
+
+    kept = sorted(n for n, run_id in runs.items() if artifact_bytes(client, run_id) > 0)
+    assert kept == sorted({best, *front})
+    assert sorted(collected.runs["trial"]) == sorted(set(runs) - {best, *front})
+    # select registers each front trial, and the study resumes from its best.
+    for trial in outcome.study.best_trials:
+        limit = f"{trial.user_attrs['costs']['params']:.0f}"
+        assert cli.main(["select", "--study", str(study_file), "--max-params", limit]) == 0, (
+            capsys.readouterr().err
+        )
+    assert optuna_search.run(study_file).best.number == best

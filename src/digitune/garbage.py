@@ -5,8 +5,10 @@
 Every trial run keeps its weights and confusion matrices as MLflow artifacts, a few hundred
 kilobytes to megabytes each; a long study leaves hundreds. For each study (each parent run in
 the MLflow store, Optuna's and Keras Tuner's alike) this keeps the artifacts of the `keep` best
-completed trials, which refits and ensembles rebuild from, and deletes those of every other
-ended trial: pruned, failed and lower-ranked ones. Runs, params, metrics and tags stay, so the
+completed trials, which refits and ensembles rebuild from, of the best one even with `--keep
+0` (resume, refit and registration rebuild it), and of every trial on a study's Pareto front
+(`select` registers from it); it deletes those of every other ended trial: pruned, failed and
+lower-ranked ones. Runs, params, metrics and tags stay, so the
 MLflow UI still compares every trial; registered models are stored apart and are never
 touched; running trials are left alone. Then MLflow's own garbage collection removes the runs
 deleted in the UI, for the project's local store. `--dry-run` reports what would go.
@@ -14,6 +16,7 @@ deleted in the UI, for the project's local store. `--dry-run` reports what would
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import datetime
 import subprocess
@@ -23,7 +26,7 @@ import mlflow
 import pandas as pd
 from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
 
-from digitune import config, tracking
+from digitune import config, pareto, tracking
 
 DELETED_TAG = "digitune.artifacts_deleted"
 
@@ -83,7 +86,7 @@ def _unwanted_trials(client: mlflow.MlflowClient, parent, keep: int):
     completed = [run for run in trials if run.data.tags.get("state") == "COMPLETE"]
     best = {run.info.run_id: _best_validation_accuracy(client, run) for run in completed}
     ranked = sorted(best, key=best.get, reverse=True)
-    kept = set(ranked[:keep])
+    kept = set(ranked[: max(keep, 1)]) | _on_the_front(parent, completed, best)
     for run in trials:
         state = run.data.tags.get("state", "")
         if run.info.run_id in kept:
@@ -92,6 +95,34 @@ def _unwanted_trials(client: mlflow.MlflowClient, parent, keep: int):
             yield run, f"not among the {keep} best (rank {ranked.index(run.info.run_id) + 1})"
         else:
             yield run, state.lower() or "ended"
+
+
+def _on_the_front(parent, completed: list, accuracy: dict[str, float]) -> set[str]:
+    """The run ids of the completed trials on the study's Pareto front, which `select`
+    chooses from: the feasible ones (within the study's limits) that no other beats in
+    accuracy and in every cost it minimises (the parameter count when it only limits)."""
+    measured = [run for run in completed if "params" in run.data.metrics]
+    if not measured:
+        return set()  # The study measured no costs: it has no front.
+    params = parent.data.params
+    minimized = ast.literal_eval(params.get("objectives.minimize") or "()")
+    costs = list(minimized) or ["params"]
+    limits = {c: float(params.get(f"objectives.max_{c}") or 0) for c in config.COSTS}
+    rows = pd.DataFrame(
+        [
+            {
+                "run": run.info.run_id,
+                pareto.ACCURACY: accuracy[run.info.run_id],
+                **{cost: run.data.metrics.get(cost, float("inf")) for cost in config.COSTS},
+                "feasible": all(
+                    not limit or run.data.metrics.get(cost, float("inf")) <= limit
+                    for cost, limit in limits.items()
+                ),
+            }
+            for run in measured
+        ]
+    )
+    return set(pareto.front(rows, costs)["run"])
 
 
 def _best_validation_accuracy(client: mlflow.MlflowClient, run) -> float:

@@ -71,7 +71,10 @@ def add_commands(commands) -> None:
         "gc", help="free disk: delete the artifacts of trials outside each study's best"
     )
     collect.add_argument(
-        "--keep", type=int, default=5, help="best completed trials kept per study (default: 5)"
+        "--keep",
+        type=int,
+        default=5,
+        help="best completed trials kept per study; the best and the Pareto front always (5)",
     )
     collect.add_argument("--dry-run", action="store_true", help="say what would go; delete none")
     collect.set_defaults(handler=_collect, backend="none")
