@@ -172,6 +172,32 @@ def test_a_bad_folder_gets_an_error_naming_the_path(tmp_path, fault):
     assert str(named) in str(error.value)
 
 
+def test_a_folder_opens_only_png_jpeg_bmp_gif_and_checks_the_size_before_decoding(tmp_path):
+    root = picture_folder(tmp_path / "digits", per_class=5)
+    # A TIFF named .png: Pillow would read it, but no reader beyond the four may run.
+    disguised = root / "two" / "tiff.png"
+    Image.new("L", (28, 28)).save(disguised, format="TIFF")
+    with pytest.raises(data.DataError, match="not a readable PNG/JPEG/BMP/GIF picture") as error:
+        data.load(settings(folder=str(root)))
+    assert str(disguised) in str(error.value)
+    disguised.unlink()
+    # A PNG whose header claims 5000x5000 pixels, cut after 200 bytes: refused on its header.
+    claimed = root / "three" / "huge.png"
+    huge = tmp_path / "huge.png"
+    Image.new("L", (5000, 5000)).save(huge)
+    claimed.write_bytes(huge.read_bytes()[:200])
+    with pytest.raises(data.DataError, match="5000x5000 pixels is too big") as error:
+        data.load(settings(folder=str(root)))
+    assert str(claimed) in str(error.value)
+    claimed.unlink()
+    # A GIF gives its first frame.
+    frames = [Image.new("L", (28, 28), 0), Image.new("L", (28, 28), 255)]
+    frames[0].save(root / "four" / "animated.gif", save_all=True, append_images=frames[1:])
+    loaded = data.load(settings(folder=str(root), test_fraction=0.5))
+    every = np.concatenate([loaded.train_images, loaded.test_images])
+    assert any(not image.any() for image in every)  # The black first frame is there.
+
+
 # scikit-learn's digits.
 
 

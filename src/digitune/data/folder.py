@@ -11,7 +11,11 @@ import numpy as np
 
 from digitune import config, data, preprocessing
 
-PICTURE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
+PICTURE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif"}
+# The only readers Pillow may use on a folder's files, whatever their names say: no plugin
+# that hands a file to another program (EPS to Ghostscript) or parses a rarer format. A GIF
+# gives its first frame.
+FORMATS = ("PNG", "JPEG", "BMP", "GIF")
 # Pillow modes that hold no colour.
 _GREY_MODES = {"1", "L", "LA", "I", "I;16", "F"}
 
@@ -105,11 +109,21 @@ def _read_pictures(files: list[Path], color_mode: str, size: int) -> np.ndarray:
 
 
 def _opened(path: Path, image_module):
+    """The picture at `path`, its size checked from its header before it is decoded."""
+    formats = "/".join(FORMATS)
     try:
-        picture = image_module.open(path)
-        picture.load()
+        picture = image_module.open(path, formats=FORMATS)
     except Exception as error:  # noqa: BLE001 -- Pillow raises many kinds for a bad file.
-        raise data.DataError(f"{path}: not a readable picture ({error})") from None
+        raise data.DataError(f"{path}: not a readable {formats} picture ({error})") from None
     if picture.width * picture.height > preprocessing.MAX_PIXELS:
-        raise data.DataError(f"{path}: {picture.width}x{picture.height} pixels is too big")
+        picture.close()
+        raise data.DataError(
+            f"{path}: {picture.width}x{picture.height} pixels is too big (the limit is "
+            f"{preprocessing.MAX_PIXELS:,} pixels)"
+        )
+    try:
+        picture.load()
+    except Exception as error:  # noqa: BLE001
+        picture.close()
+        raise data.DataError(f"{path}: not a readable {formats} picture ({error})") from None
     return picture
