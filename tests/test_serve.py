@@ -476,3 +476,64 @@ def test_a_registry_that_is_down_at_start_up_is_reported_within_seconds(project,
         server.terminate()
         server.wait(timeout=30)
     assert listening_and_reported < 30
+
+
+def test_a_model_whose_output_is_nan_gets_a_json_4xx(project, champion_home, digits):
+    """A version that passes its probe (a blank image) but overflows on ink: its NaN answer
+    is a JSON 422 naming the images, never a 500."""
+    import shutil
+
+    from digitune import model
+
+    shutil.copytree(champion_home / "mlruns", project / "mlruns")
+    overflowing = model.build_model({"num_conv_blocks": 1, "num_filters": 8, "dense_units": 16})
+    # Kernels made non-negative, so that ink always reaches the last layer (a blank image
+    # does not), whose kernel then overflows float32.
+    weights = [np.abs(w) if w.ndim > 1 else w for w in overflowing.get_weights()]
+    weights[-2] = np.full_like(weights[-2], 3e38)  # The last layer's kernel.
+    overflowing.set_weights(weights)
+    tracking.configure()
+    with mlflow.start_run():
+        registry.register(
+            overflowing,
+            study_name="served",
+            trial_number=2,
+            params={},
+            validation_accuracy=0.0,
+            test_accuracy=0.0,
+            test_images=300,
+            data_sha256="0" * 64,
+            alias=config.CHAMPION_ALIAS,
+        )
+    with started(serve.create_app(poll_seconds=0)) as client:
+        assert client.get("/health").json()["version"] == "2"
+        blank = np.zeros((28, 28)).tolist()
+        answer = client.post("/predict", json={"images": [blank, digits.test_images[0].tolist()]})
+        assert answer.status_code == 422, answer.text
+        assert answer.json()["detail"].startswith("the model gave NaN or infinite probabilities")
+        assert "image(s) 1 of the request" in answer.json()["detail"]
+
+
+def test_content_types_are_matched_whatever_their_case(client, digits):
+    picture = png(digits.test_images[0])
+    answer = client.post("/predict", content=picture, headers={"Content-Type": "Image/PNG"})
+    assert answer.status_code == 200, answer.text
+    answer = client.post(
+        "/predict",
+        content=json.dumps({"image": digits.test_images[0].tolist()}),
+        headers={"Content-Type": "Application/JSON; charset=UTF-8"},
+    )
+    assert answer.status_code == 200, answer.text
+    upload = client.post("/predict", files={"file": ("d.png", picture, "image/png")})
+    assert upload.status_code == 200, upload.text
+
+
+def test_what_nobody_foresaw_is_still_a_json_error(client, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("a bug, with /secret/paths in it")
+
+    monkeypatch.setattr(preprocessing, "images_from", broken)
+    with TestClient(client.app, raise_server_exceptions=False) as quiet:
+        answer = quiet.post("/predict", content=b"x", headers={"Content-Type": "image/png"})
+    assert answer.status_code == 500
+    assert answer.json() == {"detail": "the server failed on this request (RuntimeError)"}

@@ -17,7 +17,7 @@ import io
 import json
 
 import numpy as np
-from PIL import Image, PngImagePlugin, UnidentifiedImageError
+from PIL import Image, PngImagePlugin
 
 SIZE = 28
 DIGIT_BOX = 20
@@ -71,7 +71,7 @@ def decode(data: bytes, colour: bool = False) -> np.ndarray:
             grey = image.convert("RGB" if colour else "L")
     except ImageError:
         raise
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as error:
+    except Exception as error:  # noqa: BLE001 -- Pillow's readers raise many kinds on bad bytes.
         raise ImageError(f"not a readable PNG or JPEG image ({error})") from None
     return np.asarray(grey, dtype=np.float32) / 255.0
 
@@ -166,6 +166,12 @@ def from_array(values: object, shape: tuple[int, int, int] = (SIZE, SIZE, 1)) ->
     return array.astype(np.float32)
 
 
+def media_type(content_type: str) -> str:
+    """A Content-Type header's media type, in lower case as HTTP's are matched (RFC 9110):
+    `Image/PNG; q=1` is `image/png`."""
+    return content_type.split(";", 1)[0].strip().lower()
+
+
 def images_from(
     content_type: str, body: bytes, shape=(SIZE, SIZE, 1), digits: bool = True
 ) -> np.ndarray:
@@ -173,13 +179,14 @@ def images_from(
     `shape`: pictures of digits prepared as MNIST was (`digits`), others resized."""
     if not body:
         raise ImageError("the body is empty; send an image or JSON")
-    if content_type.startswith("application/json"):
+    kind = media_type(content_type)
+    if kind == "application/json":
         try:
             payload = json.loads(body)
         except (ValueError, RecursionError):
             raise ImageError("the body is not valid JSON (or nests too deeply)") from None
         return images_from_json(payload, shape, digits)
-    if not content_type.startswith(("image/", "multipart/form-data")):
+    if not (kind.startswith("image/") or kind == "multipart/form-data"):
         raise ImageError(
             f"unsupported content type '{content_type}'; send image/png, image/jpeg, "
             "multipart/form-data or application/json"

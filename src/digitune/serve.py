@@ -321,6 +321,12 @@ def create_app(model_uri: str | None = None, poll_seconds: float = 10.0) -> Fast
         # Starlette's own errors (404, 405, ...) as JSON with a message, as every other error.
         return _error(error.status_code, str(error.detail))
 
+    @app.exception_handler(Exception)
+    async def unexpected_error(request: Request, error: Exception):
+        # Whatever nobody foresaw is still JSON, and says nothing of the server's insides
+        # (uvicorn logs the traceback).
+        return _error(500, f"the server failed on this request ({type(error).__name__})")
+
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     def page() -> str:
         return importlib.resources.files("digitune").joinpath("page.html").read_text()
@@ -381,7 +387,7 @@ def create_app(model_uri: str | None = None, poll_seconds: float = 10.0) -> Fast
         served = holder.served  # One reference for the whole request, whatever reloads.
         try:
             body = await read_body(request)
-            if content_type.startswith("multipart/form-data"):
+            if preprocessing.media_type(content_type) == "multipart/form-data":
                 body = await file_from_form(request, body)
             if served is None:
                 return _error(503, _not_ready(holder))
@@ -395,6 +401,13 @@ def create_app(model_uri: str | None = None, poll_seconds: float = 10.0) -> Fast
             return _error(422, str(error))
         started = time.perf_counter()
         probabilities = np.asarray(await run_in_threadpool(served.model.predict, images))
+        unusable = np.flatnonzero(~np.isfinite(probabilities).all(axis=1))
+        if unusable.size:
+            return _error(
+                422,
+                f"the model gave NaN or infinite probabilities for image(s) "
+                f"{', '.join(map(str, unusable[:10]))} of the request: no answer for them",
+            )
         return {
             **_identity(served),
             "milliseconds": round((time.perf_counter() - started) * 1000, 3),
