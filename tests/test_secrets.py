@@ -54,6 +54,15 @@ def with_password(url: str) -> str:
         ),
         ("postgresql://postgres@127.0.0.1/db", "postgresql://postgres@127.0.0.1/db"),
         ("models:/mnist-cnn@champion", "models:/mnist-cnn@champion"),
+        # A token alone is an HTTP URL's credential.
+        ("push to https://ghp_T0KEN@git.internal/x", "push to https://***@git.internal/x"),
+        ("HTTP://tok@h:5000/api", "HTTP://***@h:5000/api"),
+        # Passwords with spaces, in a URL and quoted in a connection string.
+        ("postgresql://u:pass word@h:5432/db", "postgresql://u:***@h:5432/db"),
+        ("host=h password='pass word' user=u", "host=h password=*** user=u"),
+        ('password = "it\'s a secret" host=h', "password = *** host=h"),
+        # A port is not a password, whatever follows it.
+        ("http://h:5000 failed; mail ops@corp", "http://h:5000 failed; mail ops@corp"),
     ],
 )
 def test_redact_hides_only_passwords(text, expected):
@@ -184,3 +193,57 @@ def test_make_passes_a_password_with_dollar_and_ampersand_without_echoing_it(pro
     assert PASSWORD not in printed
     # digitune got the whole URL: it looked in that database, and found no study there.
     assert "no study 'tiny' in postgresql://postgres:***@127.0.0.1:5432/" in printed, printed
+
+
+TOKEN_URL = "https://S3CR3T-T0KEN@tracking.internal/api"
+SPACED_URL = "postgresql://u:pass word@db.internal/x"
+
+
+def test_a_failing_trial_s_reason_is_redacted_everywhere_it_is_kept(project, monkeypatch, capfd):
+    """The error of a failing trial quotes credentialed URLs: its fail_reason in Optuna and
+    MLflow, Optuna's own warning with the traceback, and the trial's line hide them."""
+    from digitune import trainer
+
+    def unreachable(*args, **kwargs):
+        raise ConnectionError(f"cannot reach {TOKEN_URL} nor {SPACED_URL}")
+
+    monkeypatch.setattr(trainer, "fit", unreachable)
+    study_file = write_study(project, TINY_STUDY.replace("n_trials = 3", "n_trials = 1"))
+    assert cli.main(["tune", "--study", str(study_file)]) == 1  # No trial completed.
+    printed = "".join(capfd.readouterr())
+    assert "S3CR3T" not in printed and "pass word" not in printed
+    assert "https://***@tracking.internal" in printed  # Optuna's warning, redacted.
+    (trial,) = optuna.load_study(study_name="tiny", storage=config.default_storage("tiny")).trials
+    reason = trial.user_attrs["fail_reason"]
+    assert reason == (
+        "ConnectionError: cannot reach https://***@tracking.internal/api "
+        "nor postgresql://u:***@db.internal/x"
+    )
+    client = mlflow.MlflowClient(config.local_tracking_uri())
+    (run,) = client.search_runs(
+        [client.get_experiment_by_name("tiny").experiment_id], "tags.state = 'FAIL'"
+    )
+    assert run.data.tags["fail_reason"] == reason
+
+
+def test_a_worker_s_plain_log_handler_prints_redacted_lines_and_tracebacks():
+    """What a worker process sets up (a plain handler on stdout), run in a fresh process: the
+    message and the traceback of a logged error both come out redacted."""
+    script = f"""
+import logging, sys
+from digitune import config
+config.redact_every_log_record()
+handler = logging.StreamHandler(sys.stdout)
+handler.setFormatter(logging.Formatter("%(name)s: %(message)s"))
+logging.getLogger().addHandler(handler)
+try:
+    raise OSError("store {TOKEN_URL} is down")
+except OSError:
+    logging.getLogger("mlflow.store").exception("request to %s failed", "{SPACED_URL}")
+"""
+    printed = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, check=True
+    ).stdout
+    assert "mlflow.store: request to postgresql://u:***@db.internal/x failed" in printed
+    assert "OSError: store https://***@tracking.internal/api is down" in printed
+    assert "S3CR3T" not in printed and "pass word" not in printed

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 import os
 import re
 from pathlib import Path
@@ -161,10 +162,19 @@ def backend_store_uri() -> str:
     return os.environ.get("MLFLOW_BACKEND_STORE_URI") or local_tracking_uri()
 
 
-# user:password@ in any URL (the password may hold '@' but not '/' or spaces), and a
-# password=... parameter of a connection string.
-_URL_PASSWORD = re.compile(r"(?P<head>\b[A-Za-z][A-Za-z0-9+.-]*://[^\s/:@]*):[^\s/]*@")
-_PARAMETER_PASSWORD = re.compile(r"(?P<head>\bpassword=)[^\s&]+", re.IGNORECASE)
+# user:password@ in any URL. The password may hold '@' and spaces, though not '/' or a line
+# break; `host:5000 ...` is a port, not a password.
+_URL_PASSWORD = re.compile(
+    r"(?P<head>\b[A-Za-z][A-Za-z0-9+.-]*://[^\s/:@]*):(?!\d+(?:[\s/]|$))[^/\n]*@"
+)
+# A token alone before the @ of an HTTP URL (https://TOKEN@host): in HTTP the user part is a
+# credential, while a database URL's names a role (postgresql://postgres@host stays).
+_URL_TOKEN = re.compile(r"(?P<head>\bhttps?://)[^\s/:@]+@", re.IGNORECASE)
+# password=... of a connection string, quoted (libpq's password='a b') or up to a space or &.
+_PARAMETER_PASSWORD = re.compile(
+    r"(?P<head>\bpassword\s*=\s*)(?:'(?:[^'\\]|\\.)*'|\"(?:[^\"\\]|\\.)*\"|[^\s&]+)",
+    re.IGNORECASE,
+)
 REDACTED = "***"
 
 
@@ -172,7 +182,31 @@ def redact(text: str) -> str:
     """`text` with every password in a URL or connection string replaced by ***: for every
     line, message, tag and HTTP answer that may quote a storage URL or tracking URI."""
     text = _URL_PASSWORD.sub(lambda match: f"{match['head']}:{REDACTED}@", str(text))
+    text = _URL_TOKEN.sub(lambda match: f"{match['head']}{REDACTED}@", text)
     return _PARAMETER_PASSWORD.sub(lambda match: f"{match['head']}{REDACTED}", text)
+
+
+def redact_every_log_record() -> None:
+    """Redact each log record this process makes, whoever logs it and whichever handler
+    prints it: MLflow's errors quote `http://user:pw@host`, and Optuna's failed-trial warning
+    carries the error's traceback. Idempotent."""
+    make = logging.getLogRecordFactory()
+    if getattr(make, "redacts", False):
+        return
+
+    def redacted_record(*args, **kwargs) -> logging.LogRecord:
+        record = make(*args, **kwargs)
+        message = record.getMessage()
+        cleaned = redact(message)
+        if cleaned != message:
+            record.msg, record.args = cleaned, None
+        if record.exc_info and not record.exc_text:
+            # Formatters print exc_text when it is set: the traceback, redacted once here.
+            record.exc_text = redact(logging.Formatter().formatException(record.exc_info))
+        return record
+
+    redacted_record.redacts = True
+    logging.setLogRecordFactory(redacted_record)
 
 
 def forced_precision() -> str | None:

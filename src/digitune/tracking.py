@@ -287,7 +287,7 @@ def trial_run(
         )
         raise
     except BaseException as error:
-        reason = f"{type(error).__name__}: {error}"[:5000]
+        reason = config.redact(f"{type(error).__name__}: {error}")[:5000]
         if isinstance(error, Exception):
             remember("fail_reason", reason)
         _end_trial_run(started, what, _status_for(error), state="FAIL", fail_reason=reason)

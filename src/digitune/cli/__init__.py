@@ -29,6 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
     # One line per trial should show up as it happens, also when piped to a file or `tee`.
     sys.stdout.reconfigure(line_buffering=True)
+    config.redact_every_log_record()
     _show_library_messages()
     args = parser().parse_args(argv)
     try:

@@ -19,7 +19,7 @@ import sys
 
 import optuna
 
-from digitune import backend, data, study, study_file, tracking, trainer
+from digitune import backend, config, data, study, study_file, tracking, trainer
 from digitune.engines import objective
 
 log = logging.getLogger(__name__)
@@ -109,7 +109,9 @@ def work(
     log_level: int = logging.INFO,
 ) -> None:
     """One worker process: join the study and run trials until it has its total."""
-    # A spawned process starts without the launcher's logging: its trial lines go to stdout.
+    # A spawned process starts without the launcher's logging: its trial lines go to stdout,
+    # redacted as the launcher's are.
+    config.redact_every_log_record()
     handler = logging.StreamHandler(sys.stdout)
     handler.setFormatter(logging.Formatter("%(message)s"))
     logging.getLogger("digitune").addHandler(handler)
