@@ -75,7 +75,7 @@ dense_units = 32
         # The objective is val_accuracy, always maximised; "minimize" used to be accepted
         # and quietly minimised accuracy.
         ("[study]\ndirection = 'minimize'", r"'direction' is not a setting: every study maxim"),
-        ("[study]\nworkers = 0", r"\[study\]: 'workers' must be at least 1, got 0"),
+        ("[study]\nworkers = 0", r"\[study\]: 'workers' must be 1 to 64 worker processes on one"),
         ("[training]\nmax_epochs = 0", r"\[training\]: 'max_epochs' must be at least 1"),
         ("[training]\nmax_epochs = -3", r"'max_epochs' must not be negative"),
         ("[space]\nlearning_rat = 0.1", r"\[space\] 'learning_rat': unknown hyperparameter"),
@@ -138,6 +138,14 @@ dense_units = 32
         ("[study]\nname = \"x' OR tags.study_name != '\"", "is not allowed"),
         ("[study]\nname = ''", "study name '' is not allowed"),
         ("[study]\nname = 'a..b'", "study name 'a..b' is not allowed"),
+        # Values that are numbers of the right type, but that no study can run with.
+        ("[study]\ntimeout_minutes = inf", r"'timeout_minutes' must be a finite number, got inf"),
+        ("[study]\ntimeout_minutes = nan", r"'timeout_minutes' must be a finite number, got nan"),
+        ("[objectives]\nmax_params = nan", r"'max_params' must be a finite number, got nan"),
+        ("[study]\nworkers = 100000", r"'workers' must be 1 to 64 worker processes"),
+        ("[training]\nsteps_per_execution = 0", r"'steps_per_execution' must be at least 1"),
+        ("[study]\nseed = 4294967296", r"\[study\]: 'seed' must be below 2\*\*31"),
+        ("[data]\nsplit_seed = 2147483648", r"\[data\]: 'split_seed' must be below 2\*\*31"),
     ],
 )
 def test_mistakes_name_the_file_and_the_key(tmp_path, text, message):
@@ -167,3 +175,29 @@ def test_the_study_file_reference_agrees_with_the_code():
         assert f"## [{table}]" in reference.read_text()
         for field in settings.__dataclass_fields__.values():
             assert f"| `{field.name}` |" in reference.read_text()
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        (["--trials", "0"], "--trials must be at least 1, got 0"),
+        (["--trials", "-5"], "--trials must be at least 1, got -5"),
+        (["--timeout-minutes", "inf"], "--timeout-minutes must be a finite number"),
+        (["--timeout-minutes", "nan"], "--timeout-minutes must be a finite number"),
+        (["--timeout-minutes", "-1"], "--timeout-minutes must be a finite number"),
+        (["--workers", "1000"], "--workers must be 1 to 64 worker processes"),
+    ],
+)
+def test_the_command_line_s_budget_is_checked_before_anything_opens(
+    project, capfd, arguments, message
+):
+    from conftest import TINY_STUDY, write_study
+    from digitune import cli
+
+    study_file_path = write_study(project, TINY_STUDY)
+    assert cli.main(["tune", "--study", str(study_file_path), *arguments]) == 1
+    err = capfd.readouterr().err
+    assert f"error: {message}" in err
+    assert "Traceback" not in err
+    # Nothing was started: no study database, no MLflow run.
+    assert not (project / "studies" / "tiny.db").exists()

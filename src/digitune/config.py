@@ -268,7 +268,9 @@ class StudySettings:
         0.0, "wall-clock limit of one `tune` run, whichever of the two comes first (0: none)"
     )
     sampler: str = setting("tpe", "Optuna's sampler, seeded by `seed`")
-    seed: int = setting(0, "seeds the sampler and every trial's weights and batch order")
+    seed: int = setting(
+        0, "seeds the sampler and every trial's weights and batch order (below 2**31)"
+    )
     n_startup_trials: int = setting(5, "random trials before TPE starts modelling")
     pruner: str = setting(
         "median",
@@ -282,7 +284,7 @@ class StudySettings:
     )
     workers: int = setting(
         1,
-        "worker processes running trials side by side (at least 1), each with an equal share "
+        "worker processes running trials side by side (1 to 64), each with an equal share "
         "of the CPU threads (`--workers` overrides it)",
     )
     heartbeat_seconds: int = setting(
@@ -316,8 +318,8 @@ class TrainingSettings:
     )
     steps_per_execution: int = setting(
         8,
-        "batches per call into the backend: fewer Python round trips, which small batches on a "
-        "CPU feel most; per-batch callbacks (Ctrl-C) see every Nth batch",
+        "batches per call into the backend (at least 1): fewer Python round trips, which small "
+        "batches on a CPU feel most; per-batch callbacks (Ctrl-C) see every Nth batch",
     )
     epoch_images: int = setting(
         0,

@@ -12,6 +12,7 @@ are each a ValueError naming the file, the table and the key, raised before anyt
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import tomllib
 import types
@@ -47,7 +48,8 @@ class StudyDefinition:
     def with_budget(
         self, n_trials: int | None = None, timeout_minutes: float | None = None
     ) -> StudyDefinition:
-        """The definition with the command line's budget in place of the file's."""
+        """The definition with the command line's budget in place of the file's, checked."""
+        check_budget(n_trials, timeout_minutes)
         overrides = {"n_trials": n_trials, "timeout_minutes": timeout_minutes}
         overrides = {key: value for key, value in overrides.items() if value is not None}
         if not overrides:
@@ -136,6 +138,8 @@ def settings_from_table(cls: type, table: object, source: str):
             raise ValueError(f"{source}: '{key}' must be {_type_name(expected)}, got {value!r}")
         if expected is float:
             value = float(value)
+            if not math.isfinite(value):  # inf would be no limit, nan one nothing passes
+                raise ValueError(f"{source}: '{key}' must be a finite number, got {value!r}")
         allowed = _CHOICES.get((cls, key))
         if isinstance(value, list):  # choices from `allowed`, each once
             unknown = [item for item in value if item not in allowed]
@@ -188,8 +192,15 @@ def checked_settings(document: dict, path: Path) -> tuple:
     if registry.model_name:
         check_study_name(registry.model_name, f"{path} [registry]", "model_name")
     check_study_name(study.name, f"{path} [study]")
-    if study.workers < 1:
-        raise ValueError(f"{path} [study]: 'workers' must be at least 1, got {study.workers}")
+    check_workers(study.workers, f"{path} [study]: 'workers'")
+    for table_name, settings, key in (("study", study, "seed"), ("data", data, "split_seed")):
+        if getattr(settings, key) >= SEED_LIMIT:
+            raise ValueError(
+                f"{path} [{table_name}]: '{key}' must be below 2**31 ({SEED_LIMIT:,}): NumPy's "
+                f"seeds are 32-bit and each trial adds its number, got {getattr(settings, key)}"
+            )
+    if training.steps_per_execution < 1:
+        raise ValueError(f"{path} [training]: 'steps_per_execution' must be at least 1")
     if study.heartbeat_seconds < 1:
         raise ValueError(
             f"{path} [study]: 'heartbeat_seconds' must be at least 1, got {study.heartbeat_seconds}"
@@ -214,6 +225,33 @@ def checked_settings(document: dict, path: Path) -> tuple:
             )
         study = dataclasses.replace(study, pruner="none")
     return study, training, data, registry, objectives
+
+
+# Seeds below 2**31 leave room for the trial and worker numbers added to them, under NumPy's
+# 2**32; worker processes on one machine past MAX_WORKERS only starve each other.
+SEED_LIMIT = 2**31
+MAX_WORKERS = 64
+
+
+def check_workers(workers: int, what: str) -> None:
+    if not 1 <= workers <= MAX_WORKERS:
+        raise ValueError(
+            f"{what} must be 1 to {MAX_WORKERS} worker processes on one machine, got {workers}; "
+            "past one machine, run `make worker` on each of the others"
+        )
+
+
+def check_budget(n_trials: int | None, timeout_minutes: float | None) -> None:
+    """A ValueError unless the command line's budget is one a study can run to."""
+    if n_trials is not None and n_trials < 1:
+        raise ValueError(f"--trials must be at least 1, got {n_trials}")
+    if timeout_minutes is not None and not (
+        math.isfinite(timeout_minutes) and timeout_minutes >= 0
+    ):
+        raise ValueError(
+            f"--timeout-minutes must be a finite number of minutes, 0 for none, "
+            f"got {timeout_minutes}"
+        )
 
 
 def _objective_key_problem(key: str, source: str) -> None:

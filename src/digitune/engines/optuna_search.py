@@ -49,8 +49,8 @@ def run(
     defaults to the study's name."""
     started = time.perf_counter()
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # Our own line per trial says it.
-    if workers is not None and workers < 1:
-        raise ValueError(f"--workers must be at least 1, got {workers}")
+    if workers is not None:
+        study_file.check_workers(workers, "--workers")
     inputs = scaffold.prepare(source, n_trials, timeout_minutes)
     definition = inputs.definition
     workers = workers or definition.study.workers
