@@ -46,16 +46,30 @@ def test_a_network_collapsed_to_one_class_fails(losses):
 
 
 @pytest.mark.parametrize(
-    ("losses", "matrix"),
+    ("losses", "matrix", "twin_losses", "twin_matrix"),
     [
-        ([2.303, 2.301], ONE_CLASS),  # slow: one class so far, but the loss falls
-        ([2.30], ONE_CLASS),  # one epoch, no worse than a guess
-        ([0.5, 0.6, 0.7], VARIED),  # the loss rose, but the network tells digits apart
-        ([20.0, 25.0], VARIED),
+        # slow: one class so far, but the loss falls; its twin's loss stays put
+        ([2.303, 2.301], ONE_CLASS, [2.303, 2.303], ONE_CLASS),
+        # one epoch, no worse than a guess; its twin's is far above one
+        ([2.30], ONE_CLASS, [23.0], ONE_CLASS),
+        # the loss rose, but the network tells digits apart; its twin predicts one digit
+        ([0.5, 0.6, 0.7], VARIED, [0.5, 0.6, 0.7], ONE_CLASS),
+        ([20.0, 25.0], VARIED, [20.0, 25.0], ONE_CLASS),
     ],
 )
-def test_a_slow_or_working_network_is_left_to_the_pruner(losses, matrix):
-    trainer.check_learned({"loss": losses}, PARAMS, matrix)
+def test_a_slow_or_working_network_is_left_to_the_pruner(
+    losses, matrix, twin_losses, twin_matrix
+):
+    """The verdict draws the line where it says: each slow or working network passes, and
+    its twin, one change away (the loss does not fall, or one digit predicted), fails."""
+    verdicts = []
+    for history, confusion in ((losses, matrix), (twin_losses, twin_matrix)):
+        try:
+            trainer.check_learned({"loss": history}, PARAMS, confusion)
+            verdicts.append("left to the pruner")
+        except trainer.DivergedError:
+            verdicts.append("diverged")
+    assert verdicts == ["left to the pruner", "diverged"]
 
 
 @pytest.mark.parametrize("name", ["tensorflow", "jax"])

@@ -369,3 +369,20 @@ def test_every_trial_trains_in_the_study_precision(project):
     runs = mlflow.search_runs(experiment_names=["tiny"], output_format="list")
     trials = [r for r in runs if r.data.tags.get("digitune.role") != "study"]
     assert [r.data.tags["precision"] for r in trials] == ["mixed_bfloat16"] * 2
+
+
+def test_a_stray_signal_to_an_earlier_command_does_not_stop_the_next(project):
+    """A SIGTERM that reached this process before (in a test worker that runs many commands,
+    or a notebook) set the stop flag; the next tune still runs its trials."""
+    import os
+    import signal
+
+    from digitune import trainer
+
+    trainer.stop_cleanly_on_ctrl_c()
+    os.kill(os.getpid(), signal.SIGTERM)  # What the handler makes of it: the flag, set.
+    assert trainer.STOP.is_set()
+    study_file_path = write_study(project, TINY_STUDY)
+    assert cli.main(["tune", "--study", str(study_file_path), "--trials", "1"]) == 0
+    trials = optuna.load_study(study_name="tiny", storage=config.default_storage("tiny")).trials
+    assert [t.state for t in trials] == [TrialState.COMPLETE]

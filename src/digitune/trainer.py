@@ -46,7 +46,12 @@ def stop_cleanly_on_ctrl_c() -> None:
     the middle of writing to the study's database; a half-written transaction then holds the
     database's lock while the trial's failure is recorded. Here the signal only sets a flag,
     and `StopOnRequest` raises the interrupt between batches, where nothing is being written.
+    Each command that calls it starts unstopped, whatever a signal did to an earlier one in
+    the same process.
     """
+    global STOP_SIGNAL
+    STOP.clear()
+    STOP_SIGNAL = None
 
     def handler(signum, frame):
         global STOP_SIGNAL
