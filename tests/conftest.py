@@ -167,7 +167,7 @@ def register_trained_cnn(params: dict, epochs: int, study_name: str):
     keras.utils.set_random_seed(0)
     cnn = model.build_model(params)
     cnn.fit(split.x_train, split.y_train, batch_size=32, epochs=epochs, verbose=0)
-    client = tracking.configure()
+    client = tracking.configure(create=True)
     with mlflow.start_run(experiment_id=tracking.experiment_id(client, study_name)):
         version = registry.register(
             cnn,

@@ -26,7 +26,7 @@ def artifact_bytes(client, run_id, path=None) -> int:
 def test_gc_frees_all_but_the_best_trials_and_the_registry_still_serves(project, capsys):
     study_file = write_study(project, TINY_STUDY.replace("n_trials = 3", "n_trials = 4"))
     outcome = optuna_search.run(study_file)
-    client = tracking.configure()
+    client = tracking.configure(create=True)
     trials = {
         int(run.data.tags["trial_number"]): run
         for run in tracking.child_runs(outcome.parent_run_id)
@@ -99,7 +99,7 @@ def test_gc_keep_0_spares_the_best_trial_and_the_pareto_front(project, capsys):
     outcome = optuna_search.run(study_file)
     front = sorted(t.number for t in outcome.study.best_trials)
     best = outcome.best.number
-    client = tracking.configure()
+    client = tracking.configure(create=True)
     runs = {
         int(run.data.tags["trial_number"]): run.info.run_id
         for run in tracking.child_runs(outcome.parent_run_id)

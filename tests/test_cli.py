@@ -84,6 +84,33 @@ def test_a_missing_study_file_is_an_error_before_keras_loads(tmp_path):
     assert "quick" in finished.stderr and "digitune init" in finished.stderr
 
 
+@pytest.mark.parametrize(
+    ("command", "missing"),
+    [
+        (["models"], "no MLflow store at {home}/mlruns/mlflow.db"),
+        (["report"], "no study 'mnist-cnn': {home}/studies/mnist-cnn.db does not exist"),
+        (["gc", "--keep", "1"], "no MLflow store at {home}/mlruns/mlflow.db"),
+        (["rollback"], "no MLflow store at {home}/mlruns/mlflow.db"),
+        (["promote"], "no MLflow store at {home}/mlruns/mlflow.db"),
+    ],
+)
+def test_a_command_outside_a_project_says_so_and_leaves_no_store_behind(tmp_path, command, missing):
+    """Run where no `make tune` ever ran (a home folder, /tmp): an error naming the folder,
+    and no mlruns/ with an empty database left there."""
+    environment = {key: value for key, value in os.environ.items() if key != "MLFLOW_TRACKING_URI"}
+    finished = subprocess.run(
+        [sys.executable, "-m", "digitune", *command],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env={**environment, "DIGITUNE_HOME": str(tmp_path)},
+    )
+    assert finished.returncode == 1, finished.stdout + finished.stderr
+    assert missing.format(home=tmp_path) in finished.stderr
+    assert "Traceback" not in finished.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_doctor_says_what_a_study_runs_on_and_why(project, capsys):
     assert cli.main(["doctor", "--study", "quick"]) == 0
     # One "key  value" line each, the keys in a column of 14.

@@ -408,3 +408,96 @@ def test_a_folder_of_pictures_is_tuned_registered_promoted_and_served(project, c
             assert answer["digit"] is None
             right += answer["class_index"] == label
     assert right >= 12, f"{right} of 20 held-out pictures right (chance is 2)"
+
+
+def _register_as(dataset: data.Dataset, settings: config.DataSettings, alias: str) -> str:
+    """An untrained CNN for `dataset`, registered into mnist-cnn with that dataset's tags,
+    as a study (or another tool writing to the registry) would; returns its version."""
+    from digitune import registry, tracking
+
+    params = {"num_filters": 4, "dense_units": 8, **dataset.params}
+    client = tracking.configure(create=True)
+    with mlflow.start_run(experiment_id=tracking.experiment_id(client, "tasks")):
+        version = registry.register(
+            model.build_model(params),
+            study_name="tasks",
+            trial_number=0,
+            params=params,
+            validation_accuracy=0.5,
+            test_accuracy=0.5,
+            test_images=len(dataset.test_labels),
+            data_sha256=dataset.digest,
+            extra_tags=data.version_tags(dataset, settings),
+            alias=alias,
+        )
+    return str(version.version)
+
+
+@pytest.mark.slow
+def test_a_champion_is_replaced_only_by_a_model_of_its_own_task(project):
+    """The gate reads the champion's own tags: another dataset, other classes or another test
+    set is refused, --force or not, and the aliases stay where they were."""
+    from digitune import registry
+
+    picture_folder(project / "words", per_class=12)
+    digits_settings = config.DataSettings()
+    champion = _register_as(data.load(digits_settings), digits_settings, "champion")
+    client = mlflow.MlflowClient()
+
+    def aliases() -> dict:
+        found = client.get_registered_model("mnist-cnn").aliases
+        return {alias: str(version) for alias, version in found.items()}
+
+    words = config.DataSettings(folder="words")
+    other_split = config.DataSettings(folder="words", test_fraction=0.3)
+    challenger = _register_as(data.load(words), words, "challenger")
+    for force in (False, True):
+        with pytest.raises(registry.RegistryError) as refused:
+            promotion.promote(force=force)
+        assert str(refused.value).startswith(
+            f"version {challenger} cannot replace the champion of 'mnist-cnn', version "
+            f"{champion}: it learned words, the champion mnist. Nothing changed"
+        )
+        assert aliases() == {"champion": champion, "challenger": challenger}
+
+    # Same dataset and classes, another held-out test set: not comparable either.
+    client.delete_registered_model_alias("mnist-cnn", "champion")
+    words_champion = _register_as(data.load(words), words, "champion")
+    challenger = _register_as(data.load(other_split), other_split, "challenger")
+    with pytest.raises(registry.RegistryError, match=r"its test set \(SHA-256 \w{12}\) is not"):
+        promotion.promote()
+    assert aliases() == {"champion": words_champion, "challenger": challenger}
+    # The same test set is compared and promoted as ever.
+    again = _register_as(data.load(words), words, "challenger")
+    assert promotion.promote(force=True).challenger == again
+    # A folder of the same name that lost a class: other classes.
+    import shutil
+
+    shutil.rmtree(project / "words" / "zero")
+    fewer = _register_as(data.load(words), words, "challenger")
+    with pytest.raises(
+        registry.RegistryError, match="its classes are eight, five, four, nine, one"
+    ):
+        promotion.promote()
+    assert aliases() == {"champion": again, "challenger": fewer}
+
+
+@pytest.mark.slow
+def test_a_study_naming_a_model_of_another_task_is_refused_before_training(project):
+    digits_settings = config.DataSettings()
+    _register_as(data.load(digits_settings), digits_settings, "champion")
+    picture_folder(project / "words", per_class=12)
+    study_file_path = write_study(
+        project,
+        TINY_STUDY.replace(
+            "[space]", '[data]\nfolder = "words"\n\n[registry]\nmodel_name = "mnist-cnn"\n\n[space]'
+        ),
+    )
+    with pytest.raises(ValueError) as refused:
+        optuna_search.run(study_file_path)
+    message = str(refused.value)
+    assert message.startswith(f"{study_file_path} [registry]: registered model 'mnist-cnn' ")
+    assert "version 1 learned mnist (0, 1, 2, 3, 4, 5, ... (10 classes))" in message
+    assert "this study trains on words (eight, five, four, nine, one, seven, ..." in message
+    assert "the default is words-cnn" in message
+    assert not (project / "studies" / "tiny.db").exists()  # Nothing trained, nothing opened.

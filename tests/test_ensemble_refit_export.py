@@ -158,3 +158,21 @@ def test_tflite_int8_agrees_with_keras_and_is_small(project):
     assert agreement >= 0.97
     tags = client.get_model_version(config.REGISTERED_MODEL_NAME, "1").tags
     assert int(tags["tflite_int8_bytes"]) == table.loc["TFLite int8", "bytes"]
+
+
+def test_an_ensemble_averages_as_many_classes_as_its_members_have():
+    """Three classes (a folder dataset's), over more images than one batch: the mean of the
+    members' own predictions, image by image."""
+    import keras
+
+    from digitune import model
+
+    images = np.random.default_rng(0).random((ensemble.BATCH + 7, 28, 28, 1), dtype=np.float32)
+    members = []
+    for seed in (1, 2):
+        keras.utils.set_random_seed(seed)
+        members.append(model.build_model({"num_filters": 4, "dense_units": 8, "num_classes": 3}))
+    averaged = ensemble.average_probabilities(members, images)
+    expected = np.mean([m.predict(images, verbose=0) for m in members], axis=0)
+    assert averaged.shape == (len(images), 3)
+    np.testing.assert_allclose(averaged, expected, atol=1e-5)

@@ -99,7 +99,7 @@ def test_a_study_trains_on_jax_and_a_tensorflow_process_registers_it(project):
         [
             "-c",
             "import mlflow, numpy as np, sys; from digitune import tracking; "
-            "tracking.configure(); "
+            "tracking.configure(create=True); "
             "model = mlflow.pyfunc.load_model('models:/mnist-cnn@challenger'); "
             "np.save(sys.argv[1], np.asarray(model.predict(np.load(sys.argv[2]))))",
             str(project / "tensorflow.npy"),

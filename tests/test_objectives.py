@@ -234,7 +234,7 @@ def test_pareto_prints_optunas_front(edge_home, capsys, monkeypatch):
 def test_select_refuses_when_nothing_fits_and_registers_what_does(edge_home, capsys, monkeypatch):
     home, study_file, outcome = edge_home
     use_project(monkeypatch, home)
-    client = tracking.configure()
+    client = tracking.configure(create=True)
     before = client.search_model_versions("name = 'mnist-edge-tiny'")
     assert main(["select", "--study", str(study_file), "--max-params", "10"]) == 1
     assert "no Pareto-front model has parameters <= 10" in capsys.readouterr().err

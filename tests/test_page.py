@@ -161,7 +161,9 @@ def colour_server(tmp_path, monkeypatch):
     keras.utils.set_random_seed(0)
     cnn = model.build_model(params)
     cnn.fit(images, labels, epochs=3, batch_size=20, verbose=0)
-    with mlflow.start_run(experiment_id=tracking.experiment_id(tracking.configure(), "colours")):
+    with mlflow.start_run(
+        experiment_id=tracking.experiment_id(tracking.configure(create=True), "colours")
+    ):
         registry.register(
             cnn,
             model_name="colours-cnn",

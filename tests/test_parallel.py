@@ -163,7 +163,7 @@ def test_a_worker_killed_mid_trial_has_its_trial_retried_and_tune_says_so(projec
     retries = [t for t in study.trials if t.system_attrs.get("failed_trial") == killed[0].number]
     assert len(retries) == 1 and retries[0].state in (TrialState.COMPLETE, TrialState.PRUNED)
     assert not retries[0].user_attrs["worker"].endswith(f":{victim}")
-    tracking.configure()
+    tracking.configure(create=True)
     assert_nothing_left_running(study)
     assert len(mlflow.MlflowClient().search_model_versions("name = 'mnist-cnn'")) == 1
 
@@ -181,7 +181,7 @@ def test_sigterm_stops_every_worker_cleanly_like_ctrl_c(project):
     assert "interrupted: every finished trial is saved" in output
     study = optuna.load_study(study_name="tiny", storage=config.default_storage("tiny"))
     assert study.trials and all(t.state == TrialState.FAIL for t in study.trials)
-    client = tracking.configure()
+    client = tracking.configure(create=True)
     assert client.get_run(study.user_attrs[tracking.PARENT_RUN_ATTR]).info.status == "KILLED"
     assert_nothing_left_running(study)
 
@@ -208,7 +208,7 @@ def test_ctrl_c_stops_cleanly_and_the_study_resumes(project):
 
     study = optuna.load_study(study_name="tiny", storage=config.default_storage("tiny"))
     assert [t.state for t in study.trials] == [TrialState.FAIL]
-    client = tracking.configure()
+    client = tracking.configure(create=True)
     interrupted = client.get_run(study.trials[0].user_attrs[tracking.TRIAL_RUN_ATTR])
     assert interrupted.info.status == "KILLED"
     parent = client.get_run(study.user_attrs[tracking.PARENT_RUN_ATTR])
@@ -263,7 +263,7 @@ def test_a_stale_trial_is_retried_while_mlflow_is_down_and_its_run_closed_later(
     the retry must not wait for MLflow, and the trial's run is closed once it is back."""
 
     study_path = write_study(project, CRASHABLE_STUDY)  # Heartbeat 1 s, grace 3 s.
-    client = tracking.configure()
+    client = tracking.configure(create=True)
     run = client.create_run(tracking.experiment_id(client, "tiny"), run_name="trial-0")
     optuna_study = studies.load_or_create(study_file.load(study_path), None)
     trial = optuna_study.ask()
@@ -287,7 +287,7 @@ def test_a_stale_trial_is_retried_while_mlflow_is_down_and_its_run_closed_later(
     assert retry.state == TrialState.WAITING and retry.params == trials[0].params
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI")
-    client = tracking.configure()  # MLflow is back: the study's end closes the run.
+    client = tracking.configure(create=True)  # MLflow is back: the study's end closes the run.
     assert client.get_run(run.info.run_id).info.status == "RUNNING"
     studies.close_runs_of_failed_trials(optuna_study)
     closed = client.get_run(run.info.run_id)
@@ -339,7 +339,7 @@ def test_an_mlflow_outage_mid_study_waits_and_loses_no_trial(project, monkeypatc
         study = optuna.load_study(study_name="tiny", storage=storage)
         assert [t.state for t in study.trials if t.state == TrialState.FAIL] == []
         assert len(study.trials) == 3
-        tracking.configure()
+        tracking.configure(create=True)
         assert_one_parent_with_a_child_per_trial(study)
         client = mlflow.MlflowClient()
         for trial in study.trials:

@@ -49,7 +49,7 @@ def register(trained, name: str, trial: int):
     params = GOOD if name == "good" else POOR
     cnn = model.build_model(params)
     cnn.load_weights(trained[name])
-    client = tracking.configure()
+    client = tracking.configure(create=True)
     with mlflow.start_run(experiment_id=tracking.experiment_id(client, "registry-test")):
         return str(
             registry.register(
@@ -100,7 +100,7 @@ def test_the_version_description_shows_hyperparameters_rounded_as_a_person_reads
 
 
 def test_promotion_lifecycle(project, trained, capsys):
-    client = tracking.configure()
+    client = tracking.configure(create=True)
     poor = register(trained, "poor", trial=1)
 
     # No champion yet: the challenger is promoted whatever its accuracy.
@@ -177,9 +177,9 @@ def test_promotion_lifecycle(project, trained, capsys):
 
 
 def test_promote_without_model_or_challenger(project, trained, capsys):
+    client = tracking.configure(create=True)  # A store that holds no model yet.
     assert cli.main(["promote"]) == 1
     assert "no registered model 'mnist-cnn'" in capsys.readouterr().err
-    client = tracking.configure()
     version = register(trained, "poor", trial=1)
     client.delete_registered_model_alias(config.REGISTERED_MODEL_NAME, config.CHALLENGER_ALIAS)
     assert cli.main(["promote"]) == 1
@@ -189,7 +189,7 @@ def test_promote_without_model_or_challenger(project, trained, capsys):
 
 
 def test_missing_artifacts_leave_the_aliases_alone(project, trained, capsys):
-    client = tracking.configure()
+    client = tracking.configure(create=True)
     first = register(trained, "poor", trial=1)
     assert promotion.promote().promoted
     second = register(trained, "good", trial=2)
@@ -219,7 +219,7 @@ def _delete_model_files(client, version: str) -> None:
 
 
 def test_force_replaces_a_champion_that_cannot_be_loaded(project, trained, capsys):
-    client = tracking.configure()
+    client = tracking.configure(create=True)
     broken = register(trained, "good", trial=1)
     assert promotion.promote().promoted
     _delete_model_files(client, broken)
@@ -237,7 +237,7 @@ def test_force_replaces_a_champion_that_cannot_be_loaded(project, trained, capsy
 
 
 def test_moving_the_champion_is_compare_and_set(project, trained):
-    client = tracking.configure()
+    client = tracking.configure(create=True)
     first = register(trained, "poor", trial=1)
     promotion.move_champion(client, first, None, "promote", "first")
     second = register(trained, "good", trial=2)
@@ -250,7 +250,7 @@ def test_moving_the_champion_is_compare_and_set(project, trained):
 
 
 def test_a_held_champion_lock_makes_others_wait_then_refuse(project, trained, monkeypatch):
-    client = tracking.configure()
+    client = tracking.configure(create=True)
     version = register(trained, "poor", trial=1)
     monkeypatch.setattr(promotion, "LOCK_WAIT_SECONDS", 0.5)
     with promotion.champion_lock(client):
@@ -267,7 +267,7 @@ def test_a_held_champion_lock_makes_others_wait_then_refuse(project, trained, mo
 
 
 def test_two_concurrent_promotions_have_one_winner_and_a_whole_history(project, trained):
-    client = tracking.configure()
+    client = tracking.configure(create=True)
     first = register(trained, "poor", trial=1)
     assert promotion.promote().promoted
     second = register(trained, "good", trial=2)
@@ -284,7 +284,7 @@ def test_two_concurrent_promotions_have_one_winner_and_a_whole_history(project, 
     assert f"@champion moved to version {second}" in loser_error or (
         f"version {second} is already @champion" in loser_error
     )
-    client = tracking.configure()
+    client = tracking.configure(create=True)
     assert aliases(client)["champion"] == second
     events = promotion.history(client)
     assert [(event["version"], event["previous"]) for event in events] == [
@@ -315,7 +315,7 @@ def test_loading_from_a_tracking_server_leaves_no_temporary_folder(
         private = tmp_path / "private-tmp"
         private.mkdir()
         monkeypatch.setattr(tempfile, "tempdir", str(private))
-        client = tracking.configure()
+        client = tracking.configure(create=True)
         loaded = registry.load_pyfunc(client.get_model_version("mnist-cnn", version))
         assert np.asarray(loaded.predict(np.zeros((1, 28, 28, 1), np.float32))).shape == (1, 10)
         assert os.listdir(private) == []
@@ -332,7 +332,7 @@ def test_the_champion_history_outlasts_postgresql_s_tag_column(
     monkeypatch.setenv(
         "MLFLOW_TRACKING_URI", postgres_url.replace("postgresql:", "postgresql+psycopg:")
     )
-    client = tracking.configure()
+    client = tracking.configure(create=True)
     versions = [register(trained, "poor", trial=1), register(trained, "good", trial=2)]
     reason = "test accuracy 0.9941 vs 0.9936 (+0.05 points, required more than 0 and at least "
     reason += "0.00; McNemar p = 0.581) " * 3
@@ -355,7 +355,7 @@ HOLD_THE_LOCK = """
 import json, time
 from digitune import promotion, tracking
 promotion.LOCK_STALE_SECONDS, promotion.LOCK_BEAT_SECONDS = 1.0, 0.2
-client = tracking.configure()
+client = tracking.configure(create=True)
 with promotion.champion_lock(client):
     began = time.time()
     time.sleep(1.5)  # Longer than the lock takes to go stale: only its beat keeps it.
@@ -367,7 +367,7 @@ print(json.dumps([began, ended]))
 def test_processes_that_find_a_stale_lock_at_once_hold_it_one_at_a_time(project):
     """Three processes wait together on a lock a killed process left behind: one takes it
     over, none removes another's, and each holds it alone while the others wait."""
-    client = tracking.configure()
+    client = tracking.configure(create=True)
     name = config.REGISTERED_MODEL_NAME + promotion.LOCK_SUFFIX
     client.create_registered_model(name, tags={"holder": "killed", "token": "dead", "beat": "0"})
     mlflow.set_tracking_uri(None)
@@ -384,14 +384,49 @@ def test_processes_that_find_a_stale_lock_at_once_hold_it_one_at_a_time(project)
         held.append(json.loads(out.decode().strip().splitlines()[-1]))
     held.sort()
     assert all(earlier[1] <= later[0] for earlier, later in itertools.pairwise(held)), held
-    client = tracking.configure()
+    client = tracking.configure(create=True)
     names = sorted(m.name for m in client.search_registered_models() if "lock" in m.name)
     assert names == [f"{name}.stale-dead"]  # The takeover's record; no lock is left.
 
 
 def test_a_lock_is_released_only_by_its_holder(project):
-    client = tracking.configure()
+    client = tracking.configure(create=True)
     name = config.REGISTERED_MODEL_NAME + promotion.LOCK_SUFFIX
     client.create_registered_model(name, tags={"token": "someone else's"})
     promotion._release(client, name, token="mine")
     assert client.get_registered_model(name).tags["token"] == "someone else's"
+
+
+def test_promote_predicts_the_test_set_a_batch_at_a_time(project, trained, monkeypatch):
+    """Each candidate sees the test set PREDICT_BATCH images at a time, never all at once,
+    and the verdict is the one a single call would give."""
+    register(trained, "poor", trial=1)
+    promotion.promote()
+    good = register(trained, "good", trial=2)
+    sizes = []
+    load = registry.load_pyfunc
+
+    def measured(version):
+        loaded = load(version)
+        predict = loaded.predict
+
+        def predict_and_count(images, *args, **kwargs):
+            sizes.append(len(images))
+            return predict(images, *args, **kwargs)
+
+        loaded.predict = predict_and_count
+        return loaded
+
+    monkeypatch.setattr(registry, "load_pyfunc", measured)
+    monkeypatch.setattr(promotion, "PREDICT_BATCH", 64)
+    decision = promotion.promote()
+    assert decision.challenger == good and decision.promoted
+    test_images = 300  # The fixture's, as each version's test_images tag says.
+    assert sizes == [64, 64, 64, 64, 44] * 2  # The challenger, then the champion.
+    client = tracking.configure(create=True)
+    version = client.get_model_version(config.REGISTERED_MODEL_NAME, good)
+    dataset = data.from_spec(version.tags.get("data_spec"))  # MNIST, the fixture here.
+    whole = load(version).predict(data.preprocess(dataset.test_images))
+    assert len(whole) == test_images
+    reference = evaluate.from_probabilities(whole, dataset.test_labels, dataset.class_names)
+    assert decision.challenger_evaluation.accuracy == pytest.approx(reference.accuracy)

@@ -231,7 +231,7 @@ def test_alias_move_is_picked_up_without_failing_requests(project, champion_home
         worker = threading.Thread(target=keep_asking)
         worker.start()
         wait_until(lambda: "1" in versions)  # Requests are flowing before the swap...
-        mlflow_client = tracking.configure()
+        mlflow_client = tracking.configure(create=True)
         new = crown_a_new_version(mlflow_client)
         reloaded = client.post("/reload").json()
         assert reloaded["reloaded"] is True and reloaded["version"] == str(new.version)
@@ -250,7 +250,7 @@ def test_poller_follows_the_alias(project, champion_home):
     shutil.copytree(champion_home / "mlruns", project / "mlruns")
     with started(serve.create_app(poll_seconds=0.2)) as client:
         assert client.get("/health").json()["version"] == "1"
-        mlflow_client = tracking.configure()
+        mlflow_client = tracking.configure(create=True)
         new = crown_a_new_version(mlflow_client)
         deadline = time.monotonic() + 30
         while client.get("/health").json()["version"] != str(new.version):
@@ -400,7 +400,7 @@ def test_a_version_whose_probe_fails_is_not_swapped_in(project, champion_home):
 
         broken = model.build_model({"num_conv_blocks": 2, "num_filters": 16, "dense_units": 64})
         broken.set_weights([np.full_like(w, np.nan) for w in broken.get_weights()])
-        mlflow_client = tracking.configure()
+        mlflow_client = tracking.configure(create=True)
         with mlflow.start_run():
             version = registry.register(
                 broken,
@@ -492,7 +492,7 @@ def test_a_model_whose_output_is_nan_gets_a_json_4xx(project, champion_home, dig
     weights = [np.abs(w) if w.ndim > 1 else w for w in overflowing.get_weights()]
     weights[-2] = np.full_like(weights[-2], 3e38)  # The last layer's kernel.
     overflowing.set_weights(weights)
-    tracking.configure()
+    tracking.configure(create=True)
     with mlflow.start_run():
         registry.register(
             overflowing,

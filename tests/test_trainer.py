@@ -57,9 +57,7 @@ def test_a_network_collapsed_to_one_class_fails(losses):
         ([20.0, 25.0], VARIED, [20.0, 25.0], ONE_CLASS),
     ],
 )
-def test_a_slow_or_working_network_is_left_to_the_pruner(
-    losses, matrix, twin_losses, twin_matrix
-):
+def test_a_slow_or_working_network_is_left_to_the_pruner(losses, matrix, twin_losses, twin_matrix):
     """The verdict draws the line where it says: each slow or working network passes, and
     its twin, one change away (the loss does not fall, or one digit predicted), fails."""
     verdicts = []

@@ -35,11 +35,13 @@ BATCH = 1000
 def average_probabilities(members, images: np.ndarray) -> np.ndarray:
     """The mean of the members' softmax outputs, computed a batch at a time."""
     images = np.asarray(images, dtype="float32")
-    total = np.zeros((len(images), 10), dtype="float64")
+    total = None  # As many columns as the members have classes.
     for member in members:
         for start in range(0, len(images), BATCH):
-            batch = images[start : start + BATCH]
-            total[start : start + BATCH] += np.asarray(member(batch, training=False))
+            batch = np.asarray(member(images[start : start + BATCH], training=False))
+            if total is None:
+                total = np.zeros((len(images), batch.shape[-1]), dtype="float64")
+            total[start : start + BATCH] += batch
     return (total / len(members)).astype("float32")
 
 

@@ -28,6 +28,7 @@ import time
 import uuid
 
 import mlflow
+import numpy as np
 import pandas as pd
 
 from digitune import config, data, evaluate, registry, tracking
@@ -44,6 +45,38 @@ class Decision:
     promoted: bool
     forced: bool
     reason: str
+
+
+# Test images per call into a candidate: its memory stays that of one batch, whatever the
+# size of the test set or of its pictures.
+PREDICT_BATCH = 1000
+
+
+def predict_in_batches(model, images: np.ndarray) -> np.ndarray:
+    """A loaded model's probabilities for `images`, PREDICT_BATCH at a time."""
+    return np.concatenate(
+        [
+            np.asarray(model.predict(images[start : start + PREDICT_BATCH]))
+            for start in range(0, len(images), PREDICT_BATCH)
+        ]
+    )
+
+
+def _difference_from_champion(champion, challenger, dataset: data.Dataset) -> str | None:
+    """Why `challenger` (whose test set is `dataset`'s) cannot be compared with `champion`,
+    from the champion's own tags rather than the challenger's: None when it can."""
+    difference = registry.task_difference(registry.task_of(champion), registry.task_of(challenger))
+    if difference is not None:
+        return difference
+    if tuple(dataset.class_names) != registry.task_of(champion)[1]:
+        return f"its test set's classes are not the champion's ({dataset.name} as loaded now)"
+    expected = champion.tags.get("test_sha256")
+    if expected and expected != dataset.test_digest:
+        return (
+            f"its test set (SHA-256 {dataset.test_digest[:12]}) is not the champion's "
+            f"({expected[:12]}): other [data] settings or other pictures held out"
+        )
+    return None
 
 
 def promote(
@@ -67,6 +100,14 @@ def promote(
             "run `make tune` for a new challenger"
         )
     dataset = data.from_spec(challenger.tags.get("data_spec"))
+    if current is not None:
+        difference = _difference_from_champion(current, challenger, dataset)
+        if difference is not None:  # Not even --force: the two answer different questions.
+            raise registry.RegistryError(
+                f"version {challenger_version} cannot replace the champion of '{model_name}', "
+                f"version {champion_version}: {difference}. Nothing changed; register it under "
+                "a model of its own ([registry] model_name)"
+            )
     images, labels = data.preprocess(dataset.test_images), dataset.test_labels.astype(int)
     # Both models load before any alias moves, so missing files change nothing; with
     # `force`, a champion that cannot be loaded is replaced all the same.
@@ -81,7 +122,7 @@ def promote(
                     f"{error}; the champion cannot be compared (--force replaces it anyway)"
                 ) from None
             unloadable = str(error)
-    challenger_probabilities = challenger_model.predict(images)
+    challenger_probabilities = predict_in_batches(challenger_model, images)
 
     if champion_model is None:
         comparison = None
@@ -96,7 +137,10 @@ def promote(
         )
     else:
         comparison = evaluate.compare(
-            challenger_probabilities, champion_model.predict(images), labels, dataset.class_names
+            challenger_probabilities,
+            predict_in_batches(champion_model, images),
+            labels,
+            dataset.class_names,
         )
         evaluation = comparison.first
         gain = comparison.first.accuracy - comparison.second.accuracy

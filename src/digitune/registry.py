@@ -213,6 +213,53 @@ def version_by_alias(
         return None
 
 
+def task_of(version) -> tuple[str, tuple[str, ...]]:
+    """What a version learned: its dataset's name and its class names (MNIST's digits for a
+    version registered before those tags existed)."""
+    names = json.loads(version.tags.get("class_names") or "null") or data.DIGITS
+    return version.tags.get("dataset", "mnist"), tuple(names)
+
+
+def _listed(names: tuple[str, ...]) -> str:
+    shown = ", ".join(names[:6])
+    return f"{shown}, ... ({len(names)} classes)" if len(names) > 6 else shown
+
+
+def task_difference(learned, learning) -> str | None:
+    """How two tasks, as `task_of` gives them, differ in words; None when they are one."""
+    (dataset, classes), (other_dataset, other_classes) = learned, learning
+    if dataset != other_dataset:
+        return f"it learned {other_dataset}, the champion {dataset}"
+    if classes != other_classes:
+        return f"its classes are {_listed(other_classes)}; the champion's are {_listed(classes)}"
+    return None
+
+
+def task_problem(model_name: str, dataset: data.Dataset) -> str | None:
+    """Why a study on `dataset` cannot register into `model_name` (whose versions learned
+    another task), or None: the champion's task is the model's, else its newest version's."""
+    client = mlflow.MlflowClient()
+    try:
+        version = version_by_alias(client, config.CHAMPION_ALIAS, False, model_name)
+    except RegistryError:  # No such model yet: this study's will be its first version.
+        return None
+    if version is None:
+        newest = client.search_model_versions(
+            f"name = '{model_name}'", max_results=1, order_by=["version_number DESC"]
+        )
+        if not newest:
+            return None
+        version = newest[0]
+    difference = task_difference(task_of(version), (dataset.name, tuple(dataset.class_names)))
+    if difference is None:
+        return None
+    return (
+        f"registered model '{model_name}' holds models of another task: version "
+        f"{version.version} learned {task_of(version)[0]} ({_listed(task_of(version)[1])}), "
+        f"and this study trains on {dataset.name} ({_listed(tuple(dataset.class_names))})"
+    )
+
+
 def load_pyfunc(version) -> mlflow.pyfunc.PyFuncModel:
     """Load a registered version as a pyfunc model, naming it when its files are missing."""
     uri = f"models:/{version.name}/{version.version}"

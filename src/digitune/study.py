@@ -206,6 +206,12 @@ def load_existing(source: str | Path, storage: str | None = None):
     an error that says how to create it when there is none. Returns (definition, study)."""
     definition = study_file.load(source)
     url = storage or config.default_storage(definition.study.name)
+    if url.startswith("sqlite:///") and not Path(url.removeprefix("sqlite:///")).exists():
+        # Optuna would make an empty database there (and fail where studies/ is missing).
+        raise ValueError(
+            f"no study '{definition.study.name}': {url.removeprefix('sqlite:///')} does not "
+            f"exist; run `make tune STUDY={source}` first, in the project folder"
+        )
     try:
         study = optuna.load_study(study_name=definition.study.name, storage=url)
     except KeyError:

@@ -125,11 +125,20 @@ class TrackingError(RuntimeError):
     """The MLflow tracking store cannot be reached or used."""
 
 
-def configure() -> mlflow.MlflowClient:
-    """Point MLflow at the configured store and check that it answers."""
+def configure(create: bool = False) -> mlflow.MlflowClient:
+    """Point MLflow at the configured store and check that it answers. A local SQLite store
+    that is not there yet is made only with `create` (the commands that record runs); any
+    other command run outside a project says so rather than leave an empty mlruns/ there."""
     uri = config.tracking_uri()
     if uri.startswith("sqlite:///"):
-        Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+        path = Path(uri.removeprefix("sqlite:///"))
+        if not create and not path.exists():
+            raise TrackingError(
+                f"no MLflow store at {path}: nothing was tuned in {config.project_dir()}; run "
+                "digitune in the project folder where `make tune` ran, or set DIGITUNE_HOME "
+                "(or MLFLOW_TRACKING_URI) to it"
+            )
+        path.parent.mkdir(parents=True, exist_ok=True)
     mlflow.set_tracking_uri(uri)
     client = mlflow.MlflowClient()
     try:

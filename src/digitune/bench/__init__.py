@@ -37,7 +37,7 @@ def write_results(name: str, table: pd.DataFrame, figure: Figure | None = None) 
     table.to_csv(folder / f"{name}.csv", index=False)
     if figure is not None:
         figure.savefig(folder / f"{name}.png", dpi=120)
-    client = tracking.configure()
+    client = tracking.configure(create=True)
     with mlflow.start_run(
         experiment_id=tracking.experiment_id(client, "benchmarks"), run_name=f"{name} {stamp}"
     ):

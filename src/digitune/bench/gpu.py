@@ -101,7 +101,7 @@ def check(out: str | Path, minutes: float = 4.0, workers: int | None = None, cpu
             register=False,
             progress_bar=False,
         )
-        tracking.configure()
+        tracking.configure(create=True)
         trials = report.trials_table(outcome.study)
         trials.to_csv(out / "trials.csv", index=False)
         compiling = [

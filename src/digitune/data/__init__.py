@@ -18,6 +18,7 @@ always comes from the training part (`split`): the test set is for the final mod
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 from collections.abc import Callable
@@ -52,6 +53,17 @@ class Dataset:
     canonical: bool = True
     # The SHA-256 of the held-out test set's file list ("" when the dataset has its own).
     test_files_sha256: str = ""
+
+    @functools.cached_property
+    def test_digest(self) -> str:
+        """The SHA-256 of the test set itself (pictures, labels, class names): two models are
+        compared on the same test set exactly when their versions' `test_sha256` agree."""
+        hashed = hashlib.sha256()
+        for array in (self.test_images, self.test_labels):
+            hashed.update(str(array.shape).encode())
+            hashed.update(np.ascontiguousarray(array).tobytes())
+        hashed.update(json.dumps(list(self.class_names)).encode())
+        return hashed.hexdigest()
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
@@ -170,6 +182,7 @@ def version_tags(dataset: Dataset, settings: config.DataSettings) -> dict[str, s
         "dataset": dataset.name,
         "class_names": json.dumps(list(dataset.class_names)),
         "data_spec": json.dumps(dataclasses.asdict(settings), sort_keys=True),
+        "test_sha256": dataset.test_digest,
     }
 
 

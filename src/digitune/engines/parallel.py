@@ -121,7 +121,7 @@ def work(
     logging.getLogger("digitune").propagate = False
     trainer.stop_cleanly_on_ctrl_c()  # The terminal's Ctrl-C reaches every worker.
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    tracking.configure()
+    tracking.configure(create=True)
     split = data.split(
         data.load(definition.data),
         definition.training.train_images,

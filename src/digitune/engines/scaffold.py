@@ -76,7 +76,7 @@ def prepare(
     if not isinstance(source, study_file.StudyDefinition):
         source = study_file.load(source)
     definition = source.with_budget(n_trials, timeout_minutes)
-    tracking.configure()
+    tracking.configure(create=True)
     dataset = data.load(definition.data)
     if not dataset.canonical:
         log.warning(
@@ -85,6 +85,13 @@ def prepare(
             dataset.source,
             dataset.name,
             dataset.name,
+        )
+    problem = registry.task_problem(definition.model_name, dataset)
+    if problem is not None:
+        # Found before training: its best model could never be compared with that champion.
+        raise ValueError(
+            f"{definition.path} [registry]: {problem}; set model_name to a model of "
+            f"{dataset.name} (the default is {dataset.name}-cnn)"
         )
     definition = with_data(definition, dataset)
     training = definition.training
