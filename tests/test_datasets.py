@@ -9,6 +9,7 @@ import gzip
 import hashlib
 import http.server
 import io
+import itertools
 import json
 import pickle
 import tarfile
@@ -410,9 +411,12 @@ def test_a_folder_of_pictures_is_tuned_registered_promoted_and_served(project, c
     assert right >= 12, f"{right} of 20 held-out pictures right (chance is 2)"
 
 
+_REGISTERED = itertools.count()
+
+
 def _register_as(dataset: data.Dataset, settings: config.DataSettings, alias: str) -> str:
-    """An untrained CNN for `dataset`, registered into mnist-cnn with that dataset's tags,
-    as a study (or another tool writing to the registry) would; returns its version."""
+    """An untrained CNN for `dataset`, registered into mnist-cnn with that dataset's tags as
+    a new trial of a study would be; returns its version."""
     from digitune import registry, tracking
 
     params = {"num_filters": 4, "dense_units": 8, **dataset.params}
@@ -421,7 +425,7 @@ def _register_as(dataset: data.Dataset, settings: config.DataSettings, alias: st
         version = registry.register(
             model.build_model(params),
             study_name="tasks",
-            trial_number=0,
+            trial_number=next(_REGISTERED),
             params=params,
             validation_accuracy=0.5,
             test_accuracy=0.5,

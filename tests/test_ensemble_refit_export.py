@@ -15,6 +15,7 @@ from digitune import (
     data,
     deployment,
     ensemble,
+    loader,
     registry,
     space,
     tracking,
@@ -61,7 +62,7 @@ def test_refit_then_ensembles_through_the_registry(project, capsys):
     assert float(refit_version.tags["trial_test_accuracy"]) == pytest.approx(
         outcome.test_accuracy, abs=1e-4
     )
-    refit_model = registry.load_pyfunc(refit_version)
+    refit_model = loader.load(refit_version)
     test_images = data.preprocess(digits.test_images)
     accuracy = np.mean(refit_model.predict(test_images).argmax(1) == digits.test_labels)
     assert accuracy == pytest.approx(refit.test_accuracy, abs=1e-6)
@@ -93,7 +94,7 @@ def test_refit_then_ensembles_through_the_registry(project, capsys):
     assert version.tags["kind"] == "ensemble" and version.tags["members"] == ",".join(
         map(str, two.members)
     )
-    loaded = registry.load_pyfunc(version)
+    loaded = loader.load(version)
     expected = np.mean(_member_predictions(study, two.members, test_images), axis=0)
     probabilities = loaded.predict(test_images)
     np.testing.assert_allclose(probabilities, expected, atol=1e-5)

@@ -13,7 +13,7 @@ import pytest
 from optuna.trial import TrialState
 
 from conftest import use_project, write_study
-from digitune import config, model, pareto, registry, space, study, study_file, tracking
+from digitune import config, loader, model, pareto, space, study, study_file, tracking
 from digitune.cli import main
 from digitune.engines import optuna_search
 
@@ -252,7 +252,7 @@ def test_select_refuses_when_nothing_fits_and_registers_what_does(edge_home, cap
     files = {a.path for a in client.list_artifacts(version.run_id, "tflite")}
     assert "tflite/model-int8.tflite" in files
     # The chosen model answers as the registered model does everywhere.
-    loaded = registry.load_pyfunc(version)
+    loaded = loader.load(version)
     assert np.asarray(loaded.predict(np.zeros((1, 28, 28, 1), np.float32))).shape == (1, 10)
     assert f"selected trial {smallest.number}" in capsys.readouterr().out
 

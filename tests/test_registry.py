@@ -3,6 +3,8 @@ real models trained on the MNIST fixture."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import itertools
 import json
 import os
@@ -14,12 +16,14 @@ from urllib.parse import urlparse
 
 import keras
 import mlflow
+import mlflow.keras
+import mlflow.pyfunc
 import numpy as np
 import pytest
 from scipy import stats
 
 from conftest import command_lines, free_port, wait_for
-from digitune import cli, config, data, evaluate, model, promotion, registry, tracking
+from digitune import cli, config, data, evaluate, loader, model, promotion, registry, tracking
 from digitune.data import mnist
 
 pytestmark = pytest.mark.slow
@@ -316,7 +320,7 @@ def test_loading_from_a_tracking_server_leaves_no_temporary_folder(
         private.mkdir()
         monkeypatch.setattr(tempfile, "tempdir", str(private))
         client = tracking.configure(create=True)
-        loaded = registry.load_pyfunc(client.get_model_version("mnist-cnn", version))
+        loaded = loader.load(client.get_model_version("mnist-cnn", version))
         assert np.asarray(loaded.predict(np.zeros((1, 28, 28, 1), np.float32))).shape == (1, 10)
         assert os.listdir(private) == []
     finally:
@@ -404,21 +408,21 @@ def test_promote_predicts_the_test_set_a_batch_at_a_time(project, trained, monke
     promotion.promote()
     good = register(trained, "good", trial=2)
     sizes = []
-    load = registry.load_pyfunc
+    load = loader.load
 
     def measured(version):
         loaded = load(version)
-        predict = loaded.predict
+        predict = loaded.network.predict_on_batch
 
-        def predict_and_count(images, *args, **kwargs):
+        def predict_and_count(images):
             sizes.append(len(images))
-            return predict(images, *args, **kwargs)
+            return predict(images)
 
-        loaded.predict = predict_and_count
+        loaded.network.predict_on_batch = predict_and_count
         return loaded
 
-    monkeypatch.setattr(registry, "load_pyfunc", measured)
-    monkeypatch.setattr(promotion, "PREDICT_BATCH", 64)
+    monkeypatch.setattr(loader, "load", measured)
+    monkeypatch.setattr(loader, "PREDICT_BATCH", 64)
     decision = promotion.promote()
     assert decision.challenger == good and decision.promoted
     test_images = 300  # The fixture's, as each version's test_images tag says.
@@ -430,3 +434,152 @@ def test_promote_predicts_the_test_set_a_batch_at_a_time(project, trained, monke
     assert len(whole) == test_images
     reference = evaluate.from_probabilities(whole, dataset.test_labels, dataset.class_names)
     assert decision.challenger_evaluation.accuracy == pytest.approx(reference.accuracy)
+
+
+class _CodeOnLoad(mlflow.pyfunc.PythonModel):
+    """What anyone who can write to the registry could register: Python that runs when the
+    version is loaded (here it only leaves a file behind)."""
+
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def load_context(self, context):
+        Path(self.marker).write_text("ran")
+
+    def predict(self, context, model_input, params=None):
+        return np.full((len(model_input), 10), 0.1, dtype="float32")
+
+
+def _plant(client, logged, alias: str) -> str:
+    """Register what `logged` logs into mnist-cnn with digitune's own tags, as someone
+    who knows them would, and point `alias` at it; returns its version."""
+    with mlflow.start_run(experiment_id=tracking.experiment_id(client, "intruder")):
+        with contextlib.redirect_stderr(io.StringIO()):
+            info = logged()
+        version = mlflow.register_model(info.model_uri, config.REGISTERED_MODEL_NAME).version
+    for key, value in {"study": "registry-test", "trial": "9", "format": "keras"}.items():
+        client.set_model_version_tag(config.REGISTERED_MODEL_NAME, version, key, value)
+    client.set_registered_model_alias(config.REGISTERED_MODEL_NAME, alias, version)
+    return str(version)
+
+
+def test_serve_promote_and_rollback_load_no_code_from_the_registry(project, trained, tmp_path):
+    """Versions that would run code when loaded (a pickled pyfunc, a Keras Lambda layer), a
+    TensorFlow SavedModel, are refused by name and reason: nothing of theirs runs, no alias
+    moves. digitune's own versions, single networks and ensembles, load in safe mode."""
+    from digitune import serve
+
+    champion = register(trained, "good", trial=1)
+    promotion.promote()
+    client = tracking.configure(create=True)
+    marker = tmp_path / "ran"
+    signature = registry.signature()
+    pickled = _plant(
+        client,
+        lambda: mlflow.pyfunc.log_model(
+            name="model", python_model=_CodeOnLoad(str(marker)), signature=signature
+        ),
+        "challenger",
+    )
+    with pytest.raises(registry.RegistryError) as refused:
+        promotion.promote(force=True)
+    assert str(refused.value).startswith(
+        f"refusing to load models:/mnist-cnn/{pickled}: it is not a Keras model (flavours "
+        "python_function, loaded by mlflow.pyfunc.model)"
+    )
+    assert aliases(client) == {"champion": champion, "challenger": pickled}
+
+    # A Keras file whose Lambda layer holds Python bytecode.
+    inputs = keras.Input((28, 28, 1))
+    code = keras.layers.Lambda(
+        lambda x, marker: x + 0.0 * open(marker, "w").write("ran"),
+        arguments={"marker": str(marker)},
+        output_shape=(28, 28, 1),
+    )
+    flat = keras.layers.Flatten()(code(inputs))
+    lambda_model = keras.Model(inputs, keras.layers.Dense(10, activation="softmax")(flat))
+    marker.unlink()  # Building the model ran the Lambda once, here.
+    with_code = _plant(
+        client,
+        lambda: mlflow.keras.log_model(lambda_model, name="model", signature=signature),
+        "challenger",
+    )
+    with pytest.raises(registry.RegistryError, match="does not load in safe mode"):
+        promotion.promote(force=True)
+    assert aliases(client) == {"champion": champion, "challenger": with_code}
+
+    # A SavedModel, as digitune registered before: refused, saying how to register again.
+    saved_model = _plant(
+        client,
+        lambda: mlflow.keras.log_model(
+            model.build_model(GOOD), name="model", signature=signature, save_exported_model=True
+        ),
+        "challenger",
+    )
+    with pytest.raises(registry.RegistryError, match="exported TensorFlow SavedModel.*register"):
+        promotion.promote(force=True)
+
+    # serve keeps the champion it has when the alias moves to any of them, and says why.
+    holder = serve.ModelHolder("models:/mnist-cnn@champion")
+    assert holder.reload() and holder.served.version == champion
+    for planted in (pickled, with_code, saved_model):
+        client.set_registered_model_alias("mnist-cnn", "champion", planted)
+        assert holder.reload() is False and holder.served.version == champion
+        assert f"refusing to load models:/mnist-cnn/{planted}" in holder.last_error
+        # Nor does a fresh server load it.
+        fresh = serve.ModelHolder("models:/mnist-cnn@champion")
+        assert fresh.reload() is False and fresh.served is None
+    assert not marker.exists()
+
+    # Rollback refuses to put one back as champion.
+    client.set_registered_model_alias("mnist-cnn", "champion", champion)
+    with pytest.raises(registry.RegistryError, match="refusing to load"):
+        loader.load(client.get_model_version("mnist-cnn", pickled))
+    assert not marker.exists()
+
+    # digitune's own version is a Keras file and loads, in safe mode, as the network it is.
+    loaded = loader.load(client.get_model_version("mnist-cnn", champion))
+    network = model.build_model(GOOD)
+    network.load_weights(trained["good"])
+    images = data.preprocess(
+        mnist.load_folder(Path(__file__).parent / "fixtures" / "mnist-subset").test_images[:50]
+    )
+    np.testing.assert_allclose(
+        loaded.predict(images), network.predict(images, verbose=0), atol=1e-5
+    )
+
+
+def test_a_registration_cut_short_is_completed_by_running_it_again(project, trained, monkeypatch):
+    """A crash after the version exists, before its description and alias are set: running
+    the registration again completes that version rather than registering a second, and a
+    version registered whole is left as it is."""
+    client = tracking.configure(create=True)
+    first = register(trained, "poor", trial=1)
+    promotion.promote()
+
+    def crash(*args, **kwargs):
+        raise ConnectionError("the tracking server went away")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(mlflow.MlflowClient, "set_registered_model_alias", crash)
+        with pytest.raises(ConnectionError):
+            register(trained, "good", trial=2)
+    (cut_short,) = [
+        v for v in client.search_model_versions("name = 'mnist-cnn'") if v.tags["trial"] == "2"
+    ]
+    assert cut_short.tags.get(registry.REGISTRATION_TAG) is None
+    assert aliases(client) == {"champion": first, "challenger": first}
+
+    again = register(trained, "good", trial=2)
+    assert again == str(cut_short.version)
+    assert len(client.search_model_versions("name = 'mnist-cnn'")) == 2
+    version = client.get_model_version("mnist-cnn", again)
+    assert version.tags[registry.REGISTRATION_TAG] == "complete"
+    assert "Best trial 2 of study **registry-test**" in version.description
+    assert aliases(client) == {"champion": first, "challenger": again}
+
+    # Whole, it is not touched again: the challenger stays where a later study put it.
+    client.set_registered_model_alias("mnist-cnn", "challenger", first)
+    assert register(trained, "good", trial=2) == again
+    assert len(client.search_model_versions("name = 'mnist-cnn'")) == 2
+    assert aliases(client) == {"champion": first, "challenger": first}

@@ -44,7 +44,18 @@ import mlflow
 import numpy as np
 import pandas as pd
 
-from digitune import artifacts, backend, config, data, model, pareto, registry, study, tracking
+from digitune import (
+    artifacts,
+    backend,
+    config,
+    data,
+    loader,
+    model,
+    pareto,
+    registry,
+    study,
+    tracking,
+)
 
 CALIBRATION_IMAGES = 500
 WARM_UP_CALLS = 30
@@ -94,7 +105,7 @@ def float32_copy(trained: keras.Model, params: dict) -> keras.Model:
 
 
 def export_saved_model(cnn: keras.Model, folder: Path) -> Path:
-    """`cnn` exported as the SavedModel the registry serves (Keras's `export`)."""
+    """`cnn` exported as a SavedModel (Keras's `export`), which TFLite converts from."""
     with contextlib.redirect_stdout(io.StringIO()):
         cnn.export(str(folder), format="tf_saved_model", verbose=False)
     return folder
@@ -199,33 +210,27 @@ def export(
     number = str(model_version.version)
     if model_version.tags.get("kind") == "ensemble":
         raise ValueError(
-            f"version {number} is an ensemble (a Python model of several networks); TFLite "
+            f"version {number} is an ensemble (several networks averaged); TFLite "
             "exports one network: export one of its members' versions instead"
         )
     dataset = data.from_spec(model_version.tags.get("data_spec"))
     calibration = data.split(dataset).x_train[:CALIBRATION_IMAGES]
     test_images = data.preprocess(dataset.test_images)
     labels = dataset.test_labels
-    keras_model = registry.load_pyfunc(model_version)
+    registered = loader.load(model_version)
 
     with tempfile.TemporaryDirectory() as scratch:
-        folder = Path(
-            mlflow.artifacts.download_artifacts(f"models:/{model_name}/{number}", dst_path=scratch)
-        )
-        saved_model = folder / "data" / "model"
-        if not (saved_model / "saved_model.pb").exists():
-            raise ValueError(
-                f"version {number} holds no exported SavedModel at data/model; only versions "
-                "registered by digitune (`make tune`) can be exported"
-            )
+        # The SavedModel TFLite converts from, made here from the Keras file loaded in safe
+        # mode: a registered version holds no TensorFlow program of its own.
+        saved_model = export_saved_model(registered.network, Path(scratch) / "saved_model")
         rows = [
             {
                 "format": "Keras SavedModel (float32)",
                 "bytes": _size(saved_model / "variables"),
                 "test_accuracy": float(
-                    np.mean(keras_model.predict(test_images).argmax(1) == labels)
+                    np.mean(registered.predict(test_images).argmax(1) == labels)
                 ),
-                "latency_ms": latency(keras_model.predict, test_images[:1])[0],
+                "latency_ms": latency(registered.predict, test_images[:1])[0],
             }
         ]
         files = []
@@ -312,7 +317,7 @@ def select(study_file: str | Path, storage: str | None, limits: dict[str, float]
     model_name = definition.model_name
     client = mlflow.MlflowClient()
     registered = client.get_model_version(model_name, version)
-    served = registry.load_pyfunc(registered)
+    served = loader.load(registered)
     image = data.preprocess(dataset.test_images[:1]).astype(np.float32)
     served_latency, _ = latency(served.predict, image)
     registry.describe_version(

@@ -7,22 +7,24 @@ Members are chosen on the validation set only: the K best trials by validation a
 greedy forward selection (start from the best trial, add whichever of the 2K best trials
 raises the ensemble's validation accuracy most, stop when none does). Each member is rebuilt
 in float32 from its trial's logged weights. The ensemble is then evaluated once on the test
-set beside its best single member, and registered as a version of `mnist-cnn`: an MLflow
-pyfunc that holds the members' Keras files and averages their softmax outputs, with the same
-signature as a single model, so `promote`, `serve` and `rollback` treat it like any other.
+set beside its best single member, and registered as a version of `mnist-cnn`: one Keras
+model that holds the members and averages their softmax outputs (Keras's `Average` layer),
+with the same signature as a single model. It is saved, registered and loaded in safe mode
+as any single network is, so `promote`, `serve` and `rollback` treat it like any other and
+no pickled code reaches the registry.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
-import tempfile
 from pathlib import Path
 
+import keras
 import mlflow
-import mlflow.pyfunc
 import numpy as np
 import optuna
+from keras import layers
 from optuna.trial import TrialState
 
 from digitune import artifacts, data, evaluate, pareto, registry, space, study, tracking
@@ -45,23 +47,16 @@ def average_probabilities(members, images: np.ndarray) -> np.ndarray:
     return (total / len(members)).astype("float32")
 
 
-class EnsembleModel(mlflow.pyfunc.PythonModel):
-    """The registered ensemble: loads every member's Keras file, averages their outputs."""
-
-    # MLflow would wrap `predict` for type-hint validation and warn, on every `make ensemble`,
-    # that it has none; the signature given at registration already checks the input.
-    _skip_type_hint_validation = True
-
-    def load_context(self, context):
-        import keras
-
-        names = sorted(name for name in context.artifacts if name.startswith("member_"))
-        self.members = [
-            keras.saving.load_model(context.artifacts[name], compile=False) for name in names
-        ]
-
-    def predict(self, context, model_input, params=None):
-        return average_probabilities(self.members, model_input)
+def averaging_model(members: dict[int, keras.Model]) -> keras.Model:
+    """One Keras model of the members (trial number: model): the mean of their softmax
+    outputs, in float32 whatever the precision policy."""
+    inputs = keras.Input(next(iter(members.values())).input_shape[1:], name="images")
+    outputs = []
+    for number, member in members.items():
+        member.name = f"trial_{number}"  # Names within one Keras model are unique.
+        outputs.append(member(inputs))
+    mean = layers.Average(dtype="float32", name="mean")(outputs) if len(outputs) > 1 else outputs[0]
+    return keras.Model(inputs, mean, name="ensemble")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -165,10 +160,7 @@ def run(
             f"study '{optuna_study.study_name}' has no MLflow parent run; was it run by tune?"
         )
     members_text = ",".join(map(str, members))
-    with (
-        tracking.ensemble_run(parent_run_id, members),
-        tempfile.TemporaryDirectory() as scratch,
-    ):
+    with tracking.ensemble_run(parent_run_id, members):
         mlflow.log_metrics(
             {
                 "val_accuracy": ensemble_validation,
@@ -177,11 +169,6 @@ def run(
             }
         )
         artifacts.log_evaluation(ensemble_test, "test", f"ensemble of {len(members)}, test set")
-        files = {}
-        for index, number in enumerate(members):
-            path = Path(scratch) / f"member_{index:02d}_trial_{number}.keras"
-            models[number].save(path)
-            files[f"member_{index:02d}"] = str(path)
         description = (
             f"Ensemble of trials {members_text} of study **{optuna_study.study_name}** "
             f"(mean of their softmax outputs; "
@@ -193,8 +180,7 @@ def run(
             f"- data SHA-256: `{dataset.digest}`\n"
         )
         version = registry.register(
-            EnsembleModel(),
-            artifacts=files,
+            averaging_model({number: models[number] for number in members}),
             model_name=model_name,
             study_name=optuna_study.study_name,
             trial_number="ensemble",

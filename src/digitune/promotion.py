@@ -28,10 +28,9 @@ import time
 import uuid
 
 import mlflow
-import numpy as np
 import pandas as pd
 
-from digitune import config, data, evaluate, registry, tracking
+from digitune import config, data, evaluate, loader, registry, tracking
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,21 +44,6 @@ class Decision:
     promoted: bool
     forced: bool
     reason: str
-
-
-# Test images per call into a candidate: its memory stays that of one batch, whatever the
-# size of the test set or of its pictures.
-PREDICT_BATCH = 1000
-
-
-def predict_in_batches(model, images: np.ndarray) -> np.ndarray:
-    """A loaded model's probabilities for `images`, PREDICT_BATCH at a time."""
-    return np.concatenate(
-        [
-            np.asarray(model.predict(images[start : start + PREDICT_BATCH]))
-            for start in range(0, len(images), PREDICT_BATCH)
-        ]
-    )
 
 
 def _difference_from_champion(champion, challenger, dataset: data.Dataset) -> str | None:
@@ -111,18 +95,18 @@ def promote(
     images, labels = data.preprocess(dataset.test_images), dataset.test_labels.astype(int)
     # Both models load before any alias moves, so missing files change nothing; with
     # `force`, a champion that cannot be loaded is replaced all the same.
-    challenger_model = registry.load_pyfunc(challenger)
+    challenger_model = loader.load(challenger)
     champion_model, unloadable = None, None
     if current is not None:
         try:
-            champion_model = registry.load_pyfunc(current)
+            champion_model = loader.load(current)
         except registry.RegistryError as error:
             if not force:
                 raise registry.RegistryError(
                     f"{error}; the champion cannot be compared (--force replaces it anyway)"
                 ) from None
             unloadable = str(error)
-    challenger_probabilities = predict_in_batches(challenger_model, images)
+    challenger_probabilities = challenger_model.predict(images)
 
     if champion_model is None:
         comparison = None
@@ -138,7 +122,7 @@ def promote(
     else:
         comparison = evaluate.compare(
             challenger_probabilities,
-            predict_in_batches(champion_model, images),
+            champion_model.predict(images),
             labels,
             dataset.class_names,
         )
@@ -423,7 +407,7 @@ def rollback(client: mlflow.MlflowClient, model_name: str = registry.MODEL_NAME)
             f"@champion is version {current.version})"
         )
     target = client.get_model_version(model_name, stack[-2])
-    registry.load_pyfunc(target)  # Refuse to roll back onto a version whose files are gone.
+    loader.load(target)  # Refuse to roll back onto a version that is gone or unsafe.
     move_champion(
         client,
         str(target.version),

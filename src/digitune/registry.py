@@ -6,9 +6,11 @@ test set (the only time the test set is touched) and registers it as `@challenge
 other registration (refit, ensemble) goes through `register`, the one place that registers.
 
 Versions are addressed by alias (`challenger` for a study's newest best model, `champion`
-for the one in production), never by the deprecated stages: load one with
-`mlflow.pyfunc.load_model("models:/mnist-cnn@challenger")`. Every function takes the model's
-name; MNIST's `mnist-cnn` is the default.
+for the one in production), never by the deprecated stages. Every version is a Keras file
+(an ensemble too: one Keras model that averages its members), which `load` reads in Keras's
+safe mode and nothing else: serve, promote, rollback and export run no code from the
+registry. Any client can load one with `mlflow.pyfunc.load_model("models:/mnist-cnn@champion")`.
+Every function takes the model's name; MNIST's `mnist-cnn` is the default.
 """
 
 from __future__ import annotations
@@ -22,20 +24,29 @@ import logging
 import os
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import keras
 import mlflow
 import mlflow.keras
-import mlflow.pyfunc
 import numpy as np
 import optuna
 import pandas as pd
 from mlflow.models import ModelSignature
 from mlflow.types import Schema, TensorSpec
 
-from digitune import artifacts, backend, config, data, evaluate, model, pareto, space, tracking
+from digitune import (
+    artifacts,
+    backend,
+    config,
+    data,
+    evaluate,
+    loader,
+    model,
+    pareto,
+    space,
+    tracking,
+)
 
 log = logging.getLogger(__name__)
 
@@ -79,40 +90,15 @@ def register(
     engine: str = "optuna",
     extra_tags: dict[str, str] | None = None,
     alias: str = config.CHALLENGER_ALIAS,
-    artifacts: dict[str, str] | None = None,
     description: str | None = None,
 ) -> mlflow.entities.model_registry.ModelVersion:
-    """Log `model` to the active run, register it as a new version of `model_name` with
-    readable tags and a description, and point `alias` at it.
-
-    `model` is a Keras model (logged as an exported SavedModel) or an MLflow `PythonModel`
-    with its `artifacts` (an ensemble); both get the same signature, so serving, promotion
-    and rollback treat every version alike. This is the one place that registers.
-    """
-    extra_tags = extra_tags or {}
-    common = {
-        "name": "model",
-        "signature": signature_of(params),
-        # The model's own metadata (its MLmodel file) names its classes too, for any client.
-        "metadata": {
-            "dataset": extra_tags.get("dataset", "mnist"),
-            "class_names": json.loads(extra_tags.get("class_names", "null"))
-            or [str(index) for index in range(data_params(params)["num_classes"])],
-        },
-        "pip_requirements": pip_requirements(),
-        "registered_model_name": model_name,
-    }
-    # MLflow prints "Successfully registered model" and "Created version" to stderr, and
-    # Keras's export every traced endpoint and captured tensor to stdout; digitune says
-    # which version it registered in one line of its own. Warnings still show: they go
-    # through `logging` and `warnings`, not these streams.
-    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-        if isinstance(model, mlflow.pyfunc.PythonModel):
-            info = mlflow.pyfunc.log_model(python_model=model, artifacts=artifacts, **common)
-        else:
-            # An exported SavedModel: its pyfunc calls the traced serving function directly,
-            # about 1 ms an image here, where Keras's `predict` costs some 50 ms a call.
-            info = mlflow.keras.log_model(model, save_exported_model=True, **common)
+    """Log `model` (a Keras model: one network, or an ensemble's averaging model) to the
+    active run in Keras's own format, register it as a new version of `model_name` with
+    readable tags and a description, and point `alias` at it. This is the one place that
+    registers, and it can be run again after a crash anywhere in it: a version is known by
+    its study, trial, kind, data and members, created with those tags in one call, and a
+    version whose description, tags or alias were not all set is completed rather than
+    registered twice. A version registered whole is returned as it is."""
     tags = {
         "study": study_name,
         "trial": str(trial_number),
@@ -121,15 +107,75 @@ def register(
         "test_images": str(test_images),
         "data_sha256": data_sha256,
         "engine": engine,
+        "format": loader.FORMAT,
         **(extra_tags or {}),
     }
-    return describe_version(
-        info.registered_model_version,
-        tags,
-        description or describe(tags, params),
-        alias,
-        model_name,
+    existing = find_registration(tags, model_name)
+    if existing is None:
+        if getattr(model, "optimizer", None) is not None:
+            # A registered model serves and trains no more: its file holds no optimizer,
+            # whose state Keras would otherwise warn about on every load.
+            compiled, model = model, keras.models.clone_model(model)
+            model.set_weights(compiled.get_weights())
+        metadata = {
+            "dataset": tags.get("dataset", "mnist"),
+            "class_names": json.loads(tags.get("class_names", "null"))
+            or [str(index) for index in range(data_params(params)["num_classes"])],
+        }
+        # MLflow prints "Successfully registered model" and "Created version" to stderr;
+        # digitune says which version it registered in one line of its own. Warnings still
+        # show: they go through `logging` and `warnings`, not these streams.
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            info = mlflow.keras.log_model(
+                model,
+                name="model",
+                signature=signature_of(params),
+                # The model's own metadata (its MLmodel file) names its classes, for any client.
+                metadata=metadata,
+                pip_requirements=pip_requirements(),
+            )
+            # The tags that find it again are set as it is created, in the same call.
+            existing = mlflow.register_model(info.model_uri, model_name, tags=tags)
+    return finish(existing, params, alias, description, model_name)
+
+
+def finish(
+    version, params: dict, alias: str | None, description: str | None = None, model_name=MODEL_NAME
+):
+    """Complete a version's registration where it stopped: its description, its alias, and
+    last the tag that says it is whole. A version registered whole is returned unchanged."""
+    if version.tags.get(REGISTRATION_TAG) == "complete":
+        log.info(
+            "trial %s is already registered as version %s",
+            version.tags.get("trial"),
+            version.version,
+        )
+        return version
+    client = mlflow.MlflowClient()
+    client.update_model_version(
+        model_name, version.version, description=description or describe(version.tags, params)
     )
+    if alias is not None:
+        client.set_registered_model_alias(model_name, alias, version.version)
+    client.set_model_version_tag(model_name, version.version, REGISTRATION_TAG, "complete")
+    return client.get_model_version(model_name, version.version)
+
+
+# Set last, once a version's tags, description and alias are all in place.
+REGISTRATION_TAG = "registration"
+# What tells one registration from another: the same trial registered twice is one version.
+IDENTITY_TAGS = ("study", "trial", "kind", "data_sha256", "members", "format")
+
+
+def find_registration(tags: dict[str, str], model_name: str = MODEL_NAME):
+    """The version registered (wholly or in part) with these identity tags, or None."""
+    versions = mlflow.MlflowClient().search_model_versions(
+        f"name = '{model_name}' and tags.study = '{tags['study']}' "
+        f"and tags.trial = '{tags['trial']}'"
+    )
+    wanted = {key: tags.get(key) for key in IDENTITY_TAGS}
+    same = [v for v in versions if {key: v.tags.get(key) for key in IDENTITY_TAGS} == wanted]
+    return min(same, key=lambda v: int(v.version)) if same else None
 
 
 def data_params(params: dict) -> dict:
@@ -159,12 +205,16 @@ def describe_version(
 
 
 def find_version(study_name: str, trial_number: int, kind: str = "trial", model_name=MODEL_NAME):
-    """The registered version made from this study's trial (`kind` "trial") or from its
-    configuration refitted on all training images (`kind` "refit"), or None."""
+    """The version made from this study's trial (`kind` "trial") or from its configuration
+    refitted on all training images (`kind` "refit") and registered whole, or None."""
     versions = mlflow.MlflowClient().search_model_versions(
         f"name = '{model_name}' and tags.study = '{study_name}' and tags.trial = '{trial_number}'"
     )
-    versions = [v for v in versions if v.tags.get("kind", "trial") == kind]
+    versions = [
+        v
+        for v in versions
+        if v.tags.get("kind", "trial") == kind and v.tags.get(REGISTRATION_TAG) == "complete"
+    ]
     return versions[0] if versions else None
 
 
@@ -187,8 +237,7 @@ def describe(tags: dict, params: dict) -> str:
     )
 
 
-class RegistryError(RuntimeError):
-    """The registry lacks what a command needs (a model, an alias, a version's files)."""
+RegistryError = loader.RegistryError
 
 
 def version_by_alias(
@@ -258,33 +307,6 @@ def task_problem(model_name: str, dataset: data.Dataset) -> str | None:
         f"{version.version} learned {task_of(version)[0]} ({_listed(task_of(version)[1])}), "
         f"and this study trains on {dataset.name} ({_listed(tuple(dataset.class_names))})"
     )
-
-
-def load_pyfunc(version) -> mlflow.pyfunc.PyFuncModel:
-    """Load a registered version as a pyfunc model, naming it when its files are missing."""
-    uri = f"models:/{version.name}/{version.version}"
-    try:
-        return load_without_leftovers(uri)
-    except Exception as error:  # noqa: BLE001 -- missing files, unreadable model, ...
-        raise RegistryError(f"cannot load {uri} (source {version.source}): {error}") from None
-
-
-def load_without_leftovers(uri: str) -> mlflow.pyfunc.PyFuncModel:
-    """`mlflow.pyfunc.load_model`, downloading into a folder that is removed once the model is
-    in memory. From a tracking server MLflow otherwise leaves every download in a temporary
-    folder for good, and a service that reloads would leave one per version."""
-    with tempfile.TemporaryDirectory(prefix="digitune-model-") as scratch:
-        return mlflow.pyfunc.load_model(uri, dst_path=scratch)
-
-
-def input_shape(pyfunc_model) -> tuple[int, int, int]:
-    """The (height, width, channels) a loaded version takes, from its signature (MNIST's for
-    a version without one)."""
-    schema = pyfunc_model.metadata.get_input_schema()
-    if schema is None or not schema.inputs:
-        return model.IMAGE_SHAPE
-    height, width, channels = schema.inputs[0].shape[1:]
-    return (int(height), int(width), int(channels))
 
 
 def versions_table(client: mlflow.MlflowClient, model_name: str = MODEL_NAME) -> pd.DataFrame:

@@ -37,7 +37,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 from starlette.formparsers import MultiPartException
 
-from digitune import config, data, preprocessing, registry, tracking
+from digitune import config, data, loader, preprocessing, tracking
 
 # A phone's photo of a digit is a few megabytes.
 MAX_BODY_BYTES = 8 * 1024 * 1024
@@ -247,8 +247,8 @@ class ModelHolder:
             if self.served is not None and self.served.version == str(version.version):
                 self.last_error = None
                 return False
-            model = registry.load_without_leftovers(f"models:/{self.name}/{version.version}")
-            shape = registry.input_shape(model)
+            model = loader.load(version)
+            shape = loader.input_shape(model)
             class_names = tuple(json.loads(version.tags.get("class_names", "null")) or DIGITS)
             # What every version must answer before it serves: one blank image.
             probe = np.asarray(model.predict(np.zeros((1, *shape), dtype=np.float32)))
