@@ -192,10 +192,11 @@ def test_no_model_is_503_not_a_crash(project):
 
 
 def crown_a_new_version(mlflow_client):
-    """Register version 1's model again and make the new version @promotion."""
+    """Register version 1's model again, with its tags (digitune loads only what its studies
+    registered), and make the new version @champion."""
     source = mlflow_client.get_model_version(config.REGISTERED_MODEL_NAME, "1")
     new = mlflow_client.create_model_version(
-        config.REGISTERED_MODEL_NAME, source.source, model_id=source.model_id
+        config.REGISTERED_MODEL_NAME, source.source, tags=source.tags, model_id=source.model_id
     )
     mlflow_client.set_registered_model_alias(config.REGISTERED_MODEL_NAME, "champion", new.version)
     return new
@@ -372,13 +373,13 @@ def test_health_answers_at_once_while_a_big_picture_is_worked_on(client):
         latencies.append(time.perf_counter() - started)
         time.sleep(0.01)
     sender.join()
-    # Were the pictures worked on in the event loop, /health would wait for each of them: the
-    # poll that comes just after a picture arrives would take about as long as the picture.
-    # The second-longest poll, against the median picture: one answer may stall once while
-    # the other test processes hold the cores.
+    # Were the pictures worked on in the event loop, /health would wait for each of them: as
+    # the pictures follow one another, most polls would take a good part of a picture's time.
+    # The median poll, against the median picture: a few answers may stall while the other
+    # test processes hold the cores.
     assert len(latencies) >= 10
-    second_longest = sorted(latencies)[-2]
-    assert second_longest < 0.5 * statistics.median(durations), (second_longest, durations)
+    typical = statistics.median(latencies)
+    assert typical < 0.25 * statistics.median(durations), (typical, durations)
 
 
 def test_the_server_says_it_is_loading_until_the_model_is_ready(serving):
@@ -390,9 +391,10 @@ def test_the_server_says_it_is_loading_until_the_model_is_ready(serving):
         assert client.get("/health").status_code == 200
 
 
-def test_a_version_whose_probe_fails_is_not_swapped_in(project, champion_home):
+def test_a_version_whose_probe_fails_is_not_swapped_in(project, champion_home, monkeypatch):
     import shutil
 
+    monkeypatch.setattr(serve, "RELOAD_INTERVAL_SECONDS", 0)  # Two reloads in a row here.
     shutil.copytree(champion_home / "mlruns", project / "mlruns")
     with started(serve.create_app(poll_seconds=0)) as client:
         # A champion whose weights are all NaN: it loads, but predicts nothing usable.

@@ -156,6 +156,12 @@ def storage_url() -> str | None:
     return os.environ.get("DIGITUNE_STORAGE") or None
 
 
+def reload_token() -> str | None:
+    """The token `POST /reload` of `digitune serve` asks for (DIGITUNE_RELOAD_TOKEN), or None:
+    then it is only rate-limited."""
+    return os.environ.get("DIGITUNE_RELOAD_TOKEN") or None
+
+
 def backend_store_uri() -> str:
     """MLFLOW_BACKEND_STORE_URI (MLflow's own variable for its server's store), else the
     local store inside mlruns/."""

@@ -16,149 +16,56 @@ take effect without a restart and requests in flight finish on the model they st
 
 Every request does bounded work: bodies over `MAX_BODY_BYTES` are refused as they stream in
 (chunked too), pictures over `preprocessing.MAX_PIXELS` before they are decoded, batches over
-`preprocessing.MAX_BATCH` before they are converted; decoding and prediction run in a
-worker thread, never on the event loop. Every error is a JSON body with a `detail`.
+`preprocessing.MAX_BATCH` before they are converted; decoding and prediction run in worker
+threads, never on the event loop. Under pressure the service stays answerable:
+- at most `PREPARE_SLOTS` requests decode or predict at once (a large picture takes a core
+  and hundreds of MB while it is prepared); beyond that `/predict` answers 503 with
+  `Retry-After` at once, rather than queueing memory;
+- `/health` and `/metadata` answer on the event loop, never waiting for a thread;
+- `/reload` runs one at a time, at most once every `RELOAD_INTERVAL_SECONDS`, in a thread of
+  its own, and asks for `Authorization: Bearer <DIGITUNE_RELOAD_TOKEN>` where that is set;
+- a client must send its headers within `HEADER_SECONDS` and its body within
+  `BODY_SECONDS`, so slow clients cannot hold connections or memory.
+Every error is a JSON body with a `detail`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hmac
 import importlib.resources
 import json
+import os
 import threading
 import time
 
+import anyio
+import anyio.to_thread
+import h11
 import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse
-from pydantic import BaseModel, ConfigDict, Field
-from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 from starlette.formparsers import MultiPartException
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from digitune import config, data, loader, preprocessing, tracking
+from digitune import api, config, data, loader, preprocessing, tracking
 
 # A phone's photo of a digit is a few megabytes.
 MAX_BODY_BYTES = 8 * 1024 * 1024
+# Requests decoding or predicting at once: one a core (two at least). A 4096x4096 RGBA PNG
+# takes about 0.3 GB while it is prepared, so this bounds the memory pictures can take.
+PREPARE_SLOTS = max(2, os.cpu_count() or 2)
+RETRY_AFTER_SECONDS = 1
+# A client trickling its headers or its body is cut off after these.
+HEADER_SECONDS = 10
+BODY_SECONDS = 30
+RELOAD_INTERVAL_SECONDS = 5
 
 
 class BodyTooLarge(Exception):
     """The request body is over MAX_BODY_BYTES."""
-
-
-# The API's answers, for the OpenAPI schema (the `/docs` page) and for clients.
-class _Answer(BaseModel):
-    model_config = ConfigDict(protected_namespaces=())
-
-
-class Prediction(_Answer):
-    class_index: int = Field(ge=0)
-    class_name: str
-    # The class index again for a digit model (class names 0-9), else null.
-    digit: int | None = Field(default=None, ge=0, le=9)
-    probabilities: list[float] = Field(min_length=2)
-
-
-class PredictionAnswer(_Answer):
-    model: str
-    version: str
-    alias: str | None
-    milliseconds: float
-    predictions: list[Prediction]
-
-
-class HealthAnswer(_Answer):
-    status: str
-    model: str
-    version: str
-
-
-class MetadataAnswer(_Answer):
-    model: str
-    version: str
-    alias: str | None
-    model_uri: str
-    signature: dict | None
-    dataset: str | None
-    input_shape: list[int]
-    class_names: list[str]
-    # Whether uploaded pictures are prepared as MNIST was (digit models), else resized.
-    digit_preparation: bool
-    test_accuracy: str | None
-    study: str | None
-    trial: str | None
-
-
-class ReloadAnswer(_Answer):
-    reloaded: bool
-    model: str
-    version: str
-    alias: str | None
-    error: str | None
-
-
-class ErrorAnswer(_Answer):
-    detail: str = Field(description="what is wrong, in words")
-
-
-def error_responses(*statuses: int) -> dict:
-    words = {
-        413: "the body is over the size limit",
-        422: "the request is not an image or batch the model can take",
-        503: "no model is loaded yet (loading, or the registry cannot be reached)",
-    }
-    return {status: {"model": ErrorAnswer, "description": words[status]} for status in statuses}
-
-
-# The JSON forms of /predict: one 28x28 image, or a batch, of 0-255 or 0-1 values.
-_ROW = {
-    "type": "array",
-    "items": {"type": "number", "minimum": 0, "maximum": 255},
-    "minItems": preprocessing.SIZE,
-    "maxItems": preprocessing.SIZE,
-}
-_IMAGE = {
-    "type": "array",
-    "items": _ROW,
-    "minItems": preprocessing.SIZE,
-    "maxItems": preprocessing.SIZE,
-}
-PREDICT_JSON_SCHEMA = {
-    "oneOf": [
-        {
-            "type": "object",
-            "properties": {"image": _IMAGE, "prepare": {"type": "boolean"}},
-            "required": ["image"],
-            "additionalProperties": False,
-        },
-        {
-            "type": "object",
-            "properties": {
-                "images": {
-                    "type": "array",
-                    "items": _IMAGE,
-                    "minItems": 1,
-                    "maxItems": preprocessing.MAX_BATCH,
-                },
-                "prepare": {"type": "boolean"},
-            },
-            "required": ["images"],
-            "additionalProperties": False,
-        },
-    ]
-}
-
-
-def prediction(probabilities: np.ndarray, class_names, digits: bool) -> dict:
-    """One image's answer: the likeliest class by index and name, and every probability."""
-    best = int(probabilities.argmax())
-    return {
-        "class_index": best,
-        "class_name": class_names[best],
-        "digit": best if digits else None,
-        "probabilities": [round(float(p), 6) for p in probabilities],
-    }
 
 
 async def read_body(request: Request) -> bytes:
@@ -282,12 +189,24 @@ class ModelHolder:
         return True
 
 
-def create_app(model_uri: str | None = None, poll_seconds: float = 10.0) -> FastAPI:
-    """The FastAPI app; it starts loading the model and polling the alias on start-up."""
+def create_app(
+    model_uri: str | None = None,
+    poll_seconds: float = 10.0,
+    prepare_slots: int = PREPARE_SLOTS,
+    reload_token: str | None = None,
+) -> FastAPI:
+    """The FastAPI app; it starts loading the model and polling the alias on start-up.
+    `reload_token` (default: DIGITUNE_RELOAD_TOKEN) is what `POST /reload` asks for."""
     holder = ModelHolder(
         model_uri or f"models:/{config.REGISTERED_MODEL_NAME}@{config.CHAMPION_ALIAS}"
     )
     stop = threading.Event()
+    reload_token = reload_token or config.reload_token()
+    # Threads of their own, apart from the pool that Starlette's other work shares; `busy` is
+    # only read and changed on the event loop, so checking it and taking a slot is one step.
+    preparing = anyio.CapacityLimiter(prepare_slots)
+    reloading = anyio.CapacityLimiter(1)
+    pressure = {"busy": 0, "last_reload": -float("inf")}
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -331,15 +250,17 @@ def create_app(model_uri: str | None = None, poll_seconds: float = 10.0) -> Fast
     def page() -> str:
         return importlib.resources.files("digitune").joinpath("page.html").read_text()
 
-    @app.get("/health", response_model=HealthAnswer, responses=error_responses(503))
-    def health():
+    # /health and /metadata only read what is loaded: they answer on the event loop, and no
+    # amount of work in the threads delays them.
+    @app.get("/health", response_model=api.HealthAnswer, responses=api.error_responses(503))
+    async def health():
         served = holder.served
         if served is None:
             return _error(503, _not_ready(holder))
         return {"status": "ready", "model": served.name, "version": served.version}
 
-    @app.get("/metadata", response_model=MetadataAnswer, responses=error_responses(503))
-    def metadata():
+    @app.get("/metadata", response_model=api.MetadataAnswer, responses=api.error_responses(503))
+    async def metadata():
         served = holder.served
         if served is None:
             return _error(503, _not_ready(holder))
@@ -356,22 +277,37 @@ def create_app(model_uri: str | None = None, poll_seconds: float = 10.0) -> Fast
             "trial": served.tags.get("trial"),
         }
 
-    @app.post("/reload", response_model=ReloadAnswer, responses=error_responses(503))
-    def reload():
-        swapped = holder.reload()
+    @app.post(
+        "/reload", response_model=api.ReloadAnswer, responses=api.error_responses(401, 429, 503)
+    )
+    async def reload(request: Request):
+        if reload_token is not None and not hmac.compare_digest(
+            request.headers.get("authorization", "").encode(), f"Bearer {reload_token}".encode()
+        ):
+            return _error(401, "POST /reload needs the header Authorization: Bearer <token>")
+        wait = pressure["last_reload"] + RELOAD_INTERVAL_SECONDS - time.monotonic()
+        if reloading.borrowed_tokens or wait > 0:
+            return _error(
+                429,
+                f"a reload runs now or ran in the last {RELOAD_INTERVAL_SECONDS} s; the alias is "
+                "also checked on its own every --poll-seconds",
+                retry_after=max(1, round(wait)),
+            )
+        pressure["last_reload"] = time.monotonic()
+        swapped = await anyio.to_thread.run_sync(holder.reload, limiter=reloading)
         if holder.served is None:
             return _error(503, holder.last_error or "no model loaded")
         return {"reloaded": swapped, **_identity(holder.served), "error": holder.last_error}
 
     @app.post(
         "/predict",
-        response_model=PredictionAnswer,
-        responses=error_responses(413, 422, 503),
+        response_model=api.PredictionAnswer,
+        responses=api.error_responses(413, 422, 503),
         openapi_extra={
             "requestBody": {
                 "content": {
                     "application/json": {
-                        "schema": PREDICT_JSON_SCHEMA,
+                        "schema": api.PREDICT_JSON_SCHEMA,
                         "example": {"image": [[0] * preprocessing.SIZE] * preprocessing.SIZE},
                     },
                 },
@@ -386,21 +322,44 @@ def create_app(model_uri: str | None = None, poll_seconds: float = 10.0) -> Fast
         content_type = request.headers.get("content-type", "")
         served = holder.served  # One reference for the whole request, whatever reloads.
         try:
-            body = await read_body(request)
-            if preprocessing.media_type(content_type) == "multipart/form-data":
-                body = await file_from_form(request, body)
-            if served is None:
-                return _error(503, _not_ready(holder))
-            # Decoding and preparing take a thread of their own, not the event loop.
-            images = await run_in_threadpool(
-                preprocessing.images_from, content_type, body, served.input_shape, served.digits
-            )
+            with anyio.fail_after(BODY_SECONDS):
+                body = await read_body(request)
+                if preprocessing.media_type(content_type) == "multipart/form-data":
+                    body = await file_from_form(request, body)
         except BodyTooLarge as error:
             return _error(413, str(error))
         except preprocessing.ImageError as error:
             return _error(422, str(error))
-        started = time.perf_counter()
-        probabilities = np.asarray(await run_in_threadpool(served.model.predict, images))
+        except TimeoutError:
+            return _error(408, f"the body took over {BODY_SECONDS} s to arrive")
+        if served is None:
+            return _error(503, _not_ready(holder))
+        if pressure["busy"] >= prepare_slots:
+            return _error(
+                503,
+                f"all {prepare_slots} slots that prepare pictures are busy; try again shortly",
+                retry_after=RETRY_AFTER_SECONDS,
+            )
+        pressure["busy"] += 1
+        try:
+            # Decoding and preparing take a thread of their own, not the event loop.
+            images = await anyio.to_thread.run_sync(
+                preprocessing.images_from,
+                content_type,
+                body,
+                served.input_shape,
+                served.digits,
+                limiter=preparing,
+            )
+            del body  # The pictures' bytes are not held while the model predicts.
+            started = time.perf_counter()
+            probabilities = await anyio.to_thread.run_sync(
+                served.model.predict, images, limiter=preparing
+            )
+        except preprocessing.ImageError as error:
+            return _error(422, str(error))
+        finally:
+            pressure["busy"] -= 1
         unusable = np.flatnonzero(~np.isfinite(probabilities).all(axis=1))
         if unusable.size:
             return _error(
@@ -412,7 +371,7 @@ def create_app(model_uri: str | None = None, poll_seconds: float = 10.0) -> Fast
             **_identity(served),
             "milliseconds": round((time.perf_counter() - started) * 1000, 3),
             "predictions": [
-                prediction(row, served.class_names, served.digits) for row in probabilities
+                api.prediction(row, served.class_names, served.digits) for row in probabilities
             ],
         }
 
@@ -450,11 +409,45 @@ def _identity(served: Served) -> dict:
     return {"model": served.name, "version": served.version, "alias": served.alias}
 
 
-def _error(status: int, message: str) -> JSONResponse:
-    return JSONResponse(status_code=status, content={"detail": config.redact(message)})
+def _error(status: int, message: str, retry_after: int | None = None) -> JSONResponse:
+    headers = {"Retry-After": str(retry_after)} if retry_after is not None else None
+    return JSONResponse(
+        status_code=status, content={"detail": config.redact(message)}, headers=headers
+    )
+
+
+class Connection(H11Protocol):
+    """uvicorn's HTTP/1.1 connection, closed when a request's headers take over
+    HEADER_SECONDS to arrive. uvicorn closes idle keep-alive connections, but not one that
+    sends its headers a byte at a time, and enough of those hold the server's connections."""
+
+    def connection_made(self, transport) -> None:
+        super().connection_made(transport)
+        self._headers_timer = self.loop.call_later(HEADER_SECONDS, self._headers_too_slow)
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        self._headers_timer.cancel()  # The next request on this connection gets its own.
+        self._headers_timer = self.loop.call_later(HEADER_SECONDS, self._headers_too_slow)
+
+    def connection_lost(self, exc) -> None:
+        self._headers_timer.cancel()
+        super().connection_lost(exc)
+
+    def _headers_too_slow(self) -> None:
+        # IDLE: the client has not finished a request's headers (after a response, the
+        # cycle starts again at IDLE).
+        if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
+            self.transport.close()
 
 
 def run(host: str, port: int, model_uri: str | None, poll_seconds: float) -> None:
     import uvicorn
 
-    uvicorn.run(create_app(model_uri, poll_seconds), host=host, port=port, log_level="info")
+    uvicorn.run(
+        create_app(model_uri, poll_seconds),
+        host=host,
+        port=port,
+        log_level="info",
+        http=Connection,
+    )

@@ -111,6 +111,14 @@ def add_commands(commands) -> None:
     bench_serve.add_argument(
         "--batch", type=int, default=64, help="images per batched request (default: %(default)s)"
     )
+    bench_serve.add_argument(
+        "--pressure",
+        action="store_true",
+        help="measure /health and memory under concurrent large uploads and slow clients",
+    )
+    bench_serve.add_argument(
+        "--pid", type=int, default=None, help="the server's process id, to read its memory"
+    )
     bench_serve.set_defaults(handler=_bench_serve, backend="none")
 
     server = commands.add_parser(
@@ -290,6 +298,9 @@ def _serve(args: argparse.Namespace) -> int:
 def _bench_serve(args: argparse.Namespace) -> int:
     from digitune.bench import serving
 
+    if args.pressure:
+        print(serving.pressure(args.url, args.pid).to_string(index=False))
+        return 0
     print(serving.serve_latency(args.url, args.requests, args.batch).to_string(index=False))
     return 0
 
