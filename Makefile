@@ -33,6 +33,8 @@ MAX_PARAMS ?=
 MAX_KB ?=
 MAX_LATENCY_MS ?=
 DASHBOARD_PORT ?= 8080
+# `make mlflow-server AUTH=1`: every client signs in (MLFLOW_AUTH_ADMIN_PASSWORD on the first start).
+AUTH ?=
 
 # URLs that may hold a password reach digitune and MLflow through the environment, unexpanded:
 # never in a command line that make echoes or `ps` shows, and `$` or `&` in a password work.
@@ -81,8 +83,8 @@ tune: install ## Run or resume a study (STUDY TRIALS TIMEOUT STORAGE WORKERS REF
 worker: install ## Join this machine's WORKERS to a study started elsewhere (STORAGE=...)
 	$(BIN)/digitune tune $(TUNE_ARGS) --join
 
-mlflow-server: install ## MLflow tracking server on 127.0.0.1:5000 (BACKEND_STORE=postgresql://...)
-	$(BIN)/digitune mlflow-server
+mlflow-server: install ## MLflow tracking server on 127.0.0.1:5000 (BACKEND_STORE=postgresql://..., AUTH=1)
+	$(BIN)/digitune mlflow-server $(if $(AUTH),--auth)
 
 report: install ## Summarise a study and log its figures to MLflow (STUDY, STORAGE)
 	$(BIN)/digitune report --study $(STUDY)

@@ -25,6 +25,8 @@ pytestmark = pytest.mark.slow
 
 # `$` and `&` are what a shell or make would mangle.
 PASSWORD = "Hunter2$&x"
+# MLflow's basic-auth app asks for 12 characters at least.
+ADMIN_PASSWORD = PASSWORD + "-and-more"
 REPOSITORY = Path(__file__).resolve().parents[1]
 
 
@@ -247,3 +249,64 @@ except OSError:
     assert "mlflow.store: request to postgresql://u:***@db.internal/x failed" in printed
     assert "OSError: store https://***@tracking.internal/api is down" in printed
     assert "S3CR3T" not in printed and "pass word" not in printed
+
+
+def test_the_tracking_server_with_auth_asks_every_client_for_a_password(project):
+    """`digitune mlflow-server --auth`: a client without credentials is refused, one with
+    them (MLflow's own variables) tracks; the admin's password is in no command line and
+    no printed line. Without the password on a first start it says how to give it."""
+    import base64
+    import urllib.error
+    import urllib.request
+
+    port = free_port()
+    command = [sys.executable, "-m", "digitune", "mlflow-server", "--port", str(port), "--auth"]
+    refused = subprocess.run(
+        command,
+        env={**os.environ, "MLFLOW_AUTH_ADMIN_PASSWORD": "short"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert refused.returncode == 2 and "12 characters at least" in refused.stderr
+    assert not (project / "mlruns" / "basic_auth.db").exists()
+
+    server = subprocess.Popen(
+        command,
+        env={**os.environ, "MLFLOW_AUTH_ADMIN_PASSWORD": ADMIN_PASSWORD},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    search = f"http://127.0.0.1:{port}/api/2.0/mlflow/experiments/search?max_results=5"
+    try:
+        leaked: list[str] = []
+        wait_for(
+            f"http://127.0.0.1:{port}/health",
+            process=server,
+            while_waiting=lambda: leaked.extend(
+                line for line in command_lines() if ADMIN_PASSWORD in line
+            ),
+        )
+        with pytest.raises(urllib.error.HTTPError) as anonymous:
+            urllib.request.urlopen(search, timeout=30)
+        assert anonymous.value.code == 401
+        credentials = base64.b64encode(f"admin:{ADMIN_PASSWORD}".encode()).decode()
+        signed_in = urllib.request.Request(
+            search, headers={"Authorization": f"Basic {credentials}"}
+        )
+        with urllib.request.urlopen(signed_in, timeout=30) as answer:
+            assert answer.status == 200
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setenv("MLFLOW_TRACKING_USERNAME", "admin")
+            patch.setenv("MLFLOW_TRACKING_PASSWORD", ADMIN_PASSWORD)
+            client = mlflow.MlflowClient(f"http://127.0.0.1:{port}")
+            assert client.get_experiment(client.create_experiment("signed-in")).name == "signed-in"
+    finally:
+        os.killpg(server.pid, 15)
+        printed = server.communicate(timeout=60)[0]
+    assert leaked == []
+    assert ADMIN_PASSWORD not in printed
+    assert "asking every client for a user and password" in printed
+    assert (project / "mlruns" / "basic_auth.db").exists()

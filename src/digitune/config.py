@@ -162,6 +162,19 @@ def reload_token() -> str | None:
     return os.environ.get("DIGITUNE_RELOAD_TOKEN") or None
 
 
+def mlflow_admin_password_length() -> int:
+    """The length of MLFLOW_AUTH_ADMIN_PASSWORD (0 when unset): MLflow's basic-auth app
+    creates its admin user with it on the first start (never from a command line), and
+    refuses one under 12 characters."""
+    return len(os.environ.get("MLFLOW_AUTH_ADMIN_PASSWORD") or "")
+
+
+def mlflow_secret_key_given() -> bool:
+    """Whether MLFLOW_FLASK_SERVER_SECRET_KEY is set: the key MLflow's basic-auth app signs
+    its CSRF tokens with, the same on every server of one store."""
+    return bool(os.environ.get("MLFLOW_FLASK_SERVER_SECRET_KEY"))
+
+
 def backend_store_uri() -> str:
     """MLFLOW_BACKEND_STORE_URI (MLflow's own variable for its server's store), else the
     local store inside mlruns/."""

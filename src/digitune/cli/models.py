@@ -13,6 +13,7 @@ import dataclasses
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 from digitune import config
 
@@ -130,6 +131,13 @@ def add_commands(commands) -> None:
         default=config.backend_store_uri(),
         help="SQL database of runs (default: MLFLOW_BACKEND_STORE_URI, else the project's "
         "SQLite store in mlruns/); prefer the variable when the URI holds a password",
+    )
+    server.add_argument(
+        "--auth",
+        action="store_true",
+        help="ask every client for a user name and password (MLflow's basic-auth app; users in "
+        "mlruns/basic_auth.db, the admin's password from MLFLOW_AUTH_ADMIN_PASSWORD on the "
+        "first start; clients set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD)",
     )
     server.set_defaults(handler=_mlflow_server, backend="none")
 
@@ -320,12 +328,55 @@ def _mlflow_server(args: argparse.Namespace) -> int:
         "--port",
         str(args.port),
     ]
+    settings = {}
+    if args.auth:
+        users = config.mlruns_dir() / "basic_auth.db"
+        if not users.exists() and config.mlflow_admin_password_length() < 12:
+            print(
+                "error: --auth: set MLFLOW_AUTH_ADMIN_PASSWORD to the admin's password, 12 "
+                f"characters at least, for the first start (it creates {users}); never give "
+                "it on a command line",
+                file=sys.stderr,
+            )
+            return 2
+        settings["MLFLOW_AUTH_CONFIG_PATH"] = str(_auth_settings(users))
+        if not config.mlflow_secret_key_given():
+            settings["MLFLOW_FLASK_SERVER_SECRET_KEY"] = _secret_key(users.with_suffix(".key"))
+        command += ["--app-name", "basic-auth"]
     print(
         f"MLflow tracking server on http://{args.host}:{args.port} with the store "
-        f"{config.redact(args.backend_store_uri)}; on each worker machine set "
-        f"MLFLOW_TRACKING_URI=http://<this host>:{args.port}"
+        f"{config.redact(args.backend_store_uri)}"
+        + (", asking every client for a user and password" if args.auth else "")
+        + f"; on each worker machine set MLFLOW_TRACKING_URI=http://<this host>:{args.port}"
+        + (" and MLFLOW_TRACKING_USERNAME, MLFLOW_TRACKING_PASSWORD" if args.auth else "")
     )
-    return _call_with_store(command, args.backend_store_uri)
+    return _call_with_store(command, args.backend_store_uri, settings)
+
+
+def _secret_key(path: Path) -> str:
+    """The project's own key for MLflow's CSRF tokens, made once and readable by its owner
+    only; servers of one store on several machines share MLFLOW_FLASK_SERVER_SECRET_KEY."""
+    import secrets
+
+    if not path.exists():
+        path.touch(mode=0o600)
+        path.write_text(secrets.token_hex(32))
+    return path.read_text().strip()
+
+
+def _auth_settings(users: Path) -> Path:
+    """The settings file of MLflow's basic-auth app, with its users beside the project's
+    store: signed-in users may read, only the admin and those it grants may write."""
+    users.parent.mkdir(parents=True, exist_ok=True)
+    settings = users.with_suffix(".ini")
+    settings.write_text(
+        "[mlflow]\n"
+        "default_permission = READ\n"
+        f"database_uri = sqlite:///{users}\n"
+        "admin_username = admin\n"
+        "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
+    )
+    return settings
 
 
 def _ui(args: argparse.Namespace) -> int:
@@ -339,10 +390,10 @@ def _ui(args: argparse.Namespace) -> int:
     return _call_with_store(command, config.tracking_uri())
 
 
-def _call_with_store(command: list[str], store_uri: str) -> int:
+def _call_with_store(command: list[str], store_uri: str, settings: dict | None = None) -> int:
     """Run MLflow's server with its store given through the environment, where a password in
     the URI stays out of the process list (`ps` shows every command line)."""
-    environment = {**os.environ, "MLFLOW_BACKEND_STORE_URI": store_uri}
+    environment = {**os.environ, "MLFLOW_BACKEND_STORE_URI": store_uri, **(settings or {})}
     # MLflow's job runner (8 Huey consumer processes, as many as the server's own) runs GenAI
     # jobs (scorers, prompt optimisation), which digitune's runs never submit: off unless the
     # environment asks for it, the server starts in about half the time and CPU.
