@@ -54,8 +54,8 @@ MODEL_NAME = config.REGISTERED_MODEL_NAME
 
 
 def signature(shape=model.IMAGE_SHAPE, classes: int = model.NUM_CLASSES) -> ModelSignature:
-    """Unnamed tensors: a named input makes pyfunc hand the model a dict, which the exported
-    serving function refuses. Input: (N, height, width, channels) float32 in [0, 1]; output:
+    """Unnamed tensors: a named input makes pyfunc hand the model a dict rather than the
+    array a Keras model takes. Input: (N, height, width, channels) float32 in [0, 1]; output:
     one probability per class. MNIST's is (N, 28, 28, 1) and ten."""
     return ModelSignature(
         inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, *shape))]),
