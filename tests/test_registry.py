@@ -583,3 +583,6 @@ def test_a_registration_cut_short_is_completed_by_running_it_again(project, trai
     assert register(trained, "good", trial=2) == again
     assert len(client.search_model_versions("name = 'mnist-cnn'")) == 2
     assert aliases(client) == {"champion": first, "challenger": first}
+    # What `tune` and `register` then print says where the aliases are, not where they were.
+    assert registry.aliases_of("mnist-cnn", again) == "no alias"
+    assert registry.aliases_of("mnist-cnn", first) == "aliases @challenger, @champion"

@@ -8,8 +8,9 @@ Costs (`measure`), for every completed trial of a study with an [objectives] tab
   calibrated on training images, as `digitune export` makes it), exact, in KB of 1,000 bytes;
 - `latency_ms`: the median time of one image through the exported SavedModel's traced
   `serve` function (about as fast as the Keras inference step that `digitune serve` calls on
-  the registered Keras file; docs/benchmarks.md), after a warm-up, with `latency_iqr_ms` (the interquartile range) for its spread and the threads
-  TensorFlow computes with (`latency_threads`; trials of a 2-worker study on 2 cores have 1).
+  the registered Keras file; docs/benchmarks.md), after a warm-up, with `latency_iqr_ms`
+  (the interquartile range) for its spread and the threads TensorFlow computes with
+  (`latency_threads`; trials of a 2-worker study on 2 cores have 1).
 `measure` takes the model in float32, as it will be registered, whatever precision it trained in.
 
     digitune export [--version 3 | --alias challenger]

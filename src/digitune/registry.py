@@ -178,6 +178,15 @@ def find_registration(tags: dict[str, str], model_name: str = MODEL_NAME):
     return min(same, key=lambda v: int(v.version)) if same else None
 
 
+def aliases_of(model_name: str, version) -> str:
+    """A version's aliases as a person reads them ("alias @challenger"), from the registry:
+    a trial registered before keeps the aliases it has."""
+    aliases = sorted(mlflow.MlflowClient().get_model_version(model_name, str(version)).aliases)
+    if not aliases:
+        return "no alias"
+    return ("alias " if len(aliases) == 1 else "aliases ") + ", ".join(f"@{a}" for a in aliases)
+
+
 def data_params(params: dict) -> dict:
     """The input shape's and classes' params among `params` (MNIST's where absent; an
     ensemble's params hold nothing else)."""

@@ -200,7 +200,7 @@ def _promote(args: argparse.Namespace) -> int:
 def _register(args: argparse.Namespace) -> int:
     import json
 
-    from digitune import tracking
+    from digitune import registry, tracking
 
     tracking.configure()
     with stdout_to_stderr() if args.json else contextlib.nullcontext():
@@ -210,7 +210,7 @@ def _register(args: argparse.Namespace) -> int:
     else:
         print(
             f"{words}\nregistered {result['model_name']} version {result['model_version']} "
-            f"(alias @{config.CHALLENGER_ALIAS})"
+            f"({registry.aliases_of(result['model_name'], result['model_version'])})"
         )
     return 0
 

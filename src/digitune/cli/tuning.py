@@ -278,7 +278,7 @@ def summary(outcome) -> dict:
 
 
 def _summary_text(outcome, study: str) -> str:
-    from digitune import tracking
+    from digitune import registry, tracking
 
     best = outcome.best
     lines = [
@@ -292,7 +292,7 @@ def _summary_text(outcome, study: str) -> str:
     else:
         lines.append(
             f"registered {outcome.model_name} version {outcome.model_version} "
-            f"(alias @{config.CHALLENGER_ALIAS})"
+            f"({registry.aliases_of(outcome.model_name, outcome.model_version)})"
         )
     lines.append(f"compare trials with `make ui`: {tracking.runs_page(outcome.parent_run_id)}")
     if outcome.model_version and outcome.model_name != config.REGISTERED_MODEL_NAME:
