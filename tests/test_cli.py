@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -143,3 +144,40 @@ def test_a_gpu_the_backend_cannot_use_is_a_warning_that_says_why(project, tmp_pa
     assert "sees none: trials run on the CPU" in finished.stderr
     assert "GPU 0: NVIDIA H200" in finished.stdout  # doctor's own line about the driver
     assert "cpu" in finished.stdout.split("devices", 1)[1].splitlines()[0]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("command", ["ui", "mlflow-server"])
+def test_stopping_the_mlflow_server_stops_every_process_it_started(project, command):
+    """SIGTERM to `digitune ui` (or `mlflow-server`) alone, as a service manager or `kill`
+    sends it: MLflow's server and its uvicorn workers stop with it and free the port. They
+    used to run on, orphaned (7 processes of 8 here)."""
+    import signal
+    import socket
+    import time
+
+    from conftest import command_lines, free_port, wait_for
+
+    port = free_port()
+    digitune = subprocess.Popen(
+        [sys.executable, "-m", "digitune", command, "--port", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        wait_for(f"http://127.0.0.1:{port}/health", process=digitune)
+        assert len(command_lines(session=digitune.pid)) > 2  # MLflow, uvicorn and its workers
+        os.kill(digitune.pid, signal.SIGTERM)
+        assert digitune.wait(timeout=60) == 0
+        deadline = time.monotonic() + 30
+        while command_lines(session=digitune.pid):
+            assert time.monotonic() < deadline, command_lines(session=digitune.pid)
+            time.sleep(0.2)
+        with socket.socket() as probe:
+            # Free again: a new server binds it (as servers do, past TIME_WAIT).
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind(("127.0.0.1", port))
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(digitune.pid, signal.SIGKILL)

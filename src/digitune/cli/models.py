@@ -11,8 +11,10 @@ import argparse
 import contextlib
 import dataclasses
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from digitune import config
@@ -398,4 +400,42 @@ def _call_with_store(command: list[str], store_uri: str, settings: dict | None =
     # jobs (scorers, prompt optimisation), which digitune's runs never submit: off unless the
     # environment asks for it, the server starts in about half the time and CPU.
     environment.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
-    return subprocess.call(command, env=environment)
+    # MLflow's server starts uvicorn and its workers; a signal to this process alone used to
+    # leave them all running, holding the port. They get a process group of their own, and
+    # SIGTERM and SIGINT (Ctrl-C) are passed on to all of it.
+    server = subprocess.Popen(command, env=environment, process_group=0)
+
+    def pass_on(signum, frame):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(server.pid, signal.SIGTERM)
+
+    previous = {number: signal.signal(number, pass_on) for number in STOP_SIGNALS}
+    try:
+        returncode = server.wait()
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+        _stop_group(server)
+    # Stopped by a signal it was passed: as a server stopped by hand, not a failure.
+    return 0 if returncode in (-signal.SIGTERM, -signal.SIGINT) else returncode
+
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+def _stop_group(server: subprocess.Popen, seconds: float = 30) -> None:
+    """Whatever of the server's process group is still running, stopped: asked first, then
+    killed after `seconds`."""
+    deadline = time.monotonic() + seconds
+    for number in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(server.pid, number)
+        except ProcessLookupError:
+            return  # None left.
+        while time.monotonic() < deadline:
+            try:
+                os.killpg(server.pid, 0)
+            except ProcessLookupError:
+                return
+            time.sleep(0.1)
+        deadline = time.monotonic() + 5
