@@ -346,3 +346,29 @@ def test_a_missing_extra_says_which_to_install(project, monkeypatch, capsys):
     study_file = write_study(project, TINY_STUDY)
     assert cli.main(["tune", "--engine", "keras-tuner", "--study", str(study_file)]) == 1
     assert "pip install 'digitune[keras-tuner]'" in capsys.readouterr().err
+
+
+def test_a_when_becomes_keras_tuner_s_parent_condition(tmp_path):
+    """A conditional hyperparameter is Keras Tuner's `parent_name`/`parent_values`: inactive,
+    and out of the trial's params, where the condition fails. Two conditions at once are
+    refused with the engine to use instead."""
+    path = tmp_path / "conditional.toml"
+    path.write_text(
+        '[space]\noptimizer = { type = "categorical", choices = ["adam", "adamw"] }\n'
+        'weight_decay = { type = "float", low = 0, high = 0.01, when = { optimizer = "adamw" } }\n'
+    )
+    definition = study_file.load(path)
+    hp = keras_tuner_search.hyperparameters(definition)
+    hypermodel = keras_tuner_search.CnnHyperModel(definition, split=None)
+    assert hypermodel.params(hp) == {"optimizer": "adam"}
+    # As the oracle fills in an AdamW trial.
+    hp.values.update({"optimizer": "adamw", "weight_decay": 0.005})
+    assert hypermodel.params(hp) == {"optimizer": "adamw", "weight_decay": 0.005}
+
+    path.write_text(
+        '[space]\noptimizer = { type = "categorical", choices = ["adam", "adamw"] }\n'
+        'batch_size = { type = "categorical", choices = [64, 128] }\nweight_decay = { type = '
+        '"float", low = 0, high = 0.01, when = { optimizer = "adamw", batch_size = 64 } }\n'
+    )
+    with pytest.raises(ValueError, match="conditions a hyperparameter on one other only"):
+        keras_tuner_search.hyperparameters(study_file.load(path))

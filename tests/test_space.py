@@ -57,6 +57,41 @@ def test_suggest_gives_a_plain_dict_with_fixed_values(tmp_path):
     assert space.params_of(study.trials[0]) == params
 
 
+_CONDITIONAL = """[space]
+optimizer = { type = "categorical", choices = ["adam", "adamw"] }
+weight_decay = { type = "float", low = 1e-5, high = 0.01, when = { optimizer = "adamw" } }
+num_conv_blocks = { type = "int", low = 1, high = 3 }
+filter_growth = { type = "float", low = 1.25, high = 2.0, when = { num_conv_blocks = [2, 3] } }
+"""
+
+
+def test_a_conditional_hyperparameter_is_sampled_only_where_its_condition_holds(tmp_path):
+    """Define-by-run: weight_decay in AdamW trials only, filter_growth where there is more
+    than one block; elsewhere the trial has no such param and the model takes its default."""
+    path = tmp_path / "conditional.toml"
+    path.write_text(_CONDITIONAL)
+    definition = study_file.load(path)
+    assert definition.conditions == {
+        "weight_decay": {"optimizer": ("adamw",)},
+        "filter_growth": {"num_conv_blocks": (2, 3)},
+    }
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=3))
+    seen = set()
+    for _ in range(40):
+        trial = study.ask()
+        params = space.suggest(trial, definition)
+        study.tell(trial, 0.5)
+        assert ("weight_decay" in params) == (params["optimizer"] == "adamw")
+        assert ("filter_growth" in params) == (params["num_conv_blocks"] >= 2)
+        assert space.params_of(study.trials[-1]) == params
+        seen.add((params["optimizer"], params["num_conv_blocks"] >= 2))
+    assert seen == {("adam", False), ("adam", True), ("adamw", False), ("adamw", True)}
+    # The shipped full study searches AdamW's weight decay for AdamW trials alone.
+    full = study_file.load(STUDIES / "full.toml")
+    assert full.conditions == {"weight_decay": {"optimizer": ("adamw",)}}
+    assert full.enqueued[0]["optimizer"] == "adamw" and "weight_decay" in full.enqueued[0]
+
+
 _SPACE = """[space]
 num_filters = { type = "int", low = 8, high = 16, step = 8 }
 kernel_size = { type = "categorical", choices = [5, 7] }
@@ -146,6 +181,32 @@ dense_units = 32
         ("[training]\nsteps_per_execution = 0", r"'steps_per_execution' must be at least 1"),
         ("[study]\nseed = 4294967296", r"\[study\]: 'seed' must be below 2\*\*31"),
         ("[data]\nsplit_seed = 2147483648", r"\[data\]: 'split_seed' must be below 2\*\*31"),
+        (
+            '[space]\nweight_decay = { type = "float", low = 0.0, high = 0.1, when = { optimizer'
+            ' = "adamw" } }\noptimizer = { type = "categorical", choices = ["adam", "adamw"] }',
+            r"\[space\] 'weight_decay' 'when': 'optimizer' is not sampled above this",
+        ),
+        (
+            '[space]\noptimizer = { type = "categorical", choices = ["adam", "adamw"] }\n'
+            'weight_decay = { type = "float", low = 0, high = 1, when = { optimizer = "sgdw" } }',
+            r"'weight_decay' 'when': 'optimizer' never draws 'sgdw'",
+        ),
+        (
+            '[space]\nnum_conv_blocks = { type = "int", low = 1, high = 3 }\nfilter_growth = '
+            '{ type = "float", low = 1.5, high = 2, when = { num_conv_blocks = [3, 4] } }',
+            r"'filter_growth' 'when': 'num_conv_blocks' never draws 4",
+        ),
+        (
+            '[space]\noptimizer = { type = "categorical", choices = ["adam", "adamw"] }\n'
+            'weight_decay = { type = "float", low = 0.0, high = 0.1, when = "adamw" }',
+            r"'weight_decay' 'when': expected a table of hyperparameters sampled above",
+        ),
+        (
+            '[space]\noptimizer = { type = "categorical", choices = ["adam", "adamw"] }\n'
+            'weight_decay = { type = "float", low = 0, high = 1, when = { optimizer = "adamw" } }'
+            '\n[[enqueue]]\noptimizer = "adam"\nweight_decay = 0.01',
+            r"\[\[enqueue\]\] #1 'weight_decay': sampled only when optimizer is 'adamw'",
+        ),
     ],
 )
 def test_mistakes_name_the_file_and_the_key(tmp_path, text, message):

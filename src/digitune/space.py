@@ -6,6 +6,13 @@ A [space] entry is either a plain value (fixed for every trial) or a distributio
     num_filters   = { type = "int", low = 16, high = 64, step = 16 }
     kernel_size   = { type = "categorical", choices = [3, 5] }
 
+A distribution can be conditional: `when` names hyperparameters sampled earlier in [space]
+and the values they must take, and the hyperparameter is sampled only in trials where they
+do (Optuna's define-by-run); elsewhere it is absent and the model takes its default:
+
+    weight_decay  = { type = "float", low = 1e-5, high = 0.01, when = { optimizer = "adamw" } }
+    filter_growth = { type = "float", low = 1.25, high = 2.0, when = { num_conv_blocks = [2, 3] } }
+
 Every value a distribution can draw is checked against what `digitune.model` takes before
 anything trains. [[enqueue]] tables name configurations worth trying first (Optuna's
 `enqueue_trial`), each within its ranges; the sampler fills in the rest.
@@ -32,13 +39,15 @@ _DISTRIBUTION_KEYS = {
 
 def read(
     table: object, path: Path
-) -> tuple[dict[str, optuna.distributions.BaseDistribution], dict]:
-    """A [space] table as (distributions, fixed values), in the file's order; every error
-    names the file and the hyperparameter."""
+) -> tuple[dict[str, optuna.distributions.BaseDistribution], dict, dict[str, dict]]:
+    """A [space] table as (distributions, fixed values, conditions), in the file's order;
+    every error names the file and the hyperparameter. A condition maps each hyperparameter
+    it names to the tuple of values that make it hold."""
     if not isinstance(table, dict):
         raise ValueError(f"{path} [space]: expected a table")
     distributions: dict[str, optuna.distributions.BaseDistribution] = {}
     fixed: dict[str, object] = {}
+    conditions: dict[str, dict[str, tuple]] = {}
     for name, spec in table.items():
         source = f"{path} [space] '{name}'"
         if name not in model.HYPERPARAMETER_DEFAULTS:
@@ -48,6 +57,9 @@ def read(
                 + f"; known ones are {', '.join(model.HYPERPARAMETER_DEFAULTS)}"
             )
         if isinstance(spec, dict):
+            if "when" in spec:
+                conditions[name] = _condition(spec["when"], distributions, f"{source} 'when'")
+                spec = {key: value for key, value in spec.items() if key != "when"}
             distributions[name] = _distribution(spec, source)
             _check_distribution(name, distributions[name], source)
         else:
@@ -55,7 +67,43 @@ def read(
             fixed[name] = spec
     if not distributions:
         raise ValueError(f"{path} [space]: nothing to search; give at least one distribution")
-    return distributions, fixed
+    return distributions, fixed, conditions
+
+
+def _condition(table: object, earlier: dict, source: str) -> dict[str, tuple]:
+    """A `when` table checked: each key a hyperparameter sampled above this one, each value
+    one it can draw, or a list of them."""
+    if not isinstance(table, dict) or not table:
+        raise ValueError(
+            f"{source}: expected a table of hyperparameters sampled above and their values, "
+            'e.g. when = { optimizer = "adamw" }'
+        )
+    condition = {}
+    for name, wanted in table.items():
+        if name not in earlier:
+            raise ValueError(
+                f"{source}: '{name}' is not sampled above this hyperparameter in [space]; a "
+                "condition names one of "
+                + (", ".join(earlier) if earlier else "(none yet: put it after what it names)")
+            )
+        values = tuple(wanted) if isinstance(wanted, list) else (wanted,)
+        if not values:
+            raise ValueError(f"{source}: '{name}' needs at least one value")
+        for value in values:
+            if not _within(earlier[name], value):
+                raise ValueError(
+                    f"{source}: '{name}' never draws {value!r} (its range is {earlier[name]!r})"
+                )
+        condition[name] = values
+    return condition
+
+
+def holds(condition: dict[str, tuple] | None, params: dict) -> bool:
+    """Whether the hyperparameters drawn so far meet a condition (None: always)."""
+    return condition is None or all(
+        name in params and any(_same(params[name], value) for value in values)
+        for name, values in condition.items()
+    )
 
 
 def _check_value(name: str, value: object, source: str) -> None:
@@ -83,8 +131,11 @@ def _check_distribution(name: str, distribution, source: str) -> None:
         _check_value(name, getattr(distribution, end), f"{source} '{end}'")
 
 
-def enqueued(tables: object, distributions: dict, fixed: dict, path: Path) -> tuple[dict, ...]:
-    """The [[enqueue]] tables, each checked against the sampled hyperparameters' ranges."""
+def enqueued(
+    tables: object, distributions: dict, fixed: dict, path: Path, conditions: dict | None = None
+) -> tuple[dict, ...]:
+    """The [[enqueue]] tables, each checked against the sampled hyperparameters' ranges and
+    conditions."""
     if not isinstance(tables, list) or not all(isinstance(t, dict) for t in tables):
         raise ValueError(f"{path} [[enqueue]]: expected an array of tables ([[enqueue]] blocks)")
     for index, params in enumerate(tables, start=1):
@@ -104,6 +155,16 @@ def enqueued(tables: object, distributions: dict, fixed: dict, path: Path) -> tu
                 raise ValueError(
                     f"{source} '{name}': {value!r} is outside its [space] range "
                     f"{distributions[name]!r}"
+                )
+            condition = (conditions or {}).get(name)
+            if not holds(condition, params):
+                wanted = " and ".join(
+                    f"{key} is {' or '.join(map(repr, values))}"
+                    for key, values in condition.items()
+                )
+                raise ValueError(
+                    f"{source} '{name}': sampled only when {wanted}, which this configuration "
+                    "does not set; give those values too, or leave it out"
                 )
     return tuple(tables)
 
@@ -173,11 +234,13 @@ def _distribution(spec: dict, source: str) -> optuna.distributions.BaseDistribut
 
 
 def suggest(trial: optuna.Trial, definition) -> dict:
-    """The trial's hyperparameters as a plain dict: sampled values plus the fixed ones."""
-    sampled = {
-        name: _sample(trial, name, distribution)
-        for name, distribution in definition.distributions.items()
-    }
+    """The trial's hyperparameters as a plain dict: sampled values plus the fixed ones. A
+    conditional hyperparameter is sampled only when what it depends on, drawn before it,
+    meets its condition."""
+    sampled: dict[str, object] = {}
+    for name, distribution in definition.distributions.items():
+        if holds(definition.conditions.get(name), sampled):
+            sampled[name] = _sample(trial, name, distribution)
     # Kept on the trial so that `params_of` rebuilds the whole dict even if the file changes.
     trial.set_user_attr(FIXED_PARAMS_ATTR, definition.fixed)
     return {**definition.fixed, **sampled}

@@ -40,6 +40,8 @@ class StudyDefinition:
     data: config.DataSettings = config.DataSettings()
     registry: config.RegistrySettings = config.RegistrySettings()
     objectives: config.ObjectiveSettings = config.ObjectiveSettings()
+    # Conditional hyperparameters: each one's `when`, as `space.read` gives it.
+    conditions: dict[str, dict[str, tuple]] = dataclasses.field(default_factory=dict)
 
     @property
     def model_name(self) -> str:  # the registered model its best models become versions of
@@ -62,6 +64,7 @@ class StudyDefinition:
         flat.update({f"training.{k}": v for k, v in dataclasses.asdict(self.training).items()})
         flat.update({f"fixed.{k}": v for k, v in self.fixed.items()})
         flat.update({f"space.{k}": repr(v) for k, v in self.distributions.items()})
+        flat.update({f"when.{k}": repr(v) for k, v in self.conditions.items()})
         flat.update({f"data.{k}": v for k, v in dataclasses.asdict(self.data).items()})
         flat.update({f"objectives.{k}": v for k, v in dataclasses.asdict(self.objectives).items()})
         flat["registry.model_name"] = self.model_name
@@ -88,10 +91,19 @@ def load(path: str | Path) -> StudyDefinition:
 
     study, training, data, registry, objectives = checked_settings(document, path)
 
-    distributions, fixed = space.read(document.get("space", {}), path)
-    enqueued = space.enqueued(document.get("enqueue", []), distributions, fixed, path)
+    distributions, fixed, conditions = space.read(document.get("space", {}), path)
+    enqueued = space.enqueued(document.get("enqueue", []), distributions, fixed, path, conditions)
     return StudyDefinition(
-        path, study, training, distributions, fixed, enqueued, data, registry, objectives
+        path,
+        study,
+        training,
+        distributions,
+        fixed,
+        enqueued,
+        data,
+        registry,
+        objectives,
+        conditions,
     )
 
 
@@ -331,6 +343,14 @@ def reference() -> str:
         'learning_rate = { type = "float", low = 1e-4, high = 1e-2, log = true }  # or step = 0.1',
         'num_filters   = { type = "int", low = 16, high = 64, step = 16 }         # or log = true',
         'kernel_size   = { type = "categorical", choices = [3, 5] }',
+        "```",
+        "",
+        "A searched hyperparameter can be conditional: `when` names hyperparameters searched",
+        "above it and the values they must take (a value, or a list of them); in other trials",
+        "it is not sampled and keeps its default:",
+        "",
+        "```toml",
+        'weight_decay = { type = "float", low = 0, high = 0.01, when = { optimizer = "adamw" } }',
         "```",
         "",
         "Every value a range or its choices can give must be one the model takes. At least one",

@@ -53,19 +53,35 @@ def hyperparameters(definition: study_file.StudyDefinition) -> keras_tuner.Hyper
     hypermodel adds them to every trial's params, as `space.suggest` does for Optuna)."""
     hp = keras_tuner.HyperParameters()
     for name, distribution in definition.distributions.items():
+        parent = _parent(definition, name)
         if isinstance(distribution, optuna.distributions.CategoricalDistribution):
-            hp.Choice(name, list(distribution.choices), ordered=False)
+            hp.Choice(name, list(distribution.choices), ordered=False, **parent)
             continue
         low, high = distribution.low, distribution.high
         sampling = "log" if distribution.log else "linear"
         if isinstance(distribution, optuna.distributions.FloatDistribution):
-            hp.Float(name, low, high, step=distribution.step, sampling=sampling)
+            hp.Float(name, low, high, step=distribution.step, sampling=sampling, **parent)
         else:
             # Keras Tuner reads an int range's step as a factor under log sampling, where
             # Optuna only allows step 1; so a log range has no step here.
             step = None if distribution.log else distribution.step
-            hp.Int(name, low, high, step=step, sampling=sampling)
+            hp.Int(name, low, high, step=step, sampling=sampling, **parent)
     return hp
+
+
+def _parent(definition: study_file.StudyDefinition, name: str) -> dict:
+    """Keras Tuner's form of a `when`: one parent hyperparameter and its values."""
+    condition = definition.conditions.get(name)
+    if not condition:
+        return {}
+    if len(condition) > 1:
+        raise ValueError(
+            f"{definition.path} [space] '{name}': its 'when' names "
+            f"{', '.join(condition)}; Keras Tuner conditions a hyperparameter on one other "
+            "only: name one, or tune with the optuna engine"
+        )
+    ((parent, values),) = condition.items()
+    return {"parent_name": parent, "parent_values": list(values)}
 
 
 class CnnHyperModel(keras_tuner.HyperModel):
@@ -78,7 +94,9 @@ class CnnHyperModel(keras_tuner.HyperModel):
 
     def params(self, hp: keras_tuner.HyperParameters) -> dict:
         """The trial's plain params: the file's fixed values plus the sampled ones."""
-        sampled = {name: hp.get(name) for name in self.definition.distributions}
+        sampled = {
+            name: hp.get(name) for name in self.definition.distributions if hp.is_active(name)
+        }
         return {**self.definition.fixed, **sampled}
 
     def build(self, hp):
