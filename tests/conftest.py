@@ -103,6 +103,18 @@ def command_lines(session: int | None = None) -> list[str]:
     return lines
 
 
+def kill_session(session: int, number: int = 9) -> None:
+    """Send signal `number` to every process of a session (a server started with
+    start_new_session and all it started, whatever process groups they are in), as a
+    crash or the OOM killer would take the whole server."""
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and os.getsid(int(entry.name)) == session:
+                os.kill(int(entry.name), number)
+        except OSError:
+            continue  # Gone meanwhile.
+
+
 def wait_for(url: str, accept=None, process=None, seconds: float = 120.0, while_waiting=None):
     """Poll `url` until `accept(status, body)` (by default: it answers 200) and return the
     answer, failing once `process` (if any) has died or `seconds` have passed."""

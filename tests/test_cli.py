@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 import subprocess
 import sys
@@ -156,7 +155,7 @@ def test_stopping_the_mlflow_server_stops_every_process_it_started(project, comm
     import socket
     import time
 
-    from conftest import command_lines, free_port, wait_for
+    from conftest import command_lines, free_port, kill_session, wait_for
 
     port = free_port()
     digitune = subprocess.Popen(
@@ -179,5 +178,4 @@ def test_stopping_the_mlflow_server_stops_every_process_it_started(project, comm
             probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             probe.bind(("127.0.0.1", port))
     finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(digitune.pid, signal.SIGKILL)
+        kill_session(digitune.pid)

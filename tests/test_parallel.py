@@ -18,7 +18,7 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from conftest import TINY_STUDY, free_port, wait_for, write_study
+from conftest import TINY_STUDY, free_port, kill_session, wait_for, write_study
 from digitune import cli, config, study_file, tracking
 from digitune import study as studies
 from digitune.engines import optuna_search
@@ -325,7 +325,8 @@ def test_an_mlflow_outage_mid_study_waits_and_loses_no_trial(project, monkeypatc
     tune = start_tune(project, study_path)
     try:
         wait_for_a_trial_in_training("tiny", tune)
-        os.killpg(server.pid, signal.SIGKILL)
+        # All of it: MLflow runs in a process group of its own under `digitune mlflow-server`.
+        kill_session(server.pid)
         server.wait(timeout=60)
         time.sleep(8)  # Down for a while: trials try to log and cannot.
         server = start_tracking_server(port)

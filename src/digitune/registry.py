@@ -92,13 +92,11 @@ def register(
     alias: str = config.CHALLENGER_ALIAS,
     description: str | None = None,
 ) -> mlflow.entities.model_registry.ModelVersion:
-    """Log `model` (a Keras model: one network, or an ensemble's averaging model) to the
-    active run in Keras's own format, register it as a new version of `model_name` with
-    readable tags and a description, and point `alias` at it. This is the one place that
-    registers, and it can be run again after a crash anywhere in it: a version is known by
-    its study, trial, kind, data and members, created with those tags in one call, and a
-    version whose description, tags or alias were not all set is completed rather than
-    registered twice. A version registered whole is returned as it is."""
+    """Log `model` (one network, or an ensemble's averaging model) in Keras's own format,
+    register it as a version of `model_name` with readable tags, a description and `alias`.
+    The one place that registers, and safe to run again after a crash anywhere in it: a
+    version is created with its identity tags in one call and completed (`finish`) by the
+    rerun rather than registered twice; a version registered whole is returned as it is."""
     tags = {
         "study": study_name,
         "trial": str(trial_number),
