@@ -7,6 +7,7 @@ would against a server that checks the password.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -140,31 +141,41 @@ def test_a_credentialed_tracking_uri_that_is_down_is_reported_without_its_passwo
     assert PASSWORD not in answer.text
 
 
-def test_the_mlflow_server_gets_its_store_password_through_the_environment(project, postgres_url):
-    port = free_port()
-    environment = {**os.environ, "MLFLOW_BACKEND_STORE_URI": with_password(postgres_url)}
+@contextlib.contextmanager
+def tracking_server(port: int, environment: dict, secret: str, *arguments: str):
+    """`digitune mlflow-server --port PORT ARGUMENTS` with `environment`, in a session of its
+    own, until the block ends (then SIGTERM). Yields a dict: `leaked`, the command lines of
+    this machine that held `secret` while it started; `printed`, all it printed, once done."""
     server = subprocess.Popen(
-        [sys.executable, "-m", "digitune", "mlflow-server", "--port", str(port)],
+        [sys.executable, "-m", "digitune", "mlflow-server", "--port", str(port), *arguments],
         env=environment,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
         start_new_session=True,
     )
+    seen = {"leaked": [], "printed": ""}
     try:
-        leaked: list[str] = []
         wait_for(
             f"http://127.0.0.1:{port}/health",
             process=server,
-            while_waiting=lambda: leaked.extend(
-                line for line in command_lines() if PASSWORD in line
+            while_waiting=lambda: seen["leaked"].extend(
+                line for line in command_lines() if secret in line
             ),
         )
-        client = mlflow.MlflowClient(f"http://127.0.0.1:{port}")
-        client.create_experiment("through-the-server")
+        yield seen
     finally:
         os.killpg(server.pid, 15)
-        printed = server.communicate(timeout=60)[0]
+        seen["printed"] = server.communicate(timeout=60)[0]
+
+
+def test_the_mlflow_server_gets_its_store_password_through_the_environment(project, postgres_url):
+    port = free_port()
+    environment = {**os.environ, "MLFLOW_BACKEND_STORE_URI": with_password(postgres_url)}
+    with tracking_server(port, environment, PASSWORD) as server:
+        client = mlflow.MlflowClient(f"http://127.0.0.1:{port}")
+        client.create_experiment("through-the-server")
+    leaked, printed = server["leaked"], server["printed"]
     assert leaked == []
     assert PASSWORD not in printed
     assert "with the store postgresql://postgres:***@127.0.0.1:5432/" in printed
@@ -271,24 +282,9 @@ def test_the_tracking_server_with_auth_asks_every_client_for_a_password(project)
     assert refused.returncode == 2 and "12 characters at least" in refused.stderr
     assert not (project / "mlruns" / "basic_auth.db").exists()
 
-    server = subprocess.Popen(
-        command,
-        env={**os.environ, "MLFLOW_AUTH_ADMIN_PASSWORD": ADMIN_PASSWORD},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
     search = f"http://127.0.0.1:{port}/api/2.0/mlflow/experiments/search?max_results=5"
-    try:
-        leaked: list[str] = []
-        wait_for(
-            f"http://127.0.0.1:{port}/health",
-            process=server,
-            while_waiting=lambda: leaked.extend(
-                line for line in command_lines() if ADMIN_PASSWORD in line
-            ),
-        )
+    environment = {**os.environ, "MLFLOW_AUTH_ADMIN_PASSWORD": ADMIN_PASSWORD}
+    with tracking_server(port, environment, ADMIN_PASSWORD, "--auth") as server:
         with pytest.raises(urllib.error.HTTPError) as anonymous:
             urllib.request.urlopen(search, timeout=30)
         assert anonymous.value.code == 401
@@ -303,9 +299,7 @@ def test_the_tracking_server_with_auth_asks_every_client_for_a_password(project)
             patch.setenv("MLFLOW_TRACKING_PASSWORD", ADMIN_PASSWORD)
             client = mlflow.MlflowClient(f"http://127.0.0.1:{port}")
             assert client.get_experiment(client.create_experiment("signed-in")).name == "signed-in"
-    finally:
-        os.killpg(server.pid, 15)
-        printed = server.communicate(timeout=60)[0]
+    leaked, printed = server["leaked"], server["printed"]
     assert leaked == []
     assert ADMIN_PASSWORD not in printed
     assert "asking every client for a user and password" in printed
