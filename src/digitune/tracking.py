@@ -27,6 +27,7 @@ logged in the background, are confirmed at its end and written again where they 
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import functools
 import logging
@@ -423,8 +424,11 @@ class EpochLogger(mlflow.keras.MlflowCallback):
             self.best = max(self.best, metrics[config.OBJECTIVE_METRIC])
             metrics[OBJECTIVE] = self.best
         step = (epoch + 1) * self.epoch_images
+        run_id = mlflow.active_run().info.run_id
         with STOPWATCH:
-            written = mlflow.log_metrics(metrics, step=step, synchronous=False)
+            written = _EPOCH_WRITER.submit(
+                mlflow.log_metrics, metrics, step=step, synchronous=True, run_id=run_id
+            )
         _UNCONFIRMED.append((metrics, step, written))
 
     def on_test_end(self, logs=None):
@@ -432,8 +436,12 @@ class EpochLogger(mlflow.keras.MlflowCallback):
 
 
 # The epochs' metrics of this process's trial that were logged in the background and may not
-# have been written yet: (metrics, step, MLflow's RunOperations).
-_UNCONFIRMED: list[tuple[dict, int, object]] = []
+# have been written yet: (metrics, step, the write's Future).
+_UNCONFIRMED: list[tuple[dict, int, concurrent.futures.Future]] = []
+# Writes epochs' metrics in the background, so that training never waits for the store (an
+# outage included). Not MLflow's own asynchronous logging: ending a run stops its queue, which
+# polls for work once a second, so every trial's end waited about a second for it.
+_EPOCH_WRITER = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="epoch-metrics")
 
 
 def confirm_epoch_metrics(wait: bool = True) -> None:
@@ -442,7 +450,7 @@ def confirm_epoch_metrics(wait: bool = True) -> None:
     while _UNCONFIRMED:
         metrics, step, written = _UNCONFIRMED[0]
         try:
-            written.wait()
+            written.result()
         except Exception:  # noqa: BLE001 -- lost on the way: write it again.
             outage.persist(functools.partial(mlflow.log_metrics, metrics, step=step), wait)
         _UNCONFIRMED.pop(0)

@@ -9,6 +9,7 @@ study's precision with its seed; the first Ctrl-C stops training cleanly at the 
 
 from __future__ import annotations
 
+import gc
 import logging
 import math
 import signal
@@ -86,6 +87,10 @@ def fresh_session(precision: str, seed: int) -> None:
     policy is set after it, never before.
     """
     keras.utils.clear_session(free_memory=True)
+    # What survives that collection (the backend, the data, the stores' clients) lives as long
+    # as the process: frozen out of the next trials' collections, which then walk only what a
+    # trial made. A full collection took about half a second a trial (docs/benchmarks.md).
+    gc.freeze()
     keras.mixed_precision.set_global_policy(backend.precision(precision)[0])
     keras.utils.set_random_seed(seed)
 
