@@ -23,7 +23,18 @@ import pytest
 from scipy import stats
 
 from conftest import command_lines, free_port, wait_for
-from digitune import cli, config, data, evaluate, loader, model, promotion, registry, tracking
+from digitune import (
+    cli,
+    config,
+    data,
+    evaluate,
+    loader,
+    locks,
+    model,
+    promotion,
+    registry,
+    tracking,
+)
 from digitune.data import mnist
 
 pytestmark = pytest.mark.slow
@@ -263,7 +274,7 @@ def test_a_held_champion_lock_makes_others_wait_then_refuse(project, trained, mo
     assert aliases(client)["champion"] is None and promotion.history(client) == []
     # A lock left behind by a killed process is taken over once it is stale.
     client.create_registered_model(config.REGISTERED_MODEL_NAME + promotion.LOCK_SUFFIX)
-    monkeypatch.setattr(promotion, "LOCK_STALE_SECONDS", 0.0)
+    monkeypatch.setattr(locks, "STALE_SECONDS", 0.0)
     promotion.move_champion(client, version, None, "promote", "after a stale lock")
     assert aliases(client)["champion"] == version
     lock_names = [m.name for m in client.search_registered_models() if "lock" in m.name]
@@ -357,8 +368,8 @@ def test_the_champion_history_outlasts_postgresql_s_tag_column(
 
 HOLD_THE_LOCK = """
 import json, time
-from digitune import promotion, tracking
-promotion.LOCK_STALE_SECONDS, promotion.LOCK_BEAT_SECONDS = 1.0, 0.2
+from digitune import locks, promotion, tracking
+locks.STALE_SECONDS, locks.BEAT_SECONDS = 1.0, 0.2
 client = tracking.configure(create=True)
 with promotion.champion_lock(client):
     began = time.time()
@@ -397,7 +408,7 @@ def test_a_lock_is_released_only_by_its_holder(project):
     client = tracking.configure(create=True)
     name = config.REGISTERED_MODEL_NAME + promotion.LOCK_SUFFIX
     client.create_registered_model(name, tags={"token": "someone else's"})
-    promotion._release(client, name, token="mine")
+    locks.release(client, name, token="mine")
     assert client.get_registered_model(name).tags["token"] == "someone else's"
 
 

@@ -11,7 +11,7 @@ anyway and records that it was forced. `digitune rollback` undoes a promotion.
 The history of every move (who, when, why, from which version) is kept in the registered
 model's tags, one JSON tag per move, so `rollback` works across machines and calls. Moving
 the alias and recording the move happen under a lock held in the registry itself
-(`champion_lock`), so of two promotions at once one wins and no event is lost.
+(`champion_lock`, one of `locks`), so of two promotions at once one wins and no event is lost.
 """
 
 from __future__ import annotations
@@ -21,16 +21,11 @@ import dataclasses
 import datetime
 import getpass
 import json
-import os
-import socket
-import threading
-import time
-import uuid
 
 import mlflow
 import pandas as pd
 
-from digitune import config, data, evaluate, loader, registry, tracking
+from digitune import config, data, evaluate, loader, locks, registry, tracking
 
 
 @dataclasses.dataclass(frozen=True)
@@ -249,96 +244,21 @@ def _event_text(event: dict) -> str:
     return text
 
 
-# The lock that makes moving @champion a compare-and-set: a registered model of this name,
-# which the store lets one caller create (names are unique: a database constraint in SQLite
-# and PostgreSQL, the same check behind a tracking server). Its holder counts in its tag
-# `beat` while it holds it; one whose count has not moved for LOCK_STALE_SECONDS, as a waiter
-# sees it on its own clock (no two machines' clocks are compared), was left by a killed
-# process and is taken over by renaming it, which only one waiter can do.
+# The lock that makes moving @champion a compare-and-set (`locks`).
 LOCK_SUFFIX = ".champion-lock"
 LOCK_WAIT_SECONDS = 60.0
-LOCK_STALE_SECONDS = 20.0
-LOCK_BEAT_SECONDS = 2.0
 
 
 @contextlib.contextmanager
 def champion_lock(client: mlflow.MlflowClient, model_name: str = registry.MODEL_NAME):
     """Hold the lock on the model's @champion and its history for the block; waits up to
     `LOCK_WAIT_SECONDS` for another promote or rollback to finish."""
-    name = model_name + LOCK_SUFFIX
-    holder = f"{getpass.getuser()}@{socket.gethostname()}:{os.getpid()}"
-    token = uuid.uuid4().hex
-    deadline = time.monotonic() + LOCK_WAIT_SECONDS
-    seen, seen_since = None, time.monotonic()
-    while True:
-        try:
-            client.create_registered_model(
-                name,
-                tags={"holder": holder, "token": token, "beat": "0"},
-                description="Held while digitune moves @champion; deleted when it is done.",
-            )
-            break
-        except mlflow.exceptions.MlflowException as error:
-            if error.error_code != "RESOURCE_ALREADY_EXISTS":
-                raise
-        with contextlib.suppress(mlflow.exceptions.MlflowException):  # Released meanwhile.
-            lock = client.get_registered_model(name)
-            state = (lock.tags.get("token"), lock.tags.get("beat"))
-            if state != seen:
-                seen, seen_since = state, time.monotonic()
-            elif time.monotonic() - seen_since > LOCK_STALE_SECONDS:
-                _take_over(client, name, state[0])
-                continue
-            if time.monotonic() > deadline:
-                raise registry.RegistryError(
-                    f"@champion is locked by {lock.tags.get('holder', 'another process')} "
-                    "(another promote or rollback); nothing changed. Run it again later, or "
-                    f"delete the registered model '{name}' if that process is gone"
-                )
-        time.sleep(0.2)
-    beating = threading.Event()
-    beat = threading.Thread(target=_beat, args=(client, name, beating), daemon=True)
-    beat.start()
+    what = "@champion"
     try:
-        yield
-    finally:
-        beating.set()
-        beat.join()
-        _release(client, name, token)
-
-
-def _beat(client: mlflow.MlflowClient, name: str, done: threading.Event) -> None:
-    """Count in the lock's tag `beat` until `done`: its holder is alive."""
-    count = 0
-    while not done.wait(LOCK_BEAT_SECONDS):
-        count += 1
-        with contextlib.suppress(Exception):  # The store's hiccup is the waiters' to judge.
-            client.set_registered_model_tag(name, "beat", str(count))
-
-
-def _take_over(client: mlflow.MlflowClient, name: str, token: str | None) -> None:
-    """Move a stale lock out of the way by renaming it after its token: of two waiters that
-    both found it stale, the second finds the new name taken (or the lock gone) and waits
-    again, so it can never remove the lock the first has taken meanwhile. The renamed one
-    stays, as the record of a takeover."""
-    taken = f"{name}.stale-{token}"
-    try:
-        client.rename_registered_model(name, taken)
-    except mlflow.exceptions.MlflowException:
-        return  # Another waiter took it over first.
-    with contextlib.suppress(mlflow.exceptions.MlflowException):
-        client.update_registered_model(
-            taken,
-            "A champion lock whose holder stopped (killed?), taken over by another promote "
-            "or rollback. Safe to delete.",
-        )
-
-
-def _release(client: mlflow.MlflowClient, name: str, token: str) -> None:
-    """Delete the lock if it is still this holder's (a waiter may have taken it over)."""
-    with contextlib.suppress(mlflow.exceptions.MlflowException):
-        if client.get_registered_model(name).tags.get("token") == token:
-            client.delete_registered_model(name)
+        with locks.held(client, model_name + LOCK_SUFFIX, what, LOCK_WAIT_SECONDS):
+            yield
+    except locks.LockedError as error:
+        raise registry.RegistryError(str(error)) from None
 
 
 def move_champion(

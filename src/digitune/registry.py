@@ -24,7 +24,6 @@ import logging
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import keras
 import mlflow
@@ -42,6 +41,7 @@ from digitune import (
     data,
     evaluate,
     loader,
+    locks,
     model,
     pareto,
     space,
@@ -108,33 +108,58 @@ def register(
         "format": loader.FORMAT,
         **(extra_tags or {}),
     }
-    existing = find_registration(tags, model_name)
-    if existing is None:
-        if getattr(model, "optimizer", None) is not None:
-            # A registered model serves and trains no more: its file holds no optimizer,
-            # whose state Keras would otherwise warn about on every load.
-            compiled, model = model, keras.models.clone_model(model)
-            model.set_weights(compiled.get_weights())
-        metadata = {
-            "dataset": tags.get("dataset", "mnist"),
-            "class_names": json.loads(tags.get("class_names", "null"))
-            or [str(index) for index in range(data_params(params)["num_classes"])],
-        }
-        # MLflow prints "Successfully registered model" and "Created version" to stderr;
-        # digitune says which version it registered in one line of its own. Warnings still
-        # show: they go through `logging` and `warnings`, not these streams.
-        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-            info = mlflow.keras.log_model(
-                model,
-                name="model",
-                signature=signature_of(params),
-                # The model's own metadata (its MLmodel file) names its classes, for any client.
-                metadata=metadata,
-                pip_requirements=pip_requirements(),
-            )
-            # The tags that find it again are set as it is created, in the same call.
-            existing = mlflow.register_model(info.model_uri, model_name, tags=tags)
+    # Under a lock: of processes registering at once (the workers of one study finishing
+    # together, three `register` pods), one creates the version and the others find it.
+    with registration_lock(model_name):
+        existing = find_registration(tags, model_name) or _create_version(
+            model, model_name, params, tags
+        )
     return finish(existing, params, alias, description, model_name)
+
+
+# Held while a version is looked for and created; as long as logging a model may take.
+REGISTRATION_LOCK_SUFFIX = ".registration-lock"
+REGISTRATION_WAIT_SECONDS = 600.0
+
+
+@contextlib.contextmanager
+def registration_lock(model_name: str):
+    """Hold the lock on creating versions of `model_name` for the block."""
+    what = f"registering into '{model_name}' (another process registers)"
+    name = model_name + REGISTRATION_LOCK_SUFFIX
+    try:
+        with locks.held(mlflow.MlflowClient(), name, what, REGISTRATION_WAIT_SECONDS):
+            yield
+    except locks.LockedError as error:
+        raise RegistryError(str(error)) from None
+
+
+def _create_version(model, model_name: str, params: dict, tags: dict[str, str]):
+    """Log `model` and register it as a new version of `model_name` with its identity tags."""
+    if getattr(model, "optimizer", None) is not None:
+        # A registered model serves and trains no more: its file holds no optimizer,
+        # whose state Keras would otherwise warn about on every load.
+        compiled, model = model, keras.models.clone_model(model)
+        model.set_weights(compiled.get_weights())
+    metadata = {
+        "dataset": tags.get("dataset", "mnist"),
+        "class_names": json.loads(tags.get("class_names", "null"))
+        or [str(index) for index in range(data_params(params)["num_classes"])],
+    }
+    # MLflow prints "Successfully registered model" and "Created version" to stderr;
+    # digitune says which version it registered in one line of its own. Warnings still
+    # show: they go through `logging` and `warnings`, not these streams.
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        info = mlflow.keras.log_model(
+            model,
+            name="model",
+            signature=signature_of(params),
+            # The model's own metadata (its MLmodel file) names its classes, for any client.
+            metadata=metadata,
+            pip_requirements=pip_requirements(),
+        )
+        # The tags that find it again are set as it is created, in the same call.
+        return mlflow.register_model(info.model_uri, model_name, tags=tags)
 
 
 def finish(
@@ -440,60 +465,3 @@ def register_in_tensorflow(study_path, storage: str | None) -> str | None:
         log.warning("registering in a TensorFlow process failed: %s", config.redact(last))
         return None
     return json.loads(finished.stdout)["model_version"]
-
-
-def register_bundle(folder: Path, model_name: str | None = None) -> dict:
-    """Test and register a trial trained elsewhere, from the folder `digitune gpu-check`
-    writes (best.json, its params and figures; best.weights.h5): on this machine's test set,
-    which must be the same data. Returns what both machines measured and the version."""
-    folder = Path(folder)
-    try:
-        spec = json.loads((folder / "best.json").read_text())
-        weights = folder / "best.weights.h5"
-        if not weights.is_file():
-            raise FileNotFoundError(weights)
-    except (OSError, ValueError) as error:
-        raise ValueError(
-            f"{folder}: not a trial bundle (best.json, best.weights.h5): {error}"
-        ) from None
-    dataset = data.load(config.DataSettings(**spec["data"]))
-    if dataset.digest != spec["data_sha256"]:
-        raise ValueError(
-            f"{folder}: its trial trained on data with SHA-256 {spec['data_sha256'][:16]}..., "
-            f"but {dataset.source} here is {dataset.digest[:16]}...: not the same data"
-        )
-    cnn = model.from_weights(spec["params"], weights)
-    test = evaluate.evaluate(cnn, data.preprocess(dataset.test_images), dataset.test_labels)
-    model_name = model_name or spec["model_name"]
-    tags = {"kind": "imported", "trained_with": spec["backend"], "trained_on": spec["devices"]}
-    with tracking.imported_run(spec["study"], spec["trial"], tags, spec["params"]):
-        artifacts.log_weights(cnn)
-        artifacts.log_evaluation(
-            test, "test", f"trial {spec['trial']}, imported", dataset.class_names
-        )
-        mlflow.log_metrics(
-            {"test_accuracy": test.accuracy, "trained_test_accuracy": spec["test_accuracy"]}
-        )
-        version = register(
-            cnn,
-            model_name=model_name,
-            study_name=spec["study"],
-            trial_number=spec["trial"],
-            params=spec["params"],
-            validation_accuracy=spec["validation_accuracy"],
-            test_accuracy=test.accuracy,
-            test_images=len(dataset.test_labels),
-            data_sha256=dataset.digest,
-            extra_tags={
-                **data.version_tags(dataset, config.DataSettings(**spec["data"])),
-                **tags,
-                "trained_test_accuracy": f"{spec['test_accuracy']:.4f}",
-            },
-        )
-    return {
-        "model_name": model_name,
-        "model_version": str(version.version),
-        "test_accuracy": test.accuracy,
-        "trained_test_accuracy": spec["test_accuracy"],
-        "trained_on": spec["devices"],
-    }

@@ -218,10 +218,10 @@ def _register(args: argparse.Namespace) -> int:
 
 
 def _registered(args: argparse.Namespace) -> tuple[dict, str]:
-    from digitune import data, registry, study, tracking
+    from digitune import bundle, data, registry, study, tracking
 
     if args.bundle:
-        result = registry.register_bundle(args.bundle, args.model)
+        result = bundle.register(args.bundle, args.model)
         words = (
             f"test accuracy {result['test_accuracy']:.4f} here, "
             f"{result['trained_test_accuracy']:.4f} where it trained ({result['trained_on']})"
