@@ -184,7 +184,7 @@ def test_tiny_study_is_tracked_and_registered(project, capsys):
     # The study's settings are those it started with: another max_epochs is refused, and says
     # which setting and both values; nothing more is run.
     changed = write_study(project, TINY_STUDY.replace("max_epochs = 2", "max_epochs = 3"))
-    with pytest.raises(ValueError, match=r"training\.max_epochs = 2 when it started, now 3"):
+    with pytest.raises(ValueError, match=r"\[training\] max_epochs is 2 in the study, 3 here"):
         optuna_search.run(changed, n_trials=6)
     assert len(studies.load_existing(study_file)[1].trials) == 5
 

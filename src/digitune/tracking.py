@@ -178,45 +178,58 @@ def study_run(
     resolved_config: dict,
     datasets: dict,
     tags: dict[str, str],
+    claim: Callable[[str, str | None], str] | None = None,
+    others_running: Callable[[], bool] = lambda: False,
 ) -> Iterator[str]:
     """A study's parent run, created or reopened (`run_id`), as a context: yields its id,
-    then ends it FINISHED, or KILLED on Ctrl-C, or FAILED on an error.
+    then ends it FINISHED, or KILLED on Ctrl-C, or FAILED on an error; left RUNNING while
+    `others_running()` says other workers still run its trials (the last one ends it).
 
     The caller keeps the id with the study (Optuna: the study's user attributes; Keras Tuner:
     its project folder), so a resumed study, and every worker on the same storage, logs its
-    trials as children of this one run. The run stays RUNNING, not active in this process,
-    while trials run in any process.
+    trials as children of this one run. A new run is offered to `claim(new_id, old_id)`,
+    which returns the run the study keeps: of workers starting together, each makes one and
+    one wins; the others delete theirs and reopen the winner's.
     """
     client = configure()
     experiment = experiment_id(client, experiment_name)
+    stale = None
     if run_id is not None:
         try:
             client.get_run(run_id)
         except mlflow.exceptions.MlflowException:
-            run_id = None  # The study moved to another tracking store: start afresh there.
-    resumed = run_id is not None
+            # The study moved to another tracking store: start afresh there.
+            stale, run_id = run_id, None
     params = {key: value for key, value in resolved_config.items() if key not in INVOCATION_KEYS}
-    if resumed:
-        _check_unchanged(client.get_run(run_id), params, experiment_name)
-    with mlflow.start_run(
-        run_id=run_id,
-        experiment_id=experiment,
-        run_name=None if resumed else run_name,
-        tags=None if resumed else {"digitune.role": "study", **tags},
-    ) as run:
-        if not resumed:
-            mlflow.log_params(params)
-            for context, dataset in datasets.items():
-                mlflow.log_input(dataset, context=context)
+    if run_id is None:
+        run_id = _new_study_run(experiment, run_name, params, datasets, tags)
+        kept = claim(run_id, stale) if claim is not None else run_id
+        if kept != run_id:
+            client.delete_run(run_id)  # Another worker's run came first.
+            run_id = kept
+    _check_unchanged(client.get_run(run_id), params, experiment_name)
+    with mlflow.start_run(run_id=run_id):
         mlflow.log_dict(resolved_config, CONFIG_ARTIFACT)
-    run_id = run.info.run_id
     client.update_run(run_id, status=RunStatus.to_string(RunStatus.RUNNING))
     try:
         yield run_id
     except BaseException as error:
-        client.set_terminated(run_id, _status_for(error))
+        if not others_running():
+            client.set_terminated(run_id, _status_for(error))
         raise
-    client.set_terminated(run_id, RunStatus.to_string(RunStatus.FINISHED))
+    if not others_running():
+        client.set_terminated(run_id, RunStatus.to_string(RunStatus.FINISHED))
+
+
+def _new_study_run(experiment: str, run_name: str, params: dict, datasets: dict, tags: dict):
+    """A new parent run with the study's settings as params and its datasets; its id."""
+    with mlflow.start_run(
+        experiment_id=experiment, run_name=run_name, tags={"digitune.role": "study", **tags}
+    ) as run:
+        mlflow.log_params(params)
+        for context, dataset in datasets.items():
+            mlflow.log_input(dataset, context=context)
+    return run.info.run_id
 
 
 def _check_unchanged(run: mlflow.entities.Run, params: dict, study_name: str) -> None:

@@ -231,7 +231,10 @@ def _tune(args: argparse.Namespace) -> int:
                 **budget,
             )
     if outcome is None:
-        print("this machine's workers are done; the study's own `make tune` registers the best")
+        print(
+            "this worker is done; the study's last worker to finish tests and registers its "
+            f"best (or, once they are done: digitune register --study {args.study})"
+        )
         return 0
     if args.json:
         print(json.dumps(summary(outcome), indent=2))

@@ -47,6 +47,7 @@ def make_objective(
         params = space.suggest(trial, definition)
         # Which machine and process ran it: workers and machines share a study.
         trial.set_user_attr(study.WORKER_ATTR, study.worker_id())
+        trial.set_user_attr(study.PROCESS_ATTR, study.this_process())
         trial.set_user_attr(study.EPOCH_IMAGES_ATTR, epoch_images)
         with tracking.trial_run(
             trial.number, params, parent_run_id, "optuna", remember=trial.set_user_attr

@@ -44,9 +44,13 @@ def run(
     progress_bar: bool = True,
 ) -> scaffold.Outcome | None:
     """Tune with `workers` processes (default: the study file's), then evaluate the best
-    trial's model on the test set and (with `register`) register it as `challenger`. With
-    `join`, only run trials of a study started elsewhere (returns None). `experiment`
-    defaults to the study's name."""
+    trial's model on the test set and (with `register`) register it as `challenger`.
+
+    Any number of such runs, on any machines sharing `storage` and the tracking store, work
+    on one study: the first creates it and its parent run, the others join, and the last to
+    finish tests and registers its best (the others return None). With `join`, only run
+    trials of a study started elsewhere (returns None). `experiment` defaults to the study's
+    name."""
     started = time.perf_counter()
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # Our own line per trial says it.
     if workers is not None:
@@ -54,7 +58,9 @@ def run(
     inputs = scaffold.prepare(source, n_trials, timeout_minutes)
     definition = inputs.definition
     workers = workers or definition.study.workers
-    optuna_study = study.load_or_create(definition, storage, join=join)
+    optuna_study = study.load_or_create(
+        definition, storage, join, study.fingerprint(definition, inputs.dataset.digest)
+    )
     # Trials left RUNNING by this machine's workers of an earlier run that was killed: failed
     # and queued again now, not once the heartbeat grace period is over.
     study.fail_trials_of_dead_workers(optuna_study, definition.study)
@@ -77,6 +83,7 @@ def run(
                 objective.make_objective(definition, inputs.split, parent_run_id, inputs.deadline),
                 inputs.deadline,
                 progress_bar=progress_bar,
+                stop=trainer.STOP,
             )
         else:
             deaths = parallel.run_workers(
@@ -106,9 +113,20 @@ def run(
             "engine": ENGINE,
             "algorithm": f"{settings.sampler}, {settings.pruner} pruner",
         },
+        # Of workers that start the study together, on any machines, one run is kept.
+        claim=lambda new, old: study.claim(optuna_study, tracking.PARENT_RUN_ATTR, new, old),
+        others_running=lambda: study.others_running(optuna_study),
     ) as parent_run_id:
-        optuna_study.set_user_attr(tracking.PARENT_RUN_ATTR, parent_run_id)
         deaths = run_trials(parent_run_id)
+        if study.others_running(optuna_study):
+            # Out of time while other workers still run trials: the last to finish tests
+            # and registers the study's best.
+            log.info(
+                "other workers still run trials of study '%s'; the last to finish tests and "
+                "registers its best",
+                optuna_study.study_name,
+            )
+            return None
         if study.count(optuna_study, (TrialState.COMPLETE,)) == 0:
             raise RuntimeError(
                 f"study '{optuna_study.study_name}' has no completed trial to register; "

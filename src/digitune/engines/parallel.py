@@ -127,7 +127,7 @@ def work(
         definition.training.train_images,
         definition.training.validation_images,
     )
-    optuna_study = study.load_or_create(definition, storage, worker=index + 1, join=True)
+    optuna_study = study.load_or_create(definition, storage, join=True)
     parent_run_id = study.parent_run_id(optuna_study)
     label = f"[worker {index + 1}/{workers}] "
     try:
@@ -137,6 +137,7 @@ def work(
             objective.make_objective(definition, split, parent_run_id, deadline),
             deadline,
             label=label,
+            stop=trainer.STOP,
         )
     except KeyboardInterrupt:
         pass  # The trial was recorded as failed; the launcher reports the interruption.

@@ -122,10 +122,17 @@ def with_data(definition: study_file.StudyDefinition, dataset: data.Dataset):
 
 @contextlib.contextmanager
 def parent_run(
-    inputs: Inputs, *, experiment: str, run_name: str, run_id: str | None, tags: dict[str, str]
+    inputs: Inputs,
+    *,
+    experiment: str,
+    run_name: str,
+    run_id: str | None,
+    tags: dict[str, str],
+    **shared,
 ) -> Iterator[str]:
     """The study's parent run (reopened when `run_id` still exists), as a context that
-    yields its id and ends the run with the block."""
+    yields its id and ends the run with the block; `shared`: how workers that share it agree
+    on one (`tracking.study_run`'s claim and others_running)."""
     dataset, split = inputs.dataset, inputs.split
     source, digest, name = dataset.source, dataset.digest[:16], dataset.name
     datasets_logged = {
@@ -145,6 +152,6 @@ def parent_run(
     described = backend.describe(inputs.definition.training.precision)
     tags = {**tags, "backend": described["backend"], "devices": described["devices"]}
     with tracking.study_run(
-        experiment, run_name, run_id, resolved, datasets_logged, tags
+        experiment, run_name, run_id, resolved, datasets_logged, tags, **shared
     ) as parent:
         yield parent
