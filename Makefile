@@ -35,6 +35,10 @@ MAX_LATENCY_MS ?=
 DASHBOARD_PORT ?= 8080
 # `make mlflow-server AUTH=1`: every client signs in (MLFLOW_AUTH_ADMIN_PASSWORD on the first start).
 AUTH ?=
+# Where `make mlflow-server` listens (every interface: workers on other machines reach it) and
+# keeps artifacts (ARTIFACTS=s3://bucket/path; default mlruns/artifacts).
+HOST ?= 0.0.0.0
+ARTIFACTS ?=
 
 # URLs that may hold a password reach digitune and MLflow through the environment, unexpanded:
 # never in a command line that make echoes or `ps` shows, and `$` or `&` in a password work.
@@ -83,8 +87,8 @@ tune: install ## Run or resume a study (STUDY TRIALS TIMEOUT STORAGE WORKERS REF
 worker: install ## Join this machine's WORKERS to a study started elsewhere (STORAGE=...)
 	$(BIN)/digitune tune $(TUNE_ARGS) --join
 
-mlflow-server: install ## MLflow tracking server on 127.0.0.1:5000 (BACKEND_STORE=postgresql://..., AUTH=1)
-	$(BIN)/digitune mlflow-server $(if $(AUTH),--auth)
+mlflow-server: install ## MLflow tracking server on HOST:5000 for every machine (BACKEND_STORE, ARTIFACTS, AUTH=1)
+	$(BIN)/digitune mlflow-server --host $(HOST) $(if $(ARTIFACTS),--artifacts-destination $(ARTIFACTS)) $(if $(AUTH),--auth)
 
 report: install ## Summarise a study and log its figures to MLflow (STUDY, STORAGE)
 	$(BIN)/digitune report --study $(STUDY)

@@ -175,6 +175,12 @@ def mlflow_secret_key_given() -> bool:
     return bool(os.environ.get("MLFLOW_FLASK_SERVER_SECRET_KEY"))
 
 
+def s3_endpoint_url() -> str | None:
+    """MLFLOW_S3_ENDPOINT_URL (MLflow's own variable): an S3-compatible store such as MinIO
+    in place of AWS, for `digitune mlflow-server --artifacts-destination s3://...`."""
+    return os.environ.get("MLFLOW_S3_ENDPOINT_URL") or None
+
+
 def backend_store_uri() -> str:
     """MLFLOW_BACKEND_STORE_URI (MLflow's own variable for its server's store), else the
     local store inside mlruns/."""

@@ -1,8 +1,8 @@
 """The `digitune` command (also `python -m digitune`); every make target is a thin call of
 one of its subcommands, grouped by stage: `cli.tuning` (init, data, tune, report, ensemble,
-bench), `cli.models` (promote, register, rollback, models, gc, export, serve, bench-serve,
-mlflow-server, ui), `cli.deployment` (pareto, select, dashboard) and `cli.devices` (doctor,
-gpu-check). `digitune <command>
+bench), `cli.models` (promote, register, rollback, models, gc, export, serve, bench-serve),
+`cli.servers` (mlflow-server, ui), `cli.deployment` (pareto, select, dashboard) and
+`cli.devices` (doctor, gpu-check). `digitune <command>
 --help` lists each command's options. Library modules log through `logging`; this module
 decides how that reaches the terminal.
 """
@@ -18,7 +18,7 @@ import tqdm
 
 import digitune
 from digitune import backend, config
-from digitune.cli import deployment, devices, models, tuning
+from digitune.cli import deployment, devices, models, servers, tuning
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -96,6 +96,7 @@ _EXTRAS = {
     "psycopg": "postgres",
     "psycopg2": "postgres",
     "optuna_dashboard": "dashboard",
+    "boto3": "s3",
 }
 
 
@@ -130,6 +131,7 @@ def parser() -> argparse.ArgumentParser:
     commands = command_line.add_subparsers(required=True, metavar="command")
     tuning.add_commands(commands)
     models.add_commands(commands)
+    servers.add_commands(commands)
     deployment.add_commands(commands)
     devices.add_commands(commands)
     return command_line

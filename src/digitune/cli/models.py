@@ -1,5 +1,5 @@
-"""The registry and serving stage's commands: promote, rollback, models, gc, export, serve,
-bench-serve, mlflow-server and ui.
+"""The registry and serving stage's commands: promote, register, rollback, models, gc,
+export, serve and bench-serve.
 
 Each handler imports what it runs when it runs, so that `digitune --help` answers without
 loading TensorFlow.
@@ -11,11 +11,7 @@ import argparse
 import contextlib
 import dataclasses
 import os
-import signal
-import subprocess
 import sys
-import time
-from pathlib import Path
 
 from digitune import config
 
@@ -123,29 +119,6 @@ def add_commands(commands) -> None:
         "--pid", type=int, default=None, help="the server's process id, to read its memory"
     )
     bench_serve.set_defaults(handler=_bench_serve, backend="none")
-
-    server = commands.add_parser(
-        "mlflow-server", help="an MLflow tracking server that workers on several machines share"
-    )
-    address_arguments(server, 5000, "the tracking server")
-    server.add_argument(
-        "--backend-store-uri",
-        default=config.backend_store_uri(),
-        help="SQL database of runs (default: MLFLOW_BACKEND_STORE_URI, else the project's "
-        "SQLite store in mlruns/); prefer the variable when the URI holds a password",
-    )
-    server.add_argument(
-        "--auth",
-        action="store_true",
-        help="ask every client for a user name and password (MLflow's basic-auth app; users in "
-        "mlruns/basic_auth.db, the admin's password from MLFLOW_AUTH_ADMIN_PASSWORD on the "
-        "first start; clients set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD)",
-    )
-    server.set_defaults(handler=_mlflow_server, backend="none")
-
-    ui = commands.add_parser("ui", help="start the MLflow UI on the project's store")
-    address_arguments(ui, 5000, "the MLflow UI")
-    ui.set_defaults(handler=_ui, backend="none")
 
 
 @contextlib.contextmanager
@@ -313,129 +286,3 @@ def _bench_serve(args: argparse.Namespace) -> int:
         return 0
     print(serving.serve_latency(args.url, args.requests, args.batch).to_string(index=False))
     return 0
-
-
-def _mlflow_server(args: argparse.Namespace) -> int:
-    artifacts = config.mlruns_dir() / "artifacts"
-    command = [
-        sys.executable,
-        "-m",
-        "mlflow",
-        "server",
-        # The server stores and serves artifacts itself, so workers need no shared disk.
-        "--artifacts-destination",
-        str(artifacts),
-        "--host",
-        args.host,
-        "--port",
-        str(args.port),
-    ]
-    settings = {}
-    if args.auth:
-        users = config.mlruns_dir() / "basic_auth.db"
-        if not users.exists() and config.mlflow_admin_password_length() < 12:
-            print(
-                "error: --auth: set MLFLOW_AUTH_ADMIN_PASSWORD to the admin's password, 12 "
-                f"characters at least, for the first start (it creates {users}); never give "
-                "it on a command line",
-                file=sys.stderr,
-            )
-            return 2
-        settings["MLFLOW_AUTH_CONFIG_PATH"] = str(_auth_settings(users))
-        if not config.mlflow_secret_key_given():
-            settings["MLFLOW_FLASK_SERVER_SECRET_KEY"] = _secret_key(users.with_suffix(".key"))
-        command += ["--app-name", "basic-auth"]
-    print(
-        f"MLflow tracking server on http://{args.host}:{args.port} with the store "
-        f"{config.redact(args.backend_store_uri)}"
-        + (", asking every client for a user and password" if args.auth else "")
-        + f"; on each worker machine set MLFLOW_TRACKING_URI=http://<this host>:{args.port}"
-        + (" and MLFLOW_TRACKING_USERNAME, MLFLOW_TRACKING_PASSWORD" if args.auth else "")
-    )
-    return _call_with_store(command, args.backend_store_uri, settings)
-
-
-def _secret_key(path: Path) -> str:
-    """The project's own key for MLflow's CSRF tokens, made once and readable by its owner
-    only; servers of one store on several machines share MLFLOW_FLASK_SERVER_SECRET_KEY."""
-    import secrets
-
-    if not path.exists():
-        path.touch(mode=0o600)
-        path.write_text(secrets.token_hex(32))
-    return path.read_text().strip()
-
-
-def _auth_settings(users: Path) -> Path:
-    """The settings file of MLflow's basic-auth app, with its users beside the project's
-    store: signed-in users may read, only the admin and those it grants may write."""
-    users.parent.mkdir(parents=True, exist_ok=True)
-    settings = users.with_suffix(".ini")
-    settings.write_text(
-        "[mlflow]\n"
-        "default_permission = READ\n"
-        f"database_uri = sqlite:///{users}\n"
-        "admin_username = admin\n"
-        "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
-    )
-    return settings
-
-
-def _ui(args: argparse.Namespace) -> int:
-    command = [sys.executable, "-m", "mlflow", "ui", "--host", args.host, "--port", str(args.port)]
-    # MLflow 3 opens on its GenAI view; studies and their trials are on the model-training one.
-    print(
-        f"MLflow UI on http://{args.host}:{args.port}/#/experiments?workflowType=machine_learning"
-        " (Ctrl-C stops it): a study is an experiment; sort its runs by best_val_accuracy to "
-        "rank the trials"
-    )
-    return _call_with_store(command, config.tracking_uri())
-
-
-def _call_with_store(command: list[str], store_uri: str, settings: dict | None = None) -> int:
-    """Run MLflow's server with its store given through the environment, where a password in
-    the URI stays out of the process list (`ps` shows every command line)."""
-    environment = {**os.environ, "MLFLOW_BACKEND_STORE_URI": store_uri, **(settings or {})}
-    # MLflow's job runner (8 Huey consumer processes, as many as the server's own) runs GenAI
-    # jobs (scorers, prompt optimisation), which digitune's runs never submit: off unless the
-    # environment asks for it, the server starts in about half the time and CPU.
-    environment.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
-    # MLflow's server starts uvicorn and its workers; a signal to this process alone used to
-    # leave them all running, holding the port. They get a process group of their own, and
-    # SIGTERM and SIGINT (Ctrl-C) are passed on to all of it.
-    server = subprocess.Popen(command, env=environment, process_group=0)
-
-    def pass_on(signum, frame):
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(server.pid, signal.SIGTERM)
-
-    previous = {number: signal.signal(number, pass_on) for number in STOP_SIGNALS}
-    try:
-        returncode = server.wait()
-    finally:
-        for number, handler in previous.items():
-            signal.signal(number, handler)
-        _stop_group(server)
-    # Stopped by a signal it was passed: as a server stopped by hand, not a failure.
-    return 0 if returncode in (-signal.SIGTERM, -signal.SIGINT) else returncode
-
-
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
-
-
-def _stop_group(server: subprocess.Popen, seconds: float = 30) -> None:
-    """Whatever of the server's process group is still running, stopped: asked first, then
-    killed after `seconds`."""
-    deadline = time.monotonic() + seconds
-    for number in (signal.SIGTERM, signal.SIGKILL):
-        try:
-            os.killpg(server.pid, number)
-        except ProcessLookupError:
-            return  # None left.
-        while time.monotonic() < deadline:
-            try:
-                os.killpg(server.pid, 0)
-            except ProcessLookupError:
-                return
-            time.sleep(0.1)
-        deadline = time.monotonic() + 5
