@@ -13,6 +13,7 @@ import itertools
 import json
 import logging
 import os
+import random
 import socket
 import threading
 import time
@@ -108,13 +109,26 @@ def make_storage(url: str, settings: config.StudySettings) -> optuna.storages.Ba
             retry(study, _as_retried(trial))  # First: the retry must not wait for MLflow.
             _close_run_of(trial, "its worker stopped sending heartbeats (killed?)")
 
-        return optuna.storages.RDBStorage(
-            url,
-            engine_kwargs=engine_kwargs,
-            heartbeat_interval=settings.heartbeat_seconds,
-            grace_period=settings.heartbeat_grace_seconds,
-            heartbeat_stale_trial_callback=on_stale_trial,
-        )
+        for attempt in range(TABLE_ATTEMPTS):
+            try:
+                return optuna.storages.RDBStorage(
+                    url,
+                    engine_kwargs=engine_kwargs,
+                    heartbeat_interval=settings.heartbeat_seconds,
+                    grace_period=settings.heartbeat_grace_seconds,
+                    heartbeat_stale_trial_callback=on_stale_trial,
+                )
+            except sqlalchemy.exc.DBAPIError as error:
+                # Optuna creates its tables in a new database by looking, then creating:
+                # workers starting together on one PostgreSQL database collide ("already
+                # exists"), and once the other has made them, looking again finds them.
+                if attempt == TABLE_ATTEMPTS - 1 or "exist" not in str(error).lower():
+                    raise
+                time.sleep(random.uniform(0.2, 1.0))
+    raise AssertionError("unreachable")
+
+
+TABLE_ATTEMPTS = 5
 
 
 def _retry_callback(settings: config.StudySettings):
