@@ -84,8 +84,8 @@ data: install ## Fetch and verify MNIST into data/mnist (or check MNIST_DIR); ST
 tune: install ## Run or resume a study (STUDY TRIALS TIMEOUT STORAGE WORKERS REFIT=1 ENGINE=keras-tuner)
 	$(BIN)/digitune tune $(TUNE_ARGS)
 
-worker: install ## Join this machine's WORKERS to a study started elsewhere (STORAGE=...)
-	$(BIN)/digitune tune $(TUNE_ARGS) --join
+worker: install ## A worker on a study shared by every machine (STORAGE=...), in any order; `make register` after
+	$(BIN)/digitune tune $(TUNE_ARGS) --no-register
 
 mlflow-server: install ## MLflow tracking server on HOST:5000 for every machine (BACKEND_STORE, ARTIFACTS, AUTH=1)
 	$(BIN)/digitune mlflow-server --host $(HOST) $(if $(ARTIFACTS),--artifacts-destination $(ARTIFACTS)) $(if $(AUTH),--auth)

@@ -181,6 +181,12 @@ def s3_endpoint_url() -> str | None:
     return os.environ.get("MLFLOW_S3_ENDPOINT_URL") or None
 
 
+def mlflow_allowed_hosts() -> str | None:
+    """MLFLOW_SERVER_ALLOWED_HOSTS (MLflow's own variable) when it is set: then it alone says
+    which Host headers the tracking server answers."""
+    return os.environ.get("MLFLOW_SERVER_ALLOWED_HOSTS") or None
+
+
 def backend_store_uri() -> str:
     """MLFLOW_BACKEND_STORE_URI (MLflow's own variable for its server's store), else the
     local store inside mlruns/."""
@@ -287,7 +293,9 @@ class StudySettings:
         "run; letters, digits, '-', '_' and '.'",
     )
     n_trials: int = setting(
-        20, "the study's total of finished trials: a resumed study runs only the rest"
+        20,
+        "the study's total of finished trials, every worker's: a resumed study runs only the "
+        "rest, and a trial whose worker died is replaced by its retry",
     )
     timeout_minutes: float = setting(
         0.0, "wall-clock limit of one `tune` run, whichever of the two comes first (0: none)"

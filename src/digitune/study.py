@@ -425,7 +425,9 @@ def optimize(
             return
         # Others' trials still run: fail those whose worker stopped beating (and queue them
         # again), then look again.
-        optuna.storages.fail_stale_trials(study)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            optuna.storages.fail_stale_trials(study)
         stop.wait(min(5.0, definition.study.heartbeat_seconds))
 
 

@@ -41,6 +41,13 @@ def add_commands(commands) -> None:
         "another S3-compatible store) (default: mlruns/artifacts)",
     )
     server.add_argument(
+        "--allowed-hosts",
+        default="",
+        help="more names clients reach the server by, comma-separated (a Compose or Kubernetes "
+        "service's name): MLflow answers 403 to any other Host, against DNS rebinding; this "
+        "machine's own names, localhost and private addresses are always allowed",
+    )
+    server.add_argument(
         "--auth",
         action="store_true",
         help="ask every client for a user name and password (MLflow's basic-auth app; users in "
@@ -75,7 +82,7 @@ def _mlflow_server(args: argparse.Namespace) -> int:
         "--port",
         str(args.port),
     ]
-    settings = {}
+    settings = {"MLFLOW_SERVER_ALLOWED_HOSTS": _allowed_hosts(args.allowed_hosts)}
     if args.auth:
         users = config.mlruns_dir() / "basic_auth.db"
         if not users.exists() and config.mlflow_admin_password_length() < 12:
@@ -120,7 +127,20 @@ LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 def _reachable_name(host: str) -> str:
     """The name other machines reach this one by, for a server listening on `host`."""
-    return socket.getfqdn() if host in ("0.0.0.0", "::", "") else host
+    return socket.gethostname() if host in ("0.0.0.0", "::", "") else host
+
+
+def _allowed_hosts(extra: str) -> str:
+    """MLFLOW_SERVER_ALLOWED_HOSTS: the Host headers MLflow's server answers. Its default is
+    localhost and private addresses only, so a worker that reached it by this machine's name
+    (as `mlflow-server` tells it to) or by a service's name was refused with 403."""
+    from mlflow.server import security_utils
+
+    names = {socket.gethostname(), socket.getfqdn(), *filter(None, extra.split(","))}
+    patterns = [pattern for name in sorted(names) for pattern in (name, f"{name}:*")]
+    return config.mlflow_allowed_hosts() or ",".join(
+        [*security_utils.get_default_allowed_hosts(), *patterns]
+    )
 
 
 def _s3_problem(destination: str) -> str | None:
