@@ -136,10 +136,11 @@ def add_commands(commands) -> None:
     )
     bench.add_argument(
         "--only",
-        choices=("throughput", "backends", "race", "ablation"),
+        choices=("throughput", "backends", "race", "ablation", "workers"),
         default=None,
         help="run one part only (race: against Keras Tuner; ablation: the default study's "
-        "levers; backends: the trainer on TensorFlow and on JAX, side by side)",
+        "levers; backends: the trainer on TensorFlow and on JAX, side by side; workers: the "
+        "quick study's trials per minute with one worker and two)",
     )
     bench.add_argument(
         "--contenders",
@@ -344,7 +345,7 @@ def _ensemble(args: argparse.Namespace) -> int:
 
 def _bench(args: argparse.Namespace) -> int:
     from digitune import bench
-    from digitune.bench import contenders, race, throughput
+    from digitune.bench import contenders, race, throughput, workers
 
     if args.budget_minutes <= 0:
         raise ValueError(f"--budget-minutes must be positive, got {args.budget_minutes}")
@@ -355,6 +356,11 @@ def _bench(args: argparse.Namespace) -> int:
         table = throughput.training_throughput(args.repeats)
         print(table.to_string(index=False))
         written.append(bench.write_results("training_throughput", table))
+    if args.only in (None, "workers"):
+        runs, table = workers.workers_throughput(args.repeats)
+        print(f"{runs.to_string(index=False)}\n\n{table.to_string(index=False)}")
+        written.append(bench.write_results("workers_runs", runs))
+        written.append(bench.write_results("workers", table))
     if args.only == "backends":
         table = throughput.backends_throughput(args.repeats)
         print(table.to_string(index=False))
