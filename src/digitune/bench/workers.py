@@ -14,6 +14,7 @@ end, past the processes' start-up.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -25,6 +26,8 @@ import optuna
 import pandas as pd
 
 from digitune import config, space, study_file
+
+log = logging.getLogger(__name__)
 
 STUDY = "quick"
 TRIALS = 24
@@ -106,9 +109,13 @@ def workers_throughput(rounds: int = 3, trials: int = TRIALS) -> tuple[pd.DataFr
         arms = (1, 2) if number % 2 == 0 else (2, 1)
         for workers in arms:
             rows.append({"round": number + 1, **run_arm(text, workers, trials)})
-            print(
-                f"round {number + 1}: {workers} worker(s), {rows[-1]['trials']} trials in "
-                f"{rows[-1]['seconds']:.0f} s, {rows[-1]['trials_per_minute']:.1f} a minute"
+            log.info(
+                "round %d: %d worker(s), %d trials in %.0f s, %.1f a minute",
+                number + 1,
+                workers,
+                rows[-1]["trials"],
+                rows[-1]["seconds"],
+                rows[-1]["trials_per_minute"],
             )
     runs = pd.DataFrame(rows)
     rates = runs.pivot(index="round", columns="workers", values="trials_per_minute")
