@@ -11,6 +11,7 @@ then `serve`, as compose.yaml starts it.
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import random
@@ -263,6 +264,22 @@ def test_the_compose_topology_tunes_registers_and_serves(tmp_path, databases, mo
         assert study.user_attrs[tracking.PARENT_RUN_ATTR] == parent.info.run_id
         children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
         assert len(children) == len(trials)
+
+        # The MLflow UI, opened by this machine's name, may search the runs: its requests
+        # carry that origin, which MLflow refused as cross-origin (403) by default.
+        ui = client_environment["MLFLOW_TRACKING_URI"]
+        password = client_environment["MLFLOW_TRACKING_PASSWORD"]
+        search = urllib.request.Request(
+            f"{ui}/ajax-api/2.0/mlflow/runs/search",
+            data=json.dumps({"experiment_ids": [experiment.experiment_id]}).encode(),
+            headers={
+                "Origin": ui,
+                "Content-Type": "application/json",
+                "Authorization": "Basic " + base64.b64encode(f"admin:{password}".encode()).decode(),
+            },
+        )
+        with urllib.request.urlopen(search, timeout=30) as answer:
+            assert len(json.loads(answer.read())["runs"]) == len(runs)
 
         # Every artifact is in the bucket; no process wrote one to its own disk.
         stored = [

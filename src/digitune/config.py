@@ -187,6 +187,12 @@ def mlflow_allowed_hosts() -> str | None:
     return os.environ.get("MLFLOW_SERVER_ALLOWED_HOSTS") or None
 
 
+def mlflow_allowed_origins() -> str | None:
+    """MLFLOW_SERVER_CORS_ALLOWED_ORIGINS (MLflow's own variable) when it is set: then it
+    alone says which pages may change what the tracking server holds."""
+    return os.environ.get("MLFLOW_SERVER_CORS_ALLOWED_ORIGINS") or None
+
+
 def backend_store_uri() -> str:
     """MLFLOW_BACKEND_STORE_URI (MLflow's own variable for its server's store), else the
     local store inside mlruns/."""

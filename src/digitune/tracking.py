@@ -66,9 +66,13 @@ INVOCATION_KEYS = {
 }
 
 
-def runs_page(parent_run_id: str, ui: str = "http://127.0.0.1:5000") -> str:
-    """The address of a study's runs in the MLflow UI (`digitune ui`), on its model-training
-    view (MLflow 3 opens experiments on its GenAI view), trials sorted by the objective."""
+def runs_page(parent_run_id: str) -> str:
+    """The address of a study's runs in the MLflow UI, on its model-training view (MLflow 3
+    opens experiments on its GenAI view), trials sorted by the objective: the tracking
+    server's own UI, or `digitune ui`'s for a local store."""
+    uri = config.tracking_uri()
+    remote = uri.startswith(("http://", "https://"))
+    ui = config.redact(uri.rstrip("/")) if remote else "http://127.0.0.1:5000"
     experiment = mlflow.MlflowClient().get_run(parent_run_id).info.experiment_id
     return (
         f"{ui}/#/experiments/{experiment}/runs?workflowType=machine_learning"

@@ -82,7 +82,7 @@ def _mlflow_server(args: argparse.Namespace) -> int:
         "--port",
         str(args.port),
     ]
-    settings = {"MLFLOW_SERVER_ALLOWED_HOSTS": _allowed_hosts(args.allowed_hosts)}
+    settings = _reachable(args.allowed_hosts, args.port)
     if args.auth:
         users = config.mlruns_dir() / "basic_auth.db"
         if not users.exists() and config.mlflow_admin_password_length() < 12:
@@ -130,17 +130,30 @@ def _reachable_name(host: str) -> str:
     return socket.gethostname() if host in ("0.0.0.0", "::", "") else host
 
 
-def _allowed_hosts(extra: str) -> str:
-    """MLFLOW_SERVER_ALLOWED_HOSTS: the Host headers MLflow's server answers. Its default is
-    localhost and private addresses only, so a worker that reached it by this machine's name
-    (as `mlflow-server` tells it to) or by a service's name was refused with 403."""
+def _names(extra: str) -> list[str]:
+    """What clients may call this machine: its names, its addresses and `extra`'s names."""
+    names = {socket.gethostname(), socket.getfqdn(), *filter(None, extra.split(","))}
+    with contextlib.suppress(OSError):
+        names.update(socket.gethostbyname_ex(socket.gethostname())[2])
+    return sorted(names)
+
+
+def _reachable(extra: str, port: int) -> dict[str, str]:
+    """MLflow's own settings for a server that clients reach by this machine's names (or by
+    `extra`'s). Its defences know only localhost and private addresses: a worker that reached
+    it by name, as `mlflow-server` tells it to, got 403 ("Invalid Host header"), and the UI
+    opened by name could not search runs (its requests "cross-origin"). Each setting the
+    environment gives is kept as it is."""
     from mlflow.server import security_utils
 
-    names = {socket.gethostname(), socket.getfqdn(), *filter(None, extra.split(","))}
-    patterns = [pattern for name in sorted(names) for pattern in (name, f"{name}:*")]
-    return config.mlflow_allowed_hosts() or ",".join(
-        [*security_utils.get_default_allowed_hosts(), *patterns]
-    )
+    names = _names(extra)
+    hosts = [pattern for name in names for pattern in (name, f"{name}:*")]
+    origins = [f"{scheme}://{name}:{port}" for name in names for scheme in ("http", "https")]
+    return {
+        "MLFLOW_SERVER_ALLOWED_HOSTS": config.mlflow_allowed_hosts()
+        or ",".join([*security_utils.get_default_allowed_hosts(), *hosts]),
+        "MLFLOW_SERVER_CORS_ALLOWED_ORIGINS": config.mlflow_allowed_origins() or ",".join(origins),
+    }
 
 
 def _s3_problem(destination: str) -> str | None:

@@ -298,7 +298,9 @@ def _summary_text(outcome, study: str) -> str:
             f"registered {outcome.model_name} version {outcome.model_version} "
             f"({registry.aliases_of(outcome.model_name, outcome.model_version)})"
         )
-    lines.append(f"compare trials with `make ui`: {tracking.runs_page(outcome.parent_run_id)}")
+    server = config.tracking_uri().startswith(("http://", "https://"))
+    where = "in the tracking server's MLflow UI" if server else "with `make ui`"
+    lines.append(f"compare trials {where}: {tracking.runs_page(outcome.parent_run_id)}")
     if outcome.model_version and outcome.model_name != config.REGISTERED_MODEL_NAME:
         lines.append(
             f"its commands take --model {outcome.model_name} (MODEL={outcome.model_name} in make)"
