@@ -119,10 +119,12 @@ def make_storage(url: str, settings: config.StudySettings) -> optuna.storages.Ba
                     heartbeat_stale_trial_callback=on_stale_trial,
                 )
             except sqlalchemy.exc.DBAPIError as error:
-                # Optuna creates its tables in a new database by looking, then creating:
-                # workers starting together on one PostgreSQL database collide ("already
-                # exists"), and once the other has made them, looking again finds them.
-                if attempt == TABLE_ATTEMPTS - 1 or "exist" not in str(error).lower():
+                # Optuna creates its tables and stamps their version in a new database by
+                # looking, then writing: workers starting together collide (PostgreSQL: the
+                # table "already exists"; SQLite or either: a UNIQUE constraint on the version
+                # row), and once the other has written, looking again finds it.
+                collided = isinstance(error, sqlalchemy.exc.IntegrityError)
+                if attempt == TABLE_ATTEMPTS - 1 or not (collided or "exist" in str(error).lower()):
                     raise
                 time.sleep(random.uniform(0.2, 1.0))
     raise AssertionError("unreachable")
