@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 
+import mlflow
 import optuna
 import pytest
 
@@ -20,10 +21,13 @@ from digitune import study as studies
 # study named by the storage, and printing what it got.
 AT_ONCE = """
 import json, pathlib, sys, time
-import optuna
-from digitune import config, study, study_file
+import mlflow, optuna
+from digitune import config, study, study_file, tracking
 storage, barrier, action, value = sys.argv[1], pathlib.Path(sys.argv[2]), sys.argv[3], sys.argv[4]
 definition = study_file.load(sys.argv[5])
+if action == "experiment":  # The store opened before the barrier: only the create races.
+    client = mlflow.MlflowClient(storage)
+    client.search_experiments()
 # A barrier: every process is ready (imports done) before any goes.
 (barrier / value).touch()
 while len(list(barrier.iterdir())) < int(sys.argv[6]):
@@ -31,6 +35,8 @@ while len(list(barrier.iterdir())) < int(sys.argv[6]):
 if action == "storage":  # A fresh database: every process creates Optuna's tables.
     study.make_storage(storage, definition.study)
     print(json.dumps("ok"))
+elif action == "experiment":  # An MLflow store without the study's experiment.
+    print(json.dumps(tracking.experiment_id(client, "tiny")))
 else:
     found = optuna.load_study(study_name="tiny", storage=storage)
     print(json.dumps(study.claim(found, "winner", value)))
@@ -89,6 +95,17 @@ def test_of_processes_claiming_at_once_exactly_one_wins(project, storage, reques
     assert studies.claim(found, "winner", "late") == winners[0]
     assert studies.claim(found, "winner", "new", replacing="not it") == winners[0]
     assert studies.claim(found, "winner", "new", replacing=winners[0]) == "new"
+
+
+@pytest.mark.slow
+def test_workers_starting_together_make_one_mlflow_experiment_and_all_use_it(project):
+    store = f"sqlite:///{project / 'mlruns' / 'race.db'}"
+    (project / "mlruns").mkdir(exist_ok=True)
+    mlflow.MlflowClient(store).search_experiments()  # The store's tables, made beforehand.
+    path = write_study(project, TINY_STUDY)
+    made = at_once(store, "experiment", 4, str(path), project)
+    named = mlflow.MlflowClient(store).get_experiment_by_name("tiny")
+    assert made == [named.experiment_id] * 4
 
 
 def test_a_worker_is_known_dead_only_where_its_process_table_can_tell(project):

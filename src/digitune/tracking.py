@@ -161,10 +161,16 @@ def experiment_id(client: mlflow.MlflowClient, name: str) -> str:
     """The id of experiment `name`, created with its artifacts under mlruns/ if missing."""
     experiment = client.get_experiment_by_name(name)
     if experiment is None:
-        experiment_id = client.create_experiment(
-            name, artifact_location=config.artifact_location(name)
-        )
-    else:
+        try:
+            experiment_id = client.create_experiment(
+                name, artifact_location=config.artifact_location(name)
+            )
+        except mlflow.exceptions.MlflowException as error:
+            # Workers starting together: another made it between the look and the create.
+            experiment = client.get_experiment_by_name(name)
+            if error.error_code != "RESOURCE_ALREADY_EXISTS" or experiment is None:
+                raise
+    if experiment is not None:
         experiment_id = experiment.experiment_id
         if experiment.lifecycle_stage == "deleted":
             client.restore_experiment(experiment_id)
