@@ -176,7 +176,13 @@ def experiment_id(client: mlflow.MlflowClient, name: str) -> str:
             client.restore_experiment(experiment_id)
     # Without this, MLflow 3's UI opens the experiment on its GenAI traces page; this makes
     # it open on the training runs, where trials are compared.
-    client.set_experiment_tag(experiment_id, "mlflow.experimentKind", "custom_model_development")
+    kind = ("mlflow.experimentKind", "custom_model_development")
+    try:
+        client.set_experiment_tag(experiment_id, *kind)
+    except mlflow.exceptions.MlflowException:
+        # Two workers tagging at once: the other's tag is the same one.
+        if client.get_experiment(experiment_id).tags.get(kind[0]) != kind[1]:
+            raise
     return experiment_id
 
 
