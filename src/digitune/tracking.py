@@ -177,6 +177,8 @@ def experiment_id(client: mlflow.MlflowClient, name: str) -> str:
     # Without this, MLflow 3's UI opens the experiment on its GenAI traces page; this makes
     # it open on the training runs, where trials are compared.
     kind = ("mlflow.experimentKind", "custom_model_development")
+    if experiment is not None and experiment.tags.get(kind[0]) == kind[1]:
+        return experiment_id  # Tagged already: no write, nothing for workers to race on.
     try:
         client.set_experiment_tag(experiment_id, *kind)
     except mlflow.exceptions.MlflowException:
