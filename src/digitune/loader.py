@@ -18,7 +18,7 @@ import keras
 import mlflow
 import numpy as np
 
-from digitune import model
+from digitune import builder, model
 
 
 class RegistryError(RuntimeError):
@@ -30,6 +30,9 @@ class RegistryError(RuntimeError):
 # mode. Versions registered as TensorFlow SavedModels (before this tag) are not loaded.
 FORMAT = "keras"
 KERAS_FILE = Path("data") / "model.keras"  # where MLflow's Keras flavour keeps it
+# The builder of a version whose network is a user's own (`digitune.builder`): its module,
+# imported before the version loads, registers the network's own layers with Keras.
+BUILDER_TAG = "builder"
 # Images per call into a model: its memory stays that of one batch, whatever the size of
 # the test set or of its pictures.
 PREDICT_BATCH = 1000
@@ -73,6 +76,8 @@ def load(version) -> Loaded:
             raise RegistryError(f"cannot load {uri} (source {version.source}): {error}") from None
         reason = refusal(version, metadata, folder)
         try:
+            if not reason and version.tags.get(BUILDER_TAG):
+                reason = _import_builder(version.tags[BUILDER_TAG])
             network = (
                 None
                 if reason
@@ -88,6 +93,18 @@ def load(version) -> Loaded:
             "studies register, in Keras's safe mode"
         )
     return Loaded(network, metadata)
+
+
+def _import_builder(reference: str) -> str | None:
+    """Import the module of a version's builder from this machine's project folder or
+    installed packages, never from the registry; why it cannot be, or None."""
+    if not builder.REFERENCE.fullmatch(reference):
+        return f"its builder tag {reference!r} is not a package.module:function"
+    try:
+        builder.import_module(reference.split(":")[0])
+    except ValueError as error:
+        return f"its network's builder {reference} is needed to load it here, but {error}"
+    return None
 
 
 def refusal(version, metadata: mlflow.models.Model, folder: Path) -> str | None:

@@ -16,6 +16,8 @@ import numbers
 import keras
 from keras import layers
 
+from digitune import builder
+
 IMAGE_SHAPE = (28, 28, 1)
 NUM_CLASSES = 10
 # What the dataset decides, not the search (MNIST's by default): a study adds its dataset's to
@@ -84,6 +86,20 @@ HYPERPARAMETER_DOCS: dict[str, str] = {
     "validation accuracy stalls for an epoch); read by the trainer",
 }
 AUGMENTATION_PARAMS = ("augment_shift", "augment_rotation_degrees", "augment_zoom")
+# How a network is trained rather than what it is: a network from a builder of the user's own
+# (`digitune.builder`) takes these as ours does, beside the builder's own hyperparameters.
+TRAINING_HYPERPARAMETERS = (
+    "learning_rate",
+    "batch_size",
+    *AUGMENTATION_PARAMS,
+    "optimizer",
+    "weight_decay",
+    "label_smoothing",
+    "lr_schedule",
+)
+# The param naming a trial's builder ("package.module:function"), from the study file's
+# [model] table; absent for digitune's own CNN.
+BUILDER_PARAM = "builder"
 OPTIMIZERS = ("adam", "adamw", "sgd", "rmsprop")
 LR_SCHEDULES = ("constant", "cosine", "plateau")
 # What each hyperparameter may be: its type, a test of its value, and the test in words. A
@@ -137,18 +153,34 @@ def is_kind(value: object, kind: type) -> bool:
     return isinstance(value, kind)
 
 
-def hyperparameter_problem(name: str, value: object) -> str | None:
-    """What is wrong with `value` for `name`, in words ("must be ..., got ..."), or None."""
-    kind, test, words = HYPERPARAMETER_LIMITS[name]
+def hyperparameters(reference: str | None = None) -> tuple[dict, dict]:
+    """(defaults, limits) of what a network takes: our CNN's hyperparameters, or for a
+    builder's `reference` its own and our training ones; the data's limits with either.
+    A ValueError says what is wrong with a builder."""
+    if not reference:
+        return HYPERPARAMETER_DEFAULTS, HYPERPARAMETER_LIMITS
+    custom = builder.load(reference, (*TRAINING_HYPERPARAMETERS, *DATA_PARAMS, BUILDER_PARAM))
+    ours = {name: HYPERPARAMETER_DEFAULTS[name] for name in TRAINING_HYPERPARAMETERS}
+    limits = {
+        name: HYPERPARAMETER_LIMITS[name] for name in (*TRAINING_HYPERPARAMETERS, *DATA_PARAMS)
+    }
+    return {**ours, **custom.defaults}, {**limits, **custom.limits}
+
+
+def hyperparameter_problem(name: str, value: object, reference: str | None = None) -> str | None:
+    """What is wrong with `value` for `name`, in words ("must be ..., got ..."), or None; of
+    the builder `reference`'s hyperparameters where one is given."""
+    kind, test, words = hyperparameters(reference)[1][name]
     if is_kind(value, kind) and test(value):
         return None
-    expected = " ".join(part for part in (_KIND_WORDS[kind], words) if part)
+    kind_words = "" if words.startswith("one of") else _KIND_WORDS[kind]
+    expected = " ".join(part for part in (kind_words, words) if part)
     return f"must be {expected}, got {value!r}"
 
 
-def check_hyperparameter(name: str, value: object) -> None:
+def check_hyperparameter(name: str, value: object, reference: str | None = None) -> None:
     """A ValueError saying what `name` must be, unless `value` is one of its values."""
-    problem = hyperparameter_problem(name, value)
+    problem = hyperparameter_problem(name, value, reference)
     if problem:
         raise ValueError(f"'{name}' {problem}")
 
@@ -162,14 +194,15 @@ BATCH_NORM_MOMENTUM = 0.9
 
 
 def resolve_params(params: dict) -> dict:
-    """The defaults (MNIST's shape) overlaid with `params`; an unknown name is a ValueError."""
-    unknown = sorted(set(params) - set(HYPERPARAMETER_DEFAULTS) - set(DATA_PARAMS))
+    """The defaults (MNIST's shape; a builder's where `params` name one) overlaid with
+    `params`; an unknown name is a ValueError."""
+    defaults = hyperparameters(params.get(BUILDER_PARAM))[0]
+    unknown = sorted(set(params) - set(defaults) - set(DATA_PARAMS) - {BUILDER_PARAM})
     if unknown:
         raise ValueError(
-            f"unknown hyperparameter(s) {', '.join(unknown)}; "
-            f"known ones are {', '.join(HYPERPARAMETER_DEFAULTS)}"
+            f"unknown hyperparameter(s) {', '.join(unknown)}; known ones are {', '.join(defaults)}"
         )
-    return {**HYPERPARAMETER_DEFAULTS, **DATA_PARAMS, **params}
+    return {**defaults, **DATA_PARAMS, **params}
 
 
 def image_shape(params: dict) -> tuple[int, int, int]:
@@ -190,20 +223,48 @@ def blocks_problem(num_conv_blocks: int, shape: tuple[int, ...]) -> str | None:
 
 
 def build_model(params: dict) -> keras.Model:
-    """A compiled CNN: `num_conv_blocks` blocks of `convs_per_block` convolutions (filters
-    growing by `filter_growth` a block from `num_filters`), optional batch normalisation and
-    2x2 max pooling, then flattening (or global average pooling), dropout, a dense layer of
-    `dense_units` (none for 0), dropout again and a softmax over the classes."""
+    """A compiled network: ours (`convolutions`), or the network of the builder `params`
+    name (`digitune.builder`), behind the augmentation of training batches."""
     params = resolve_params(params)
+    reference = params.get(BUILDER_PARAM)
     for name, value in params.items():
-        check_hyperparameter(name, value)
-    problem = blocks_problem(int(params["num_conv_blocks"]), image_shape(params))
-    if problem:
-        raise ValueError(problem)
+        if name != BUILDER_PARAM:
+            check_hyperparameter(name, value, reference)
+    if not reference:
+        problem = blocks_problem(int(params["num_conv_blocks"]), image_shape(params))
+        if problem:
+            raise ValueError(problem)
 
     inputs = keras.Input(shape=image_shape(params), name="image")
     augment = augmentation(params)
     features = augment(inputs) if augment.layers else inputs
+    if reference:
+        shape, classes = image_shape(params), int(params["num_classes"])
+        network = builder.network(builder.load(reference), params, shape, classes)
+        # Probabilities in float32 under a mixed-precision policy, as our softmax gives them.
+        outputs = layers.Activation("linear", dtype="float32", name="probabilities")(
+            network(features)
+        )
+        model = keras.Model(inputs, outputs, name=network.name)
+    else:
+        model = keras.Model(inputs, convolutions(features, params), name="mnist_cnn")
+    label_smoothing = float(params["label_smoothing"])
+    model.compile(
+        optimizer=_optimizer(params),
+        loss=SparseCrossentropyWithLabelSmoothing(label_smoothing)
+        if label_smoothing
+        else "sparse_categorical_crossentropy",
+        metrics=["accuracy"],
+    )
+    return model
+
+
+def convolutions(features, params: dict):
+    """Our CNN, from the (augmented) input `features` to its probabilities:
+    `num_conv_blocks` blocks of `convs_per_block` convolutions (filters growing by
+    `filter_growth` a block from `num_filters`), optional batch normalisation and 2x2 max
+    pooling, then flattening (or global average pooling), dropout, a dense layer of
+    `dense_units` (none for 0), dropout again and a softmax over the classes."""
     for block, filters in enumerate(block_filters(params), start=1):
         for index in range(int(params["convs_per_block"])):
             suffix = f"{block}" if index == 0 else f"{block}_{index + 1}"
@@ -236,17 +297,7 @@ def build_model(params: dict) -> keras.Model:
     outputs = layers.Dense(
         int(params["num_classes"]), activation="softmax", dtype="float32", name="digit"
     )(features)
-
-    model = keras.Model(inputs, outputs, name="mnist_cnn")
-    label_smoothing = float(params["label_smoothing"])
-    model.compile(
-        optimizer=_optimizer(params),
-        loss=SparseCrossentropyWithLabelSmoothing(label_smoothing)
-        if label_smoothing
-        else "sparse_categorical_crossentropy",
-        metrics=["accuracy"],
-    )
-    return model
+    return outputs
 
 
 def for_deployment(trained: keras.Model, params: dict) -> keras.Model:
@@ -256,6 +307,11 @@ def for_deployment(trained: keras.Model, params: dict) -> keras.Model:
     Built in the current dtype policy."""
     plain = {**resolve_params(params), **{name: 0.0 for name in AUGMENTATION_PARAMS}}
     deployed = build_model(plain)
+    if plain.get(BUILDER_PARAM):
+        # A builder's network is one layer of each, before the float32 probabilities; its
+        # name is Keras's count of networks built, different in each.
+        deployed.layers[-2].set_weights(trained.layers[-2].get_weights())
+        return deployed
     for layer in deployed.layers:
         if layer.weights:
             layer.set_weights(trained.get_layer(layer.name).get_weights())

@@ -108,6 +108,10 @@ def register(
         "format": loader.FORMAT,
         **(extra_tags or {}),
     }
+    # A network of the user's own: its builder's module is imported where the version loads.
+    # (`model` here is the network; the param and the tag are both "builder".)
+    if params.get(loader.BUILDER_TAG):
+        tags[loader.BUILDER_TAG] = params[loader.BUILDER_TAG]
     # Under a lock: of processes registering at once (the workers of one study finishing
     # together, three `register` pods), one creates the version and the others find it.
     with registration_lock(model_name):

@@ -38,32 +38,39 @@ _DISTRIBUTION_KEYS = {
 
 
 def read(
-    table: object, path: Path
+    table: object, path: Path, builder: str | None = None
 ) -> tuple[dict[str, optuna.distributions.BaseDistribution], dict, dict[str, dict]]:
-    """A [space] table as (distributions, fixed values, conditions), in the file's order;
-    every error names the file and the hyperparameter. A condition maps each hyperparameter
-    it names to the tuple of values that make it hold."""
+    """A [space] table as (distributions, fixed values, conditions), in the file's order,
+    of our CNN's hyperparameters or of the network `builder` names ([model]); every error
+    names the file and the hyperparameter. A condition maps each hyperparameter it names to
+    the tuple of values that make it hold."""
     if not isinstance(table, dict):
         raise ValueError(f"{path} [space]: expected a table")
     distributions: dict[str, optuna.distributions.BaseDistribution] = {}
     fixed: dict[str, object] = {}
     conditions: dict[str, dict[str, tuple]] = {}
+    known = model.hyperparameters(builder)[0]
     for name, spec in table.items():
         source = f"{path} [space] '{name}'"
-        if name not in model.HYPERPARAMETER_DEFAULTS:
-            raise ValueError(
-                f"{source}: "
-                + ("set by [data]" if name in model.DATA_PARAMS else "unknown hyperparameter")
-                + f"; known ones are {', '.join(model.HYPERPARAMETER_DEFAULTS)}"
+        if name not in known:
+            reason = (
+                "set by [data]"
+                if name in model.DATA_PARAMS
+                else "set by [model]"
+                if name == model.BUILDER_PARAM
+                else f"not a hyperparameter of {builder}"
+                if builder
+                else "unknown hyperparameter"
             )
+            raise ValueError(f"{source}: {reason}; known ones are {', '.join(known)}")
         if isinstance(spec, dict):
             if "when" in spec:
                 conditions[name] = _condition(spec["when"], distributions, f"{source} 'when'")
                 spec = {key: value for key, value in spec.items() if key != "when"}
             distributions[name] = _distribution(spec, source)
-            _check_distribution(name, distributions[name], source)
+            _check_distribution(name, distributions[name], source, builder)
         else:
-            _check_value(name, spec, source)
+            _check_value(name, spec, source, builder)
             fixed[name] = spec
     if not distributions:
         raise ValueError(f"{path} [space]: nothing to search; give at least one distribution")
@@ -106,19 +113,19 @@ def holds(condition: dict[str, tuple] | None, params: dict) -> bool:
     )
 
 
-def _check_value(name: str, value: object, source: str) -> None:
-    problem = model.hyperparameter_problem(name, value)
+def _check_value(name: str, value: object, source: str, builder: str | None) -> None:
+    problem = model.hyperparameter_problem(name, value, builder)
     if problem:
         raise ValueError(f"{source}: {problem}")
 
 
-def _check_distribution(name: str, distribution, source: str) -> None:
+def _check_distribution(name: str, distribution, source: str, builder: str | None) -> None:
     """Every value a distribution can draw must be one the model takes: its choices, or the
     ends of its range (the limits are intervals), of the hyperparameter's type."""
-    kind = model.HYPERPARAMETER_LIMITS[name][0]
+    kind = model.hyperparameters(builder)[1][name][0]
     if isinstance(distribution, optuna.distributions.CategoricalDistribution):
         for choice in distribution.choices:
-            _check_value(name, choice, f"{source} choice {choice!r}")
+            _check_value(name, choice, f"{source} choice {choice!r}", builder)
         return
     if kind in (bool, str):
         raise ValueError(
@@ -128,7 +135,15 @@ def _check_distribution(name: str, distribution, source: str) -> None:
     if kind is int and isinstance(distribution, optuna.distributions.FloatDistribution):
         raise ValueError(f'{source}: takes integers; give type = "int"')
     for end in ("low", "high"):
-        _check_value(name, getattr(distribution, end), f"{source} '{end}'")
+        _check_value(name, getattr(distribution, end), f"{source} '{end}'", builder)
+    # A builder's limits may be choices rather than an interval: every integer a range
+    # draws, or a float range's middle too, must be one of them.
+    if isinstance(distribution, optuna.distributions.IntDistribution) and not distribution.log:
+        inside = range(distribution.low, distribution.high + 1, distribution.step)
+    else:
+        inside = [kind((distribution.low + distribution.high) / 2)] if kind is float else []
+    for value in inside[:10_000]:
+        _check_value(name, value, f"{source} (it draws {value!r})", builder)
 
 
 def enqueued(

@@ -1,9 +1,11 @@
 """Study files: a study's budget, training, data and search space, declared as data and checked.
 
 A study file (`studies/*.toml`) is a short list of differences from the typed defaults in
-`digitune.config`: [study], [training], [data], [registry] and [objectives] set those, [space]
-names hyperparameters of `digitune.model` (`digitune.space` reads it), and an optional array
-of [[enqueue]] tables warm-starts the study. `load` reads one into a `StudyDefinition`.
+`digitune.config`: [study], [training], [data], [registry] and [objectives] set those,
+[model] may name a network builder of the user's own (`digitune.builder`), [space] names
+hyperparameters of `digitune.model` or of the builder (`digitune.space` reads it), and an
+optional array of [[enqueue]] tables warm-starts the study. `load` reads one into a
+`StudyDefinition`.
 
 Unknown tables and keys, wrong types, values outside a setting's choices and negative numbers
 are each a ValueError naming the file, the table and the key, raised before anything trains.
@@ -81,17 +83,20 @@ def load(path: str | Path) -> StudyDefinition:
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
         raise ValueError(f"{path}: not a valid TOML file: {error}") from None
 
-    known = {"study", "training", "space", "enqueue", "data", "registry", "objectives"}
+    known = {"study", "training", "space", "enqueue", "data", "registry", "objectives", "model"}
     unknown = sorted(set(document) - known)
     if unknown:
         raise ValueError(
             f"{path}: unknown table(s) {', '.join(unknown)}; expected [study], [training], "
-            "[data], [registry], [objectives], [space] and [[enqueue]]"
+            "[data], [registry], [objectives], [model], [space] and [[enqueue]]"
         )
 
     study, training, data, registry, objectives = checked_settings(document, path)
 
-    distributions, fixed, conditions = space.read(document.get("space", {}), path)
+    builder = network_builder(document.get("model", {}), path)
+    distributions, fixed, conditions = space.read(document.get("space", {}), path, builder)
+    if builder:  # in every trial's params, so that they alone rebuild its network
+        fixed = {**fixed, model.BUILDER_PARAM: builder}
     enqueued = space.enqueued(document.get("enqueue", []), distributions, fixed, path, conditions)
     return StudyDefinition(
         path,
@@ -105,6 +110,24 @@ def load(path: str | Path) -> StudyDefinition:
         objectives,
         conditions,
     )
+
+
+def network_builder(table: object, path: Path) -> str | None:
+    """The [model] table's builder ("package.module:function", `digitune.builder`), imported
+    and its declaration checked, or None for digitune's own CNN."""
+    if not isinstance(table, dict):
+        raise ValueError(f"{path} [model]: expected a table")
+    unknown = sorted(set(table) - {"builder"})
+    if unknown:
+        raise ValueError(f"{path} [model]: unknown key(s) {', '.join(unknown)}; known: builder")
+    reference = table.get("builder")
+    if reference is None:
+        return None
+    try:
+        model.hyperparameters(reference)
+    except ValueError as error:
+        raise ValueError(f"{path} [model] 'builder': {error}") from None
+    return reference
 
 
 # A study's name becomes a file name under studies/, an MLflow run name and a value in registry
@@ -333,6 +356,16 @@ def reference() -> str:
             doc = field.metadata["doc"]
             lines.append(f"| `{field.name}` | `{_toml(field.default)}` | {may_be} | {doc} |")
     lines += [
+        "",
+        "## [model]",
+        "",
+        "| key | default | may be | what it does |",
+        "|---|---|---|---|",
+        '| `builder` | (our CNN) | "package.module:function" | your own network, tuned like '
+        "ours ([docs/builders.md](builders.md)); [space] then takes its hyperparameters and "
+        "the training ones: "
+        + ", ".join(f"`{name}`" for name in model.TRAINING_HYPERPARAMETERS)
+        + " |",
         "",
         "## [space]",
         "",
