@@ -19,6 +19,7 @@ from digitune import (
     artifacts,
     data,
     deployment,
+    ensemble,
     loader,
     promotion,
     serve,
@@ -75,7 +76,8 @@ def test_the_example_resnet_tunes_registers_serves_and_exports(project):
     (project / "my_networks").mkdir()
     shutil.copy(EXAMPLES / "resnet.py", project / "my_networks" / "resnet.py")
     _forget_examples()
-    outcome = optuna_search.run(write_study(project, RESNET_STUDY), progress_bar=False)
+    study_path = write_study(project, RESNET_STUDY)
+    outcome = optuna_search.run(study_path, progress_bar=False)
     assert outcome.states == {"complete": 2}
 
     # Every trial's params name the builder and rebuild its network; its costs are measured
@@ -114,11 +116,18 @@ def test_the_example_resnet_tunes_registers_serves_and_exports(project):
     keras_accuracy = table.loc["Keras SavedModel (float32)", "test_accuracy"]
     assert table.loc["TFLite float32", "test_accuracy"] == pytest.approx(keras_accuracy, abs=1e-9)
 
-    # Where the builder's module cannot be imported, the version is refused, saying which.
+    # The ensemble of both trials is one Keras model of the two networks; it names their
+    # builder too.
+    both = ensemble.run(study_path, top=2)
+    together = client.get_model_version("fixture-resnet", both.model_version)
+    assert together.tags["builder"] == "my_networks.resnet:build"
+
+    # Where the builder's module cannot be imported, the versions are refused, saying which.
     shutil.rmtree(project / "my_networks")
     _forget_examples()
-    with pytest.raises(loader.RegistryError, match=r"my_networks\.resnet:build"):
-        loader.load(version)
+    for registered in (version, together):
+        with pytest.raises(loader.RegistryError, match=r"my_networks\.resnet:build"):
+            loader.load(registered)
 
 
 # A builder module written into the project, as a user's own package would be.

@@ -27,7 +27,7 @@ import optuna
 from keras import layers
 from optuna.trial import TrialState
 
-from digitune import artifacts, data, evaluate, pareto, registry, space, study, tracking
+from digitune import artifacts, data, evaluate, model, pareto, registry, space, study, tracking
 
 log = logging.getLogger(__name__)
 
@@ -184,7 +184,9 @@ def run(
             model_name=model_name,
             study_name=optuna_study.study_name,
             trial_number="ensemble",
-            params=dataset.params,
+            # The members' builder, if theirs is a network of the user's own: loading the
+            # ensemble imports its module (`loader.load`).
+            params={**dataset.params, **_builder_param(definition.fixed)},
             validation_accuracy=ensemble_validation,
             test_accuracy=ensemble_test.accuracy,
             test_images=len(test_labels),
@@ -206,3 +208,8 @@ def run(
         str(version.version),
         model_name,
     )
+
+
+def _builder_param(fixed: dict) -> dict:
+    """The study's builder param, or nothing for our own CNN."""
+    return {key: fixed[key] for key in (model.BUILDER_PARAM,) if key in fixed}
