@@ -301,7 +301,8 @@ class StudySettings:
     n_trials: int = setting(
         20,
         "the study's total of finished trials, every worker's: a resumed study runs only the "
-        "rest, and a trial whose worker died is replaced by its retry",
+        "rest, and a trial whose worker died is replaced by its retry; not given, with a "
+        "timeout, on data other than MNIST: until the time is up",
     )
     timeout_minutes: float = setting(
         0.0, "wall-clock limit of one `tune` run, whichever of the two comes first (0: none)"
@@ -319,7 +320,9 @@ class StudySettings:
     )
     pruner_startup_trials: int = setting(3, "trials that finish before the median pruner prunes")
     pruner_warmup_epochs: int = setting(
-        1, "epochs a trial trains before it may be pruned (0: from the first)"
+        1,
+        "epochs a trial trains before it may be pruned (0: from the first); not given, on "
+        "data other than MNIST: a tenth of max_epochs",
     )
     workers: int = setting(
         1,
@@ -344,9 +347,15 @@ class TrainingSettings:
         "Keras's backend: auto is KERAS_BACKEND when set, else TensorFlow where it is "
         "installed, else JAX (which GPU machines without TensorFlow train on)",
     )
-    max_epochs: int = setting(6, "epochs of a trial that is never pruned (at least 1)")
+    max_epochs: int = setting(
+        6,
+        "epochs of a trial that is never pruned (at least 1); not given, on data other than "
+        "MNIST: about MNIST's 2,346 optimizer steps (src/digitune/sizing.py)",
+    )
     early_stopping_patience: int = setting(
-        2, "epochs without a better validation accuracy before a trial stops"
+        2,
+        "epochs without a better validation accuracy before a trial stops; not given, on "
+        "data other than MNIST: a third of max_epochs",
     )
     train_images: int = setting(0, "training images to use, the first ones (0: all)")
     validation_images: int = setting(0, "validation images to use, the first ones (0: all)")

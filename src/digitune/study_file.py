@@ -44,6 +44,11 @@ class StudyDefinition:
     objectives: config.ObjectiveSettings = config.ObjectiveSettings()
     # Conditional hyperparameters: each one's `when`, as `space.read` gives it.
     conditions: dict[str, dict[str, tuple]] = dataclasses.field(default_factory=dict)
+    # What the file itself sets ("training.max_epochs", "space"): the rest may be sized for
+    # the data (`digitune.sizing`).
+    given: frozenset[str] = frozenset()
+    # The line saying what was sized for the data, once it has been ("" before, or if nothing).
+    sized: str = ""
 
     @property
     def model_name(self) -> str:  # the registered model its best models become versions of
@@ -58,7 +63,11 @@ class StudyDefinition:
         overrides = {key: value for key, value in overrides.items() if value is not None}
         if not overrides:
             return self
-        return dataclasses.replace(self, study=dataclasses.replace(self.study, **overrides))
+        return dataclasses.replace(
+            self,
+            study=dataclasses.replace(self.study, **overrides),
+            given=self.given | {f"study.{key}" for key in overrides},
+        )
 
     def resolved(self) -> dict:
         """The whole resolved configuration, as one flat dict for logging."""
@@ -70,6 +79,8 @@ class StudyDefinition:
         flat.update({f"data.{k}": v for k, v in dataclasses.asdict(self.data).items()})
         flat.update({f"objectives.{k}": v for k, v in dataclasses.asdict(self.objectives).items()})
         flat["registry.model_name"] = self.model_name
+        if self.sized:
+            flat["sized"] = self.sized
         flat["study_file"] = str(self.path)
         return flat
 
@@ -94,7 +105,15 @@ def load(path: str | Path) -> StudyDefinition:
     study, training, data, registry, objectives = checked_settings(document, path)
 
     builder = network_builder(document.get("model", {}), path)
-    distributions, fixed, conditions = space.read(document.get("space", {}), path, builder)
+    if "space" in document:
+        distributions, fixed, conditions = space.read(document["space"], path, builder)
+    elif builder:
+        raise ValueError(
+            f"{path}: no [space]; a network of your own ([model] builder) needs one that "
+            f"searches its hyperparameters ({', '.join(model.hyperparameters(builder)[0])})"
+        )
+    else:  # sized for the data once it is loaded (`digitune.sizing`)
+        distributions, fixed, conditions = {}, {}, {}
     if builder:  # in every trial's params, so that they alone rebuild its network
         fixed = {**fixed, model.BUILDER_PARAM: builder}
     enqueued = space.enqueued(document.get("enqueue", []), distributions, fixed, path, conditions)
@@ -109,6 +128,10 @@ def load(path: str | Path) -> StudyDefinition:
         registry,
         objectives,
         conditions,
+        given=frozenset(
+            [f"{name}.{key}" for name in ("study", "training") for key in document.get(name, {})]
+            + (["space"] if "space" in document else [])
+        ),
     )
 
 
@@ -387,7 +410,10 @@ def reference() -> str:
         "```",
         "",
         "Every value a range or its choices can give must be one the model takes. At least one",
-        "hyperparameter must be searched; the rest keep the defaults below.",
+        "hyperparameter must be searched; the rest keep the defaults below. A file without",
+        "[space] searches a space sized for its data (src/digitune/sizing.py): convolution",
+        "blocks the pictures allow, batch sizes that suit their count, batch normalisation and",
+        "augmentation, with a careful hand-written configuration tried first.",
         "",
         "| hyperparameter | default | may be | what it does |",
         "|---|---|---|---|",

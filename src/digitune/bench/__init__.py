@@ -4,6 +4,7 @@
     digitune bench --only throughput                   training throughput (`throughput`)
     digitune bench --only race --budget-minutes 10     tuning race, tracking overhead (`race`)
     digitune bench --only ablation                     the default study's levers (`contenders`)
+    digitune bench --only own-pictures                 defaults on own pictures (`own_pictures`)
     digitune bench-serve --url http://127.0.0.1:8000   a running service (`serving`)
 
 Benchmarks are not tests: the machines are shared and noisy, so they report numbers for a

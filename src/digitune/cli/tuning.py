@@ -136,11 +136,19 @@ def add_commands(commands) -> None:
     )
     bench.add_argument(
         "--only",
-        choices=("throughput", "backends", "race", "ablation", "workers"),
+        choices=("throughput", "backends", "race", "ablation", "workers", "own-pictures"),
         default=None,
         help="run one part only (race: against Keras Tuner; ablation: the default study's "
         "levers; backends: the trainer on TensorFlow and on JAX, side by side; workers: the "
-        "quick study's trials per minute with one worker and two)",
+        "quick study's trials per minute with one worker and two; own-pictures: a study "
+        "naming only its data against a careful hand-written network, on three datasets)",
+    )
+    bench.add_argument(
+        "--own-minutes",
+        type=float,
+        default=3.0,
+        help="own-pictures: the time budget of each dataset's study and baseline "
+        "(default: %(default)s)",
     )
     bench.add_argument(
         "--contenders",
@@ -347,7 +355,7 @@ def _ensemble(args: argparse.Namespace) -> int:
 
 def _bench(args: argparse.Namespace) -> int:
     from digitune import bench
-    from digitune.bench import contenders, race, throughput, workers
+    from digitune.bench import contenders, own_pictures, race, throughput, workers
 
     if args.budget_minutes <= 0:
         raise ValueError(f"--budget-minutes must be positive, got {args.budget_minutes}")
@@ -363,6 +371,13 @@ def _bench(args: argparse.Namespace) -> int:
         print(f"{runs.to_string(index=False)}\n\n{table.to_string(index=False)}")
         written.append(bench.write_results("workers_runs", runs))
         written.append(bench.write_results("workers", table))
+    if args.only in (None, "own-pictures"):
+        if args.own_minutes <= 0:
+            raise ValueError(f"--own-minutes must be positive, got {args.own_minutes}")
+        runs, table = own_pictures.own_pictures(args.own_minutes, args.repeats)
+        print(f"{runs.to_string(index=False)}\n\n{table.to_string(index=False)}")
+        written.append(bench.write_results("own_pictures_runs", runs))
+        written.append(bench.write_results("own_pictures", table))
     if args.only == "backends":
         table = throughput.backends_throughput(args.repeats)
         print(table.to_string(index=False))

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import optuna
 
-from digitune import backend, data, model, registry, study_file, tracking
+from digitune import backend, data, model, registry, sizing, study_file, tracking
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +93,6 @@ def prepare(
             f"{definition.path} [registry]: {problem}; set model_name to a model of "
             f"{dataset.name} (the default is {dataset.name}-cnn)"
         )
-    definition = with_data(definition, dataset)
     training = definition.training
     described = backend.describe(training.precision)
     log.info(
@@ -104,6 +103,17 @@ def prepare(
         described["precision_why"],
     )
     split = data.split(dataset, training.train_images, training.validation_images)
+    definition, line = sizing.sized(
+        definition,
+        len(split.y_train),
+        dataset.image_shape,
+        len(dataset.class_names),
+        mnist=dataset.name == "mnist",
+    )
+    if line:
+        log.info("%s", line)
+        definition = dataclasses.replace(definition, sized=line)
+    definition = with_data(definition, dataset)
     timeout = definition.study.timeout_minutes * 60
     return Inputs(definition, dataset, split, time.time() + timeout if timeout else None)
 
