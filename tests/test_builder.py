@@ -237,3 +237,12 @@ def test_a_builder_s_network_is_checked_against_the_data_and_trained_like_ours(p
     assert cnn.layers[-2].layers[2].activation.__name__ == "tanh"
     with pytest.raises(ValueError, match=r"own_nets:build built a model that gives \(None, 11\)"):
         model.build_model({**params, "extra_classes": 1})
+
+
+def test_the_example_study_file_names_the_example_builder(monkeypatch):
+    # As `make tune STUDY=examples/resnet.toml` reads it, from the repository's folder.
+    monkeypatch.setenv("DIGITUNE_HOME", str(EXAMPLES.parent))
+    definition = study_file.load(EXAMPLES / "resnet.toml")
+    assert definition.fixed["builder"] == "examples.resnet:build"
+    assert {"num_stages", "blocks_per_stage", "learning_rate"} <= set(definition.distributions)
+    assert definition.model_name == "mnist-resnet"
