@@ -197,11 +197,15 @@ def careful_baseline(dataset: data.Dataset, seconds: float, seed: int = 0) -> di
     }
 
 
-def default_study(folder: Path, data_line: str, minutes: float) -> dict:
-    """`digitune tune` on a study file naming only the data and the time, in `folder`."""
+def default_study(folder: Path, data_line: str, minutes: float, seed: int = 0) -> dict:
+    """`digitune tune` on a study file naming only the data and the time (and the round's
+    seed), in `folder`."""
     (folder / "studies").mkdir(exist_ok=True)
     study = folder / "studies" / "own.toml"
-    study.write_text(f'[study]\nname = "own"\ntimeout_minutes = {minutes}\n\n[data]\n{data_line}\n')
+    study.write_text(
+        f'[study]\nname = "own"\ntimeout_minutes = {minutes}\nseed = {seed}\n\n'
+        f"[data]\n{data_line}\n"
+    )
     environment = {**os.environ, "DIGITUNE_HOME": str(folder)}
     environment.pop("MLFLOW_TRACKING_URI", None)
     started = time.monotonic()
@@ -227,12 +231,16 @@ def default_study(folder: Path, data_line: str, minutes: float) -> dict:
     }
 
 
-def own_pictures(minutes: float, repeats: int = 1) -> tuple[pd.DataFrame, pd.DataFrame]:
+def own_pictures(
+    minutes: float, repeats: int = 1, datasets: tuple[str, ...] = tuple(DATASETS)
+) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(every run, the medians side by side) of the default study against the careful
-    baseline on each dataset, `repeats` rounds, each in a fresh project folder."""
+    baseline on each of `datasets`, `repeats` rounds (seeded by the round), each in a fresh
+    project folder."""
     runs = []
     for round_number in range(1, repeats + 1):
-        for name, (data_line, make) in DATASETS.items():
+        for name in datasets:
+            data_line, make = DATASETS[name]
             with tempfile.TemporaryDirectory(prefix="digitune-own-") as scratch:
                 folder = Path(scratch)
                 if make is not None:
@@ -242,7 +250,7 @@ def own_pictures(minutes: float, repeats: int = 1) -> tuple[pd.DataFrame, pd.Dat
                     dataset = data.load(
                         config.DataSettings(**{settings[0]: settings[1].strip('"')})
                     )
-                ours = default_study(folder, data_line, minutes)
+                ours = default_study(folder, data_line, minutes, seed=round_number)
                 baseline = careful_baseline(dataset, minutes * 60, seed=round_number)
             runs.append(
                 {
