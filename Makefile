@@ -124,7 +124,7 @@ gc: install ## Free disk: artifacts of trials outside each study's KEEP=5 best (
 serve: install ## Serve @champion (of MODEL): API and page on http://127.0.0.1:$(PORT)
 	$(BIN)/digitune serve --port $(PORT) $(MODEL_ARG)
 
-bench: install ## Throughput vs plain fit, tuning race, ablation, one worker vs two (BUDGET minutes, SEEDS seeds)
+bench: install ## Throughput, tuning race, ablation, one worker vs two, own pictures vs a hand-written CNN (BUDGET, SEEDS)
 	$(BIN)/digitune bench --budget-minutes $(BUDGET) --seeds $(SEEDS)
 
 bench-serve: install ## Latency of single and batched requests to a running `make serve`
