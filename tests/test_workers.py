@@ -159,3 +159,27 @@ def test_a_worker_whose_study_file_differs_is_refused_naming_the_key(project):
     newer = {**first, "digitune": "99.0"}
     with pytest.raises(ValueError, match=r"digitune .* started it and this is 99.0"):
         studies.load_or_create(definition, None, fingerprint=newer)
+
+
+def test_a_worker_whose_builder_module_differs_is_refused_naming_it(project):
+    # The study file names the builder; the code that builds is the module's, on each machine.
+    module = project / "worker_nets.py"
+    module.write_text(
+        "def build(params, input_shape, num_classes):\n    raise NotImplementedError\n\n"
+        'build.hyperparameters = {"width": {"default": 8, "low": 1, "high": 64}}\n'
+    )
+    sys.modules.pop("worker_nets", None)
+    text = TINY_STUDY.split("[space]")[0] + (
+        '[model]\nbuilder = "worker_nets:build"\n\n'
+        '[space]\nwidth = { type = "int", low = 4, high = 16 }\n'
+    )
+    definition = study_file.load(write_study(project, text))
+    first = studies.fingerprint(definition, "a" * 64)
+    studies.load_or_create(definition, None, fingerprint=first)
+    # The same module: welcome. Another version of it on this machine: refused, naming it.
+    studies.load_or_create(definition, None, fingerprint=studies.fingerprint(definition, "a" * 64))
+    module.write_text(module.read_text().replace('"high": 64', '"high": 32'))
+    with pytest.raises(ValueError, match=r"the module of its builder worker_nets:build differs"):
+        studies.load_or_create(
+            definition, None, fingerprint=studies.fingerprint(definition, "a" * 64)
+        )

@@ -26,11 +26,13 @@ module again (`loader.load`), so that the version loads in Keras's safe mode.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import importlib
 import math
 import re
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 import keras
 
@@ -102,6 +104,13 @@ def import_module(module_name: str):
             f"cannot import {module_name} (looked in the project folder {project} and the "
             f"installed packages): {type(error).__name__}: {error}"
         ) from None
+
+
+def source_sha256(reference: str) -> str:
+    """The SHA-256 of the builder's module file as it is on disk now ("" for a module
+    without one): workers of one study must build the same networks."""
+    path = getattr(import_module(reference.split(":")[0]), "__file__", None)
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest() if path else ""
 
 
 def _declaration(spec: object, source: str) -> tuple[object, tuple]:

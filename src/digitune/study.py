@@ -27,7 +27,17 @@ import sqlalchemy.exc
 from optuna.storages._rdb import models as rdb_models
 from optuna.trial import TrialState
 
-from digitune import __version__, config, pareto, pruners, space, study_file, tracking
+from digitune import (
+    __version__,
+    builder,
+    config,
+    model,
+    pareto,
+    pruners,
+    space,
+    study_file,
+    tracking,
+)
 
 log = logging.getLogger(__name__)
 
@@ -312,11 +322,14 @@ def fingerprint(definition: study_file.StudyDefinition, digest: str) -> dict:
         if key not in tracking.INVOCATION_KEYS
     }
     text = json.dumps(settings, sort_keys=True, default=str)
+    reference = definition.fixed.get(model.BUILDER_PARAM)
     return {
         "settings_sha256": hashlib.sha256(text.encode()).hexdigest(),
         "settings": json.loads(text),
         "data_sha256": digest,
         "digitune": __version__,
+        # A network of the user's own: its module's code, which the study file does not hold.
+        "builder_sha256": builder.source_sha256(reference) if reference else "",
     }
 
 
@@ -327,6 +340,12 @@ def fingerprint_problem(recorded: dict, ours: dict) -> str | None:
     if recorded.get("digitune") != ours["digitune"]:
         problems.append(
             f"digitune {recorded.get('digitune')} started it and this is {ours['digitune']}"
+        )
+    if recorded.get("builder_sha256", "") != ours.get("builder_sha256", ""):
+        problems.append(
+            f"the module of its builder {ours['settings'].get('fixed.builder', '')} differs "
+            f"(SHA-256 {str(recorded.get('builder_sha256'))[:16]}... in the study, "
+            f"{str(ours.get('builder_sha256'))[:16]}... here)"
         )
     if recorded.get("data_sha256") != ours["data_sha256"]:
         problems.append(
