@@ -27,17 +27,7 @@ import sqlalchemy.exc
 from optuna.storages._rdb import models as rdb_models
 from optuna.trial import TrialState
 
-from digitune import (
-    __version__,
-    builder,
-    config,
-    model,
-    pareto,
-    pruners,
-    space,
-    study_file,
-    tracking,
-)
+from digitune import __version__, builder, config, pareto, pruners, space, study_file, tracking
 
 log = logging.getLogger(__name__)
 
@@ -322,7 +312,7 @@ def fingerprint(definition: study_file.StudyDefinition, digest: str) -> dict:
         if key not in tracking.INVOCATION_KEYS
     }
     text = json.dumps(settings, sort_keys=True, default=str)
-    reference = definition.fixed.get(model.BUILDER_PARAM)
+    reference = definition.builder
     return {
         "settings_sha256": hashlib.sha256(text.encode()).hexdigest(),
         "settings": json.loads(text),

@@ -51,6 +51,10 @@ class StudyDefinition:
     sized: str = ""
 
     @property
+    def builder(self) -> str | None:  # the [model] builder of a network of the user's own
+        return self.fixed.get(model.BUILDER_PARAM)
+
+    @property
     def model_name(self) -> str:  # the registered model its best models become versions of
         return self.registry.model_name or f"{self.data.name}-cnn"
 
