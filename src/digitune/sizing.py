@@ -25,7 +25,7 @@ import math
 
 import optuna
 
-from digitune import model, study_file
+from digitune import study_file
 
 # Optimizer steps of a trial that is never pruned: MNIST's, six epochs of 391 batches of 128.
 TARGET_STEPS = 2_346
@@ -72,8 +72,8 @@ class Plan:
         """Convolution blocks the pictures allow (each halves them), at most 3."""
         return max(1, min(3, min(self.shape[:2]).bit_length() - 2))
 
-    def space(self) -> tuple[dict, dict, tuple[dict, ...]]:
-        """(distributions, fixed values, enqueued configurations) of the default space."""
+    def space(self) -> tuple[dict, tuple[dict, ...]]:
+        """(distributions, enqueued configurations) of the default space."""
         float_range = optuna.distributions.FloatDistribution
         blocks = self.max_blocks
         distributions = {
@@ -102,7 +102,7 @@ class Plan:
             "augment_rotation_degrees": 10.0,
             "augment_zoom": 0.1,
         }
-        return distributions, {}, (careful,)
+        return distributions, (careful,)
 
     def describe(self, sized: list[str]) -> str:
         """The one line that says what was sized, and from what."""
@@ -140,10 +140,9 @@ def sized(
             said.append(f"trials until the {definition.study.timeout_minutes:g} minutes are up")
     changes: dict = {}
     if "space" not in given:
-        distributions, fixed, enqueued = plan.space()
+        distributions, enqueued = plan.space()
         changes.update(
             distributions=distributions,
-            fixed={**fixed, **definition.fixed},
             enqueued=enqueued,
         )
         said.append(
@@ -153,8 +152,6 @@ def sized(
         )
     if not said:
         return definition, None
-    for name, value in changes.get("fixed", {}).items():
-        model.check_hyperparameter(name, value)
     return (
         dataclasses.replace(
             definition,

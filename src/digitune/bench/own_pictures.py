@@ -95,47 +95,47 @@ def _draw(canvas, kind: str, rng: np.random.Generator, side: int, ink, width: in
                 draw.rectangle([index, 0, index + pitch - 1, side], fill=ink)
 
 
-def shapes_folder(root: Path, per_class: int = 250, test_per_class: int = 100, seed: int = 1):
-    """40x40 grey pictures of four shapes, outlined or filled, of any size, place and turn,
-    on a noisy background: train/<shape>/ and test/<shape>/."""
+def picture_folder(
+    root: Path, classes, side: int, colour: bool, per_class: int, test_per_class: int, seed: int
+):
+    """Generated pictures of `classes` (see `_draw`), `side` pixels square, in train/<class>/
+    and test/<class>/: grey ink on a dark noisy background, or one random colour on another."""
     rng = np.random.default_rng(seed)
     for part, count in (("train", per_class), ("test", test_per_class)):
-        for kind in SHAPES:
+        for kind in classes:
             folder = root / part / kind
             folder.mkdir(parents=True, exist_ok=True)
             for index in range(count):
-                canvas = Image.new("L", (SHAPES_SIDE, SHAPES_SIDE), int(rng.integers(0, 60)))
-                ink = int(rng.integers(150, 256))
-                _draw(canvas, kind, rng, SHAPES_SIDE, ink, int(rng.integers(1, 4)))
-                noisy = np.asarray(canvas, float) + rng.normal(0, 18, (SHAPES_SIDE, SHAPES_SIDE))
+                if colour:
+                    background = tuple(int(v) for v in rng.integers(0, 256, 3))
+                    ink = tuple(int(v) for v in rng.integers(0, 256, 3))
+                    width, spread, shape = int(rng.integers(1, 3)), 20, (side, side, 3)
+                else:
+                    background, ink = int(rng.integers(0, 60)), int(rng.integers(150, 256))
+                    width, spread, shape = int(rng.integers(1, 4)), 18, (side, side)
+                canvas = Image.new("RGB" if colour else "L", (side, side), background)
+                _draw(canvas, kind, rng, side, ink, width)
+                noisy = np.asarray(canvas, float) + rng.normal(0, spread, shape)
                 Image.fromarray(noisy.clip(0, 255).astype(np.uint8)).save(folder / f"{index}.png")
     return root
 
 
-def colour_folder(root: Path, per_class: int = 300, test_per_class: int = 100, seed: int = 2):
-    """32x32 colour pictures in ten classes (CIFAR-10's format): shapes and stripes in one
-    random colour on a background of another, with noise."""
-    rng = np.random.default_rng(seed)
-    for part, count in (("train", per_class), ("test", test_per_class)):
-        for kind in COLOUR_CLASSES:
-            folder = root / part / kind
-            folder.mkdir(parents=True, exist_ok=True)
-            for index in range(count):
-                background = tuple(int(v) for v in rng.integers(0, 256, 3))
-                canvas = Image.new("RGB", (COLOUR_SIDE, COLOUR_SIDE), background)
-                ink = tuple(int(v) for v in rng.integers(0, 256, 3))
-                _draw(canvas, kind, rng, COLOUR_SIDE, ink, int(rng.integers(1, 3)))
-                noise = rng.normal(0, 20, (COLOUR_SIDE, COLOUR_SIDE, 3))
-                noisy = (np.asarray(canvas, float) + noise).clip(0, 255).astype(np.uint8)
-                Image.fromarray(noisy).save(folder / f"{index}.png")
-    return root
+def shapes_folder(root: Path):
+    """40x40 grey pictures of four shapes, outlined or filled, of any size, place and turn."""
+    return picture_folder(root, SHAPES, SHAPES_SIDE, False, 250, 100, seed=1)
+
+
+def colour_folder(root: Path):
+    """32x32 colour pictures in ten classes (CIFAR-10's format): shapes and stripes."""
+    return picture_folder(root, COLOUR_CLASSES, COLOUR_SIDE, True, 300, 100, seed=2)
 
 
 DATASETS = {
-    "scikit-learn digits": ('dataset = "sklearn-digits"', None),
-    "generated shapes (40x40 grey, 4 classes)": ('folder = "pictures/shapes"', shapes_folder),
+    # name: the study file's [data] (as DataSettings' fields), and what writes its folder.
+    "scikit-learn digits": ({"dataset": "sklearn-digits"}, None),
+    "generated shapes (40x40 grey, 4 classes)": ({"folder": "pictures/shapes"}, shapes_folder),
     "generated CIFAR-10 format (32x32 colour, 10 classes)": (
-        'folder = "pictures/colour"',
+        {"folder": "pictures/colour"},
         colour_folder,
     ),
 }
@@ -240,16 +240,14 @@ def own_pictures(
     runs = []
     for round_number in range(1, repeats + 1):
         for name in datasets:
-            data_line, make = DATASETS[name]
+            settings, make = DATASETS[name]
+            data_line = "\n".join(f'{key} = "{value}"' for key, value in settings.items())
             with tempfile.TemporaryDirectory(prefix="digitune-own-") as scratch:
                 folder = Path(scratch)
                 if make is not None:
-                    make(folder / "pictures" / data_line.split("/")[1].rstrip('"'))
+                    make(folder / settings["folder"])
                 with config.project_at(folder):
-                    settings = data_line.split(" = ")
-                    dataset = data.load(
-                        config.DataSettings(**{settings[0]: settings[1].strip('"')})
-                    )
+                    dataset = data.load(config.DataSettings(**settings))
                 ours = default_study(folder, data_line, minutes, seed=round_number)
                 baseline = careful_baseline(dataset, minutes * 60, seed=round_number)
             runs.append(
