@@ -404,6 +404,29 @@ def test_processes_that_find_a_stale_lock_at_once_hold_it_one_at_a_time(project)
     assert names == [f"{name}.stale-dead"]  # The takeover's record; no lock is left.
 
 
+def test_a_lock_released_while_the_store_reports_it_taken_is_taken_at_once(project, monkeypatch):
+    """The store tells of a taken name by looking its holder up; when the holder releases
+    the lock in between, the lookup finds nothing. The waiter tries again, and holds it."""
+    from mlflow.store.model_registry.sqlalchemy_store import SqlAlchemyStore
+
+    client = tracking.configure(create=True)
+    name = config.REGISTERED_MODEL_NAME + promotion.LOCK_SUFFIX
+    client.create_registered_model(name, tags={"holder": "another", "token": "theirs"})
+    real_lookup, released = SqlAlchemyStore.get_registered_model, []
+
+    def holder_releases_first(store, model_name):
+        if not released:  # The holder finishes between the failed insert and the lookup.
+            released.append(model_name)
+            store.delete_registered_model(model_name)
+        return real_lookup(store, model_name)
+
+    monkeypatch.setattr(SqlAlchemyStore, "get_registered_model", holder_releases_first)
+    with locks.held(client, name, "the champion", wait_seconds=5):
+        assert released == [name]
+        assert client.get_registered_model(name).tags["holder"] != "another"
+    assert name not in {m.name for m in client.search_registered_models()}
+
+
 def test_a_lock_is_released_only_by_its_holder(project):
     client = tracking.configure(create=True)
     name = config.REGISTERED_MODEL_NAME + promotion.LOCK_SUFFIX

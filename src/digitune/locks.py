@@ -46,7 +46,9 @@ def held(client: mlflow.MlflowClient, name: str, what: str, wait_seconds: float 
             )
             break
         except mlflow.exceptions.MlflowException as error:
-            if error.error_code != "RESOURCE_ALREADY_EXISTS":
+            # The store reports a taken name by looking the holder up, which finds nothing
+            # when the holder released the lock in between: contended all the same.
+            if error.error_code not in ("RESOURCE_ALREADY_EXISTS", "RESOURCE_DOES_NOT_EXIST"):
                 raise
         with contextlib.suppress(mlflow.exceptions.MlflowException):  # Released meanwhile.
             lock = client.get_registered_model(name)
