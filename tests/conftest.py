@@ -51,6 +51,14 @@ def postgres_url():
     admin.close()
 
 
+@pytest.fixture(autouse=True)
+def outside_the_checkout(tmp_path_factory, monkeypatch):
+    """A test that names no project folder gets a fresh one: what a project keeps (decoded
+    folders in data/folders/, stores) never lands in the checkout."""
+    if not os.environ.get("DIGITUNE_HOME"):
+        monkeypatch.setenv("DIGITUNE_HOME", str(tmp_path_factory.mktemp("home")))
+
+
 @pytest.fixture
 def fixture_dir() -> Path:
     return FIXTURE_DIR

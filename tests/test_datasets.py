@@ -390,7 +390,7 @@ def test_a_folder_of_pictures_is_tuned_registered_promoted_and_served(project, c
 
     # Served: pictures resized (not prepared as MNIST was), answered with class names.
     reference = mlflow.pyfunc.load_model(f"models:/hand-written-cnn/{outcome.model_version}")
-    pictures = dataset.test_images[:20]
+    pictures = np.asarray(dataset.test_images[:20])  # Read from the decoded folder.
     expected = np.asarray(reference.predict(data.preprocess(pictures)))
     app = serve.create_app("models:/hand-written-cnn@champion", poll_seconds=0)
     with started(app) as test_client:

@@ -215,7 +215,7 @@ def export(
             "exports one network: export one of its members' versions instead"
         )
     dataset = data.from_spec(model_version.tags.get("data_spec"))
-    calibration = data.split(dataset).x_train[:CALIBRATION_IMAGES]
+    calibration = np.asarray(data.split(dataset).x_train[:CALIBRATION_IMAGES])
     test_images = data.preprocess(dataset.test_images)
     labels = dataset.test_labels
     registered = loader.load(model_version)

@@ -69,8 +69,15 @@ def _kind(class_names: tuple[str, ...]) -> str:
 def evaluate(
     model, images: np.ndarray, labels: np.ndarray, batch_size: int = 1000, class_names=None
 ) -> Evaluation:
-    """Predict `images` (already preprocessed) with a Keras model and compare with `labels`."""
-    probabilities = np.asarray(model.predict(images, batch_size=batch_size, verbose=0))
+    """Predict `images` (already preprocessed) with a Keras model and compare with `labels`;
+    `Pictures` a chunk at a time, as they are read."""
+    if isinstance(images, data.Pictures):
+        parts = [
+            model.predict(chunk, batch_size=batch_size, verbose=0) for chunk in images.chunks()
+        ]
+        probabilities = np.concatenate([np.asarray(part) for part in parts])
+    else:
+        probabilities = np.asarray(model.predict(images, batch_size=batch_size, verbose=0))
     return from_probabilities(probabilities, labels, class_names)
 
 

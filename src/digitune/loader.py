@@ -48,9 +48,12 @@ class Loaded:
     def predict(self, images) -> np.ndarray:
         """Class probabilities, through Keras's compiled inference step (about as fast as an
         exported SavedModel's), PREDICT_BATCH images at a time."""
-        images = np.asarray(images, dtype="float32")
-        batches = [
-            np.asarray(self.network.predict_on_batch(images[start : start + PREDICT_BATCH]))
+        batches = [  # A slice at a time: `data.Pictures` are read only as they are predicted.
+            np.asarray(
+                self.network.predict_on_batch(
+                    np.asarray(images[start : start + PREDICT_BATCH], dtype="float32")
+                )
+            )
             for start in range(0, len(images), PREDICT_BATCH)
         ]
         return (

@@ -416,6 +416,8 @@ def _status_for(error: BaseException) -> str:
 
 def dataset(images: np.ndarray, labels: np.ndarray, name: str, source: str, digest: str):
     """An MLflow dataset input for the runs' Datasets column."""
+    if not isinstance(images, np.ndarray):  # `data.Pictures`: MLflow needs only the shape.
+        images = np.broadcast_to(np.zeros((), images.dtype), images.shape)
     with warnings.catch_warnings():
         # MLflow registers two equivalent sources for local paths and warns that it picked one.
         warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted")

@@ -171,21 +171,28 @@ def fit(
     spe = cnn.steps_per_execution = settings.steps_per_execution
     callbacks = [*learning_rate_schedule(params, epochs), *callbacks]
     training = {"x": split.x_train, "y": split.y_train, "batch_size": batch_size}
-    if 0 < settings.epoch_images < len(split.y_train):
-        training = {
-            "x": endless_batches(split.x_train, split.y_train, batch_size, keras.backend.backend()),
-            "shuffle": False,  # The batches are shuffled already; Keras would warn.
+    validation = (split.x_validation, split.y_validation)
+    streamed = isinstance(split.x_train, data.Pictures)  # A folder, read as it trains.
+    if streamed or 0 < settings.epoch_images < len(split.y_train):
+        steps = math.ceil(len(split.y_train) / batch_size)
+        if 0 < settings.epoch_images < len(split.y_train):
             # Whole calls into the backend: Keras runs `steps_per_execution` batches a call.
-            "steps_per_epoch": max(1, settings.epoch_images // batch_size // spe) * spe,
-        }
+            steps = max(1, settings.epoch_images // batch_size // spe) * spe
+        batches = (
+            _numpy_batches(split.x_train, split.y_train, batch_size)
+            if streamed
+            else endless_batches(split.x_train, split.y_train, batch_size, keras.backend.backend())
+        )
+        # The batches are shuffled already; Keras would warn.
+        training = {"x": batches, "shuffle": False, "steps_per_epoch": steps}
+    if isinstance(split.x_validation, data.Pictures):
+        validation = InOrder(split.x_validation, split.y_validation, VALIDATION_BATCH_SIZE)
     return cnn.fit(
         **training,
         epochs=epochs,
         initial_epoch=initial_epoch,
         # A refit trains on every training image and has nothing to validate on.
-        validation_data=(split.x_validation, split.y_validation)
-        if len(split.y_validation)
-        else None,
+        validation_data=validation if len(split.y_validation) else None,
         validation_batch_size=VALIDATION_BATCH_SIZE,
         verbose=0,
         callbacks=list(callbacks),
@@ -229,6 +236,22 @@ def _numpy_batches(images: np.ndarray, labels: np.ndarray, batch_size: int):
             queue = np.concatenate([queue, rng.permutation(count)])
         batch, queue = queue[:batch_size], queue[batch_size:]
         yield images[batch], labels[batch]
+
+
+class InOrder(keras.utils.PyDataset):
+    """`images` and `labels` in batches of `batch_size`, in order, read as Keras asks for
+    each: how a folder's validation pictures reach `fit` (`data.Pictures`)."""
+
+    def __init__(self, images, labels: np.ndarray, batch_size: int):
+        super().__init__()
+        self.images, self.labels, self.batch_size = images, labels, batch_size
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.labels) / self.batch_size)
+
+    def __getitem__(self, index: int):
+        rows = slice(index * self.batch_size, (index + 1) * self.batch_size)
+        return np.asarray(self.images[rows]), self.labels[rows]
 
 
 def learning_rate_schedule(params: dict, epochs: int) -> list[keras.callbacks.Callback]:

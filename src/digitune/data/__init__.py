@@ -13,6 +13,9 @@ data/<dataset>/. A dataset without a test split of its own (a folder without tes
 sklearn-digits) holds one out once, stratified by class and seeded by `split_seed`; the
 SHA-256 of its file list is logged with every study, so a changed test set shows. Validation
 always comes from the training part (`split`): the test set is for the final model only.
+
+A folder is decoded once into data/folders/ and read from there a batch at a time
+(`pictures.Pictures`, in place of an array): memory stays flat however big it is.
 """
 
 from __future__ import annotations
@@ -26,6 +29,8 @@ from collections.abc import Callable
 import numpy as np
 
 from digitune import config
+from digitune.data import pictures
+from digitune.data.pictures import Pictures
 
 DIGITS = tuple(str(digit) for digit in range(10))
 # The last sixth of the training images (10,000 of MNIST's 60,000) validates; the test set is
@@ -39,12 +44,13 @@ class DataError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class Dataset:
-    """uint8 images, (N, H, W) grey or (N, H, W, 3) colour, with int labels and class names."""
+    """uint8 images, (N, H, W) grey or (N, H, W, 3) colour, with int labels and class names.
+    The images are arrays, or `Pictures` read from disk as they are needed (a folder's)."""
 
     name: str
-    train_images: np.ndarray
+    train_images: np.ndarray | Pictures
     train_labels: np.ndarray
-    test_images: np.ndarray
+    test_images: np.ndarray | Pictures
     test_labels: np.ndarray
     class_names: tuple[str, ...]
     source: str
@@ -61,7 +67,7 @@ class Dataset:
         hashed = hashlib.sha256()
         for array in (self.test_images, self.test_labels):
             hashed.update(str(array.shape).encode())
-            hashed.update(np.ascontiguousarray(array).tobytes())
+            hash_array(hashed, array)
         hashed.update(json.dumps(list(self.class_names)).encode())
         return hashed.hexdigest()
 
@@ -84,17 +90,21 @@ class Dataset:
 
 @dataclasses.dataclass(frozen=True)
 class Split:
-    """Model-ready arrays: float32 images in [0, 1] of shape (N, H, W, C), int labels."""
+    """Model-ready float32 images in [0, 1] of shape (N, H, W, C), arrays or `Pictures` read
+    as they are needed, and int labels."""
 
-    x_train: np.ndarray
+    x_train: np.ndarray | Pictures
     y_train: np.ndarray
-    x_validation: np.ndarray
+    x_validation: np.ndarray | Pictures
     y_validation: np.ndarray
 
 
-def preprocess(images: np.ndarray) -> np.ndarray:
+def preprocess(images):
     """uint8 (N, 28, 28) images to float32 (N, 28, 28, 1) in [0, 1], as the tutorial does;
-    colour pictures, (N, H, W, 3), keep their channels."""
+    colour pictures, (N, H, W, 3), keep their channels. `Pictures` are converted as they are
+    read."""
+    if isinstance(images, Pictures):
+        return images.model_ready()
     images = images.astype("float32") / 255.0
     return images[..., np.newaxis] if images.ndim == 3 else images
 
@@ -129,7 +139,7 @@ def make(
     if digest is None:
         hashed = hashlib.sha256()
         for array in (*train, *test):
-            hashed.update(np.ascontiguousarray(array).tobytes())
+            hash_array(hashed, array)
         hashed.update(json.dumps(list(class_names)).encode())
         digest = hashed.hexdigest()
     return Dataset(
@@ -144,6 +154,12 @@ def make(
         canonical,
         test_files_sha256,
     )
+
+
+def hash_array(hashed, array) -> None:
+    """Feed an array's bytes, or a `Pictures`' a chunk at a time, to the hash `hashed`."""
+    for chunk in pictures.chunks(array):
+        hashed.update(np.ascontiguousarray(chunk).data)
 
 
 def held_out(names: list[str], labels: np.ndarray, settings: config.DataSettings, source):

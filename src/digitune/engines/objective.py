@@ -8,6 +8,7 @@ The data is loaded once, outside the trial.
 
 from __future__ import annotations
 
+import numpy as np
 import optuna
 from optuna_integration.keras import KerasPruningCallback
 
@@ -36,7 +37,7 @@ def make_objective(
     `parent_run_id`; `deadline` is when the study's time is up (a `time.time()` value, the
     same in every worker process), or None."""
     training, settings = definition.training, definition.objectives
-    calibration = split.x_train[: deployment.CALIBRATION_IMAGES]
+    calibration = np.asarray(split.x_train[: deployment.CALIBRATION_IMAGES])
     epoch_images = trainer.images_per_epoch(training, split)
 
     def objective(trial: optuna.Trial) -> float | list[float]:
