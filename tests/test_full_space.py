@@ -55,6 +55,26 @@ def test_augmentation_changes_training_batches_only(split):
     assert moved.min() >= 0.0 and moved.max() <= 1.0 + 1e-6
 
 
+def test_a_flip_mirrors_about_half_the_training_pictures_and_nothing_else(split):
+    """Flipping alone: each training picture comes back as it was or mirrored left to right,
+    exactly as NumPy mirrors it, about half of each; at inference, as it was. A network
+    saved before flips existed loads without one."""
+    keras.utils.set_random_seed(0)
+    block = model.augmentation({"augment_flip": True})
+    images = split.x_validation[:200]
+    out = np.asarray(block(images, training=True))
+    same = np.all(np.isclose(out, images, atol=1e-5), axis=(1, 2, 3))
+    mirrored = np.all(np.isclose(out, images[:, :, ::-1], atol=1e-5), axis=(1, 2, 3))
+    assert np.all(same | mirrored) and 70 < mirrored.sum() < 130
+    np.testing.assert_array_equal(np.asarray(block(images, training=False)), images)
+    # With shifts too, a mirror still: the picture's ink moves to the other side on average.
+    both = model.augmentation({"augment_flip": True, "augment_shift": 0.05})
+    config = both.layers[0].get_config()
+    assert config["flip"] is True and config["shift"] == 0.05
+    config.pop("flip")  # As saved before flips: loads unflipped.
+    assert not model.RandomAffine.from_config(config).flip
+
+
 def test_label_smoothing_matches_keras_categorical_crossentropy():
     rng = np.random.default_rng(0)
     labels = rng.integers(0, 10, size=32)

@@ -2,10 +2,8 @@
 
 `build_model(params)` is a pure function of plain values: a test, the registry or a refit
 can rebuild any trial's model from the params that trial logged. It never sees an Optuna
-trial; `digitune.space` turns trials into these dicts. Two building blocks go beyond Keras's
-own, `FusedBatchNormalization` and `SparseCrossentropyWithLabelSmoothing`, registered with
-Keras under the package name "digitune", so that a saved model holding them loads wherever
-digitune is installed.
+trial; `digitune.space` turns trials into these dicts. Its building blocks beyond Keras's
+own are in `digitune.custom_objects`.
 """
 
 from __future__ import annotations
@@ -17,6 +15,11 @@ import keras
 from keras import layers
 
 from digitune import builder
+from digitune.custom_objects import (
+    FusedBatchNormalization,
+    RandomAffine,
+    SparseCrossentropyWithLabelSmoothing,
+)
 
 IMAGE_SHAPE = (28, 28, 1)
 NUM_CLASSES = 10
@@ -53,6 +56,7 @@ HYPERPARAMETER_DEFAULTS: dict[str, object] = {
     "augment_shift": 0.0,
     "augment_rotation_degrees": 0.0,
     "augment_zoom": 0.0,
+    "augment_flip": False,
     # adam, adamw (decoupled weight decay of `weight_decay`), sgd (Nesterov momentum 0.9)
     # or rmsprop. `weight_decay` is AdamW's; the others ignore it.
     "optimizer": "adam",
@@ -79,13 +83,14 @@ HYPERPARAMETER_DOCS: dict[str, str] = {
     "augment_shift": "random shifts of training images, as a fraction of their size",
     "augment_rotation_degrees": "random rotations of training images, in degrees",
     "augment_zoom": "random zoom of training images, as a fraction",
+    "augment_flip": "mirror training images left to right at random, half of them on average",
     "optimizer": "adam, adamw (decoupled weight decay), sgd (Nesterov momentum 0.9) or rmsprop",
     "weight_decay": "AdamW's weight decay (the others ignore it)",
     "label_smoothing": "label smoothing of the cross-entropy",
     "lr_schedule": "constant, cosine (decay to 0 over the epochs) or plateau (halve when "
     "validation accuracy stalls for an epoch); read by the trainer",
 }
-AUGMENTATION_PARAMS = ("augment_shift", "augment_rotation_degrees", "augment_zoom")
+AUGMENTATION_PARAMS = ("augment_shift", "augment_rotation_degrees", "augment_zoom", "augment_flip")
 # How a network is trained rather than what it is: a network from a builder of the user's own
 # (`digitune.builder`) takes these as ours does, beside the builder's own hyperparameters.
 TRAINING_HYPERPARAMETERS = (
@@ -122,6 +127,7 @@ HYPERPARAMETER_LIMITS: dict[str, tuple[type, object, str]] = {
     "augment_shift": (float, lambda value: 0 <= value < 1, "in [0, 1)"),
     "augment_rotation_degrees": (float, lambda value: 0 <= value <= 180, "from 0 to 180"),
     "augment_zoom": (float, lambda value: 0 <= value < 1, "in [0, 1)"),
+    "augment_flip": (bool, lambda value: True, ""),
     "optimizer": (str, lambda value: value in OPTIMIZERS, f"one of {', '.join(OPTIMIZERS)}"),
     "weight_decay": (float, lambda value: value >= 0, "0 or more"),
     "label_smoothing": (float, lambda value: 0 <= value < 1, "in [0, 1)"),
@@ -302,10 +308,11 @@ def convolutions(features, params: dict):
 
 def for_deployment(trained: keras.Model, params: dict) -> keras.Model:
     """`trained` without its augmentation: the same network built from `params` with every
-    augment_* at 0, holding the trained layers' weights. Augmentation is the identity at
+    augment_* off, holding the trained layers' weights. Augmentation is the identity at
     inference, but its random ops stay in an exported graph, and TFLite cannot convert them.
     Built in the current dtype policy."""
-    plain = {**resolve_params(params), **{name: 0.0 for name in AUGMENTATION_PARAMS}}
+    off = {name: HYPERPARAMETER_DEFAULTS[name] for name in AUGMENTATION_PARAMS}  # 0 or False
+    plain = {**resolve_params(params), **off}
     deployed = build_model(plain)
     if plain.get(BUILDER_PARAM):
         # A builder's network is one layer of each, before the float32 probabilities; its
@@ -341,8 +348,9 @@ def block_filters(params: dict) -> list[int]:
 
 
 def augmentation(params: dict) -> keras.Sequential:
-    """Random shifts, rotations and zoom of training batches; the identity at inference, so
-    validation and test images are never changed. Empty when every factor is 0."""
+    """Random shifts, rotations, zoom and mirroring of training batches; the identity at
+    inference, so validation and test images are never changed. Empty when every factor is
+    0."""
     params = resolve_params(params)
     factors = {name: float(params[name]) for name in AUGMENTATION_PARAMS}
     if not any(factors.values()):
@@ -354,6 +362,7 @@ def augmentation(params: dict) -> keras.Sequential:
                 factors["augment_shift"],
                 factors["augment_rotation_degrees"],
                 factors["augment_zoom"],
+                flip=bool(params["augment_flip"]),
                 dtype="float32",
                 name="random_affine",
             )
@@ -372,127 +381,3 @@ def _optimizer(params: dict) -> keras.optimizers.Optimizer:
     if name == "rmsprop":
         return keras.optimizers.RMSprop(learning_rate)
     return keras.optimizers.Adam(learning_rate)
-
-
-@keras.saving.register_keras_serializable(package="digitune")
-class FusedBatchNormalization(layers.BatchNormalization):
-    """Keras's BatchNormalization, computed by TensorFlow's fused kernel.
-
-    Keras 3 normalises with separate reductions and element-wise ops, upcast to float32; on
-    a CPU that makes batch normalisation cost more than the convolutions, and TensorFlow's
-    fused kernel computes the same function, moving averages included, several times faster
-    (docs/benchmarks.md). Other backends, masks and other axes take Keras's own path. The
-    weights are Keras's, so a model saved with this layer has exactly BatchNormalization's
-    variables.
-    """
-
-    def call(self, inputs, training=None, mask=None):
-        if (
-            keras.backend.backend() != "tensorflow"
-            or mask is not None
-            or len(inputs.shape) != 4
-            or self.axis not in (-1, 3, [3])
-        ):
-            return super().call(inputs, training=training, mask=mask)
-        import tensorflow as tf
-
-        gamma, beta = tf.cast(self.gamma, tf.float32), tf.cast(self.beta, tf.float32)
-        features = (
-            inputs
-            if inputs.dtype in (tf.float32, tf.bfloat16, tf.float16)
-            else tf.cast(inputs, "float32")
-        )
-        if training and self.trainable:
-            outputs, batch_mean, batch_variance = tf.compat.v1.nn.fused_batch_norm(
-                features, gamma, beta, epsilon=self.epsilon, is_training=True
-            )
-            # The kernel returns the variance corrected by n / (n - 1); Keras averages the
-            # uncorrected one, and so does this layer.
-            count = tf.cast(tf.size(features) // tf.shape(features)[-1], tf.float32)
-            batch_variance *= (count - 1.0) / count
-            for average, value in (
-                (self.moving_mean, batch_mean),
-                (self.moving_variance, batch_variance),
-            ):
-                average.assign(average * self.momentum + value * (1.0 - self.momentum))
-        else:
-            outputs, _, _ = tf.compat.v1.nn.fused_batch_norm(
-                features,
-                gamma,
-                beta,
-                epsilon=self.epsilon,
-                is_training=False,
-                mean=tf.cast(self.moving_mean, tf.float32),
-                variance=tf.cast(self.moving_variance, tf.float32),
-            )
-        return tf.cast(outputs, self.compute_dtype)
-
-
-@keras.saving.register_keras_serializable(package="digitune")
-class SparseCrossentropyWithLabelSmoothing(keras.losses.Loss):
-    """Cross-entropy on integer labels with label smoothing, which Keras's sparse loss lacks."""
-
-    def __init__(self, label_smoothing: float = 0.0, name="sparse_crossentropy_smoothed", **kwargs):
-        super().__init__(name=name, **kwargs)
-        self.label_smoothing = label_smoothing
-
-    def call(self, y_true, y_pred):
-        labels = keras.ops.one_hot(
-            keras.ops.cast(keras.ops.reshape(y_true, (-1,)), "int32"), y_pred.shape[-1]
-        )
-        return keras.losses.categorical_crossentropy(
-            labels, y_pred, label_smoothing=self.label_smoothing
-        )
-
-    def get_config(self):
-        return {**super().get_config(), "label_smoothing": self.label_smoothing}
-
-
-@keras.saving.register_keras_serializable(package="digitune")
-class RandomAffine(layers.Layer):
-    """Each training image shifted (by up to `shift` of its size), rotated (up to
-    `rotation_degrees`) and zoomed (up to `zoom`) at random, in one affine transform with
-    zeros filling in; the identity at inference.
-
-    Keras's RandomTranslation, RandomRotation and RandomZoom do the same three steps, but
-    switch XLA compilation off for the whole model on JAX, which then trains many times
-    slower; this layer draws from a seed generator and calls `keras.ops.image`, which every
-    backend compiles."""
-
-    def __init__(self, shift=0.0, rotation_degrees=0.0, zoom=0.0, seed=None, **kwargs):
-        super().__init__(**kwargs)
-        self.shift, self.rotation_degrees, self.zoom = shift, rotation_degrees, zoom
-        self.seed = seed
-        self.seed_generator = keras.random.SeedGenerator(seed)
-
-    def call(self, images, training=None):
-        if not training:
-            return images
-        ops = keras.ops
-        count = ops.shape(images)[0]
-        height, width = images.shape[1], images.shape[2]
-
-        def uniform(bound: float):
-            return keras.random.uniform((count,), -bound, bound, seed=self.seed_generator)
-
-        angle = uniform(math.radians(self.rotation_degrees))
-        scale = 1.0 + uniform(self.zoom)
-        shift_x, shift_y = uniform(self.shift) * width, uniform(self.shift) * height
-        # The transform maps each output pixel back to where it comes from: about the
-        # centre, undo the shift, then the rotation and the zoom.
-        cos, sin = ops.cos(angle) / scale, ops.sin(angle) / scale
-        centre_x, centre_y = (width - 1) / 2, (height - 1) / 2
-        from_x = centre_x - (cos * (centre_x + shift_x) + sin * (centre_y + shift_y))
-        from_y = centre_y - (-sin * (centre_x + shift_x) + cos * (centre_y + shift_y))
-        zeros = ops.zeros_like(cos)
-        transform = ops.stack([cos, sin, from_x, -sin, cos, from_y, zeros, zeros], axis=1)
-        return ops.image.affine_transform(
-            images, transform, interpolation="bilinear", fill_mode="constant"
-        )
-
-    def compute_output_shape(self, input_shape):
-        return input_shape
-
-    def get_config(self):
-        config = {"shift": self.shift, "rotation_degrees": self.rotation_degrees}
-        return {**super().get_config(), **config, "zoom": self.zoom, "seed": self.seed}

@@ -87,6 +87,9 @@ class Plan:
             "augment_shift": float_range(0.0, 0.15),
             "augment_rotation_degrees": float_range(0.0, 20.0),
             "augment_zoom": float_range(0.0, 0.15),
+            # Mirrored pictures of some classes are pictures of others (digits, letters):
+            # validation accuracy says whether these classes allow it.
+            "augment_flip": optuna.distributions.CategoricalDistribution((False, True)),
         }
         # What a careful person writes by hand: batch normalisation, augmentation, the
         # deepest network the pictures allow. Tried first; the sampler takes over after it.
@@ -101,6 +104,7 @@ class Plan:
             "augment_shift": 0.1,
             "augment_rotation_degrees": 10.0,
             "augment_zoom": 0.1,
+            "augment_flip": False,
         }
         return distributions, (careful,)
 
