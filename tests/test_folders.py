@@ -10,7 +10,7 @@ import numpy as np
 from PIL import Image
 
 from conftest import TINY_STUDY, write_study
-from digitune import config, data, deployment, evaluate, loader, trainer
+from digitune import config, data, deployment, ensemble, evaluate, loader, promotion, trainer
 from digitune.data import pictures
 from digitune.data.pictures import Pictures
 from digitune.engines import optuna_search
@@ -64,12 +64,20 @@ def folder_of(dataset: data.Dataset) -> str:
 
 
 def test_a_folder_study_reads_its_pictures_a_batch_at_a_time(project, monkeypatch):
-    """Trials train and validate, and the best model is tested, without ever reading more
-    of the folder at once than a batch: memory does not grow with the folder."""
+    """Trials train and validate, the best model is tested and refitted, and then promoted,
+    ensembled and exported, without ever reading more of the folder at once than a batch:
+    memory does not grow with the folder."""
     picture_folder(project / "digits", per_class=40)
     monkeypatch.setattr(pictures, "CHUNK_ROWS", 64)
     monkeypatch.setattr(trainer, "VALIDATION_BATCH_SIZE", 64)
-    monkeypatch.setattr(deployment, "CALIBRATION_IMAGES", 64)  # A fixed count, like these.
+    # Fixed counts, whatever the folder's size; smaller than its parts here.
+    for module, name in [
+        (deployment, "CALIBRATION_IMAGES"),
+        (deployment, "INTERPRETER_BATCH"),
+        (loader, "PREDICT_BATCH"),
+        (ensemble, "BATCH"),
+    ]:
+        monkeypatch.setattr(module, name, 64)
     reads = []
     whole, rows = Pictures.__array__, Pictures.__getitem__
 
@@ -85,13 +93,18 @@ def test_a_folder_study_reads_its_pictures_a_batch_at_a_time(project, monkeypatc
     monkeypatch.setattr(Pictures, "__array__", read_whole)
     monkeypatch.setattr(Pictures, "__getitem__", read_rows)
     study = TINY_STUDY.replace("[space]", '[data]\nfolder = "digits"\n\n[space]')
-    outcome = optuna_search.run(write_study(project, study), n_trials=2)
+    study_path = write_study(project, study)
+    outcome = optuna_search.run(study_path, n_trials=2, refit_best=True)
+    promotion.promote(model_name=outcome.model_name)
+    ensemble.run(study_path, top=2)
+    table = deployment.export(model_name=outcome.model_name).set_index("format")
     dataset = data.load(config.DataSettings(folder="digits"))
     assert reads and max(reads) <= 64 < len(dataset.train_labels)
+    assert table.loc["TFLite float32", "test_accuracy"] > 0.5
 
     # The registered test accuracy is the one a whole read of the test set gives.
     monkeypatch.undo()
-    version = mlflow.MlflowClient().get_model_version(outcome.model_name, outcome.model_version)
+    version = mlflow.MlflowClient().get_model_version(outcome.model_name, "1")
     network = loader.load(version)
     probabilities = network.predict(data.preprocess(np.asarray(dataset.test_images)))
     expected = evaluate.from_probabilities(probabilities, dataset.test_labels).accuracy

@@ -59,6 +59,8 @@ from digitune import (
 )
 
 CALIBRATION_IMAGES = 500
+# Test images per call of a TFLite interpreter that `export` measures accuracy with.
+INTERPRETER_BATCH = 500
 WARM_UP_CALLS = 30
 # Enough single-image calls that the median moves by less than its own spread between runs.
 TIMED_CALLS = 300
@@ -177,7 +179,7 @@ class Interpreter:
     def predict(self, images: np.ndarray) -> np.ndarray:
         rows = []
         for start in range(0, len(images), self.batch):
-            batch = images[start : start + self.batch]
+            batch = np.asarray(images[start : start + self.batch])  # `data.Pictures` too.
             if len(batch) < self.batch:  # The last, short batch: pad, then drop the padding.
                 padded = np.zeros((self.batch, *batch.shape[1:]), batch.dtype)
                 padded[: len(batch)] = batch
@@ -216,7 +218,8 @@ def export(
         )
     dataset = data.from_spec(model_version.tags.get("data_spec"))
     calibration = np.asarray(data.split(dataset).x_train[:CALIBRATION_IMAGES])
-    test_images = data.preprocess(dataset.test_images)
+    test_images = data.preprocess(dataset.test_images)  # A folder's: read a batch at a time.
+    first = np.asarray(test_images[:1])
     labels = dataset.test_labels
     registered = loader.load(model_version)
 
@@ -231,7 +234,7 @@ def export(
                 "test_accuracy": float(
                     np.mean(registered.predict(test_images).argmax(1) == labels)
                 ),
-                "latency_ms": latency(registered.predict, test_images[:1])[0],
+                "latency_ms": latency(registered.predict, first)[0],
             }
         ]
         files = []
@@ -240,7 +243,8 @@ def export(
             path = Path(scratch) / f"{model_name}-v{number}-{kind}.tflite"
             path.write_bytes(flatbuffer)
             files.append(path)
-            batched, single = Interpreter(flatbuffer, 500), Interpreter(flatbuffer, 1)
+            batched = Interpreter(flatbuffer, INTERPRETER_BATCH)
+            single = Interpreter(flatbuffer, 1)
             rows.append(
                 {
                     "format": f"TFLite {kind}",
@@ -248,7 +252,7 @@ def export(
                     "test_accuracy": float(
                         np.mean(batched.predict(test_images).argmax(1) == labels)
                     ),
-                    "latency_ms": latency(single, test_images[:1])[0],
+                    "latency_ms": latency(single, first)[0],
                 }
             )
         table = pd.DataFrame(rows)

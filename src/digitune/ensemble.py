@@ -35,12 +35,13 @@ BATCH = 1000
 
 
 def average_probabilities(members, images: np.ndarray) -> np.ndarray:
-    """The mean of the members' softmax outputs, computed a batch at a time."""
-    images = np.asarray(images, dtype="float32")
+    """The mean of the members' softmax outputs, computed (and `data.Pictures` read) a batch
+    at a time."""
     total = None  # As many columns as the members have classes.
     for member in members:
         for start in range(0, len(images), BATCH):
-            batch = np.asarray(member(images[start : start + BATCH], training=False))
+            pictures = np.asarray(images[start : start + BATCH], dtype="float32")
+            batch = np.asarray(member(pictures, training=False))
             if total is None:
                 total = np.zeros((len(images), batch.shape[-1]), dtype="float64")
             total[start : start + BATCH] += batch
