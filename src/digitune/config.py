@@ -384,7 +384,7 @@ class DataSettings:
     folder: str = setting(
         "",
         "a folder of pictures, one sub-folder per class, maybe in train/ and test/ "
-        "(relative to the project)",
+        "(relative to the project); decoded once into data/folders/, then read a batch at a time",
     )
     image_size: int = setting(
         0, "resize a folder's pictures to this square side, 4-1024 (0: keep their size)"
