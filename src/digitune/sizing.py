@@ -11,8 +11,8 @@ each setting below that the study file does not give is sized for the data:
 - with a time limit and no trial count, trials run until the time is up;
 - a study file without [space] (for any dataset) searches a space for the data: as many
   convolution blocks as the picture allows (up to 3), batch sizes that suit the count, batch
-  normalisation, and augmentation (shifts, small rotations, zoom), with a configuration
-  that a careful person would write by hand tried first.
+  normalisation, and augmentation (shifts, small rotations, zoom, mirroring), with a
+  configuration that a careful person would write by hand tried first.
 
 What was chosen is printed in one line and logged with the study's parent run
 (`StudyDefinition.resolved`); any of it is overridden by writing it in the study file.

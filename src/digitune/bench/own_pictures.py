@@ -1,7 +1,7 @@
 """Pictures of a user's own: a study file that names only the data and a time budget, against
 the network a careful person writes by hand, side by side on the same pictures and test set.
 
-    digitune bench --only own-pictures --budget-minutes 3
+    digitune bench --only own-pictures --own-minutes 3
 
 Three datasets: scikit-learn's 8x8 digits; a generated folder of 40x40 grey shapes in four
 classes (1,000 pictures and a test/ folder of 400); and a generated folder in CIFAR-10's

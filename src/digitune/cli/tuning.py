@@ -123,7 +123,10 @@ def add_commands(commands) -> None:
         help="training throughput vs plain fit, tuning race vs Keras Tuner, tracking overhead",
     )
     bench.add_argument(
-        "--repeats", type=int, default=3, help="rounds of the throughput measurement"
+        "--repeats",
+        type=int,
+        default=3,
+        help="rounds of the throughput and own-pictures measurements",
     )
     bench.add_argument(
         "--budget-minutes",
