@@ -232,13 +232,16 @@ def default_study(folder: Path, data_line: str, minutes: float, seed: int = 0) -
 
 
 def own_pictures(
-    minutes: float, repeats: int = 1, datasets: tuple[str, ...] = tuple(DATASETS)
+    minutes: float,
+    repeats: int = 1,
+    datasets: tuple[str, ...] = tuple(DATASETS),
+    first_round: int = 1,
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(every run, the medians side by side) of the default study against the careful
-    baseline on each of `datasets`, `repeats` rounds (seeded by the round), each in a fresh
-    project folder."""
+    baseline on each of `datasets`, `repeats` rounds from `first_round` (each seeded by its
+    number, so that more rounds add to earlier ones), each in a fresh project folder."""
     runs = []
-    for round_number in range(1, repeats + 1):
+    for round_number in range(first_round, first_round + repeats):
         for name in datasets:
             settings, make = DATASETS[name]
             data_line = "\n".join(f'{key} = "{value}"' for key, value in settings.items())
